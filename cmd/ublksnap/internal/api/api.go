@@ -1,0 +1,158 @@
+// Package api is the protocol between the ublksnap daemon and its CLI:
+// HTTP with JSON bodies on a unix socket (default DefaultSocket), so that
+// `curl --unix-socket /run/ublksnap/ublksnap.sock http://ublksnap/v1/status`
+// works too.
+//
+// Endpoints (all bodies JSON; errors are an Error with a 4xx/5xx status):
+//
+//	GET    /v1/status                       Status
+//	POST   /v1/devices                      AttachRequest → Device
+//	DELETE /v1/devices?device=DEV           detach
+//	GET    /v1/snapshots                    []string (snapshot UUIDs)
+//	POST   /v1/snapshots                    CreateSnapshotRequest → Snapshot
+//	GET    /v1/snapshots/{id}               Snapshot
+//	DELETE /v1/snapshots/{id}?force=BOOL    destroy
+//	POST   /v1/snapshots/{id}/devices       AddDeviceRequest → Snapshot
+//	POST   /v1/snapshots/{id}/storage       AppendStorageRequest → Snapshot
+//	POST   /v1/snapshots/{id}/take          → Snapshot
+//	GET    /v1/snapshots/{id}/event?timeout_ms=N   Event (Code "timeout" if none came)
+//	GET    /v1/snapshot-info?device=DEV     SnapshotInfo
+//
+// Sizes are bytes and sector counts are 512-byte units, as named.
+package api
+
+import "time"
+
+// DefaultSocket is where the daemon listens unless told otherwise
+// (--socket or the UBLKSNAP_SOCKET environment variable).
+const DefaultSocket = "/run/ublksnap/ublksnap.sock"
+
+// SocketEnv names the environment variable that overrides DefaultSocket.
+const SocketEnv = "UBLKSNAP_SOCKET"
+
+// AttachRequest asks the daemon to present a backing file or block device
+// as a filtered ublk device.
+type AttachRequest struct {
+	Backing string `json:"backing"`
+	Name    string `json:"name,omitempty"`
+	Queues  int    `json:"queues,omitempty"`
+	Depth   int    `json:"depth,omitempty"`
+}
+
+// Device is a filtered original device.
+type Device struct {
+	Name     string `json:"name"`
+	Path     string `json:"path"`    // /dev/ublkbN
+	Backing  string `json:"backing"` // the file or block device behind it
+	Size     uint64 `json:"size"`    // bytes
+	Snapshot string `json:"snapshot,omitempty"`
+}
+
+// CreateSnapshotRequest creates a snapshot with its difference storage.
+// Storage is a file (grown up to Limit), a directory (an unnamed temporary
+// file in it) or a block device.
+type CreateSnapshotRequest struct {
+	Devices []string `json:"devices,omitempty"`
+	Storage string   `json:"storage"`
+	Limit   uint64   `json:"limit"` // bytes
+}
+
+// AddDeviceRequest adds a filtered device to a snapshot not yet taken.
+type AddDeviceRequest struct {
+	Device string `json:"device"`
+}
+
+// Range is a run of 512-byte sectors.
+type Range struct {
+	Start uint64 `json:"start"`
+	Count uint64 `json:"count"`
+}
+
+// AppendStorageRequest adds sector ranges of a file or block device to a
+// snapshot's difference storage; no ranges means the whole of it.
+type AppendStorageRequest struct {
+	Path   string  `json:"path"`
+	Ranges []Range `json:"ranges,omitempty"`
+}
+
+// Snapshot states.
+const (
+	StateCreated   = "created"   // devices and storage may still be added
+	StateTaken     = "taken"     // images are served
+	StateCorrupted = "corrupted" // at least one member's diff area failed
+)
+
+// Snapshot describes one snapshot.
+type Snapshot struct {
+	ID      string           `json:"id"`
+	State   string           `json:"state"`
+	Devices []SnapshotMember `json:"devices"`
+	Storage StorageInfo      `json:"storage"`
+}
+
+// SnapshotMember is one original device of a snapshot and its image.
+type SnapshotMember struct {
+	Device       string `json:"device"`          // the filtered device's path
+	Image        string `json:"image,omitempty"` // the image's path once taken
+	ChunkSize    uint64 `json:"chunk_size,omitempty"`
+	ChunksCopied uint64 `json:"chunks_copied"`
+	ErrorCode    int    `json:"error_code"` // negative errno once corrupted, else 0
+}
+
+// StorageInfo is a difference storage's accounting, in bytes.
+type StorageInfo struct {
+	Capacity uint64 `json:"capacity"`
+	Used     uint64 `json:"used"`
+	Limit    uint64 `json:"limit"`
+}
+
+// SnapshotInfo answers "which snapshot holds this device, and how is it".
+type SnapshotInfo struct {
+	Device    string `json:"device"`
+	Snapshot  string `json:"snapshot,omitempty"`
+	State     string `json:"state"`
+	Image     string `json:"image,omitempty"`
+	ErrorCode int    `json:"error_code"`
+}
+
+// Event codes.
+const (
+	EventTimeout      = "timeout"
+	EventLowFreeSpace = "low_free_space"
+	EventNoSpace      = "no_space"
+	EventCorrupted    = "corrupted"
+)
+
+// Event is one snapshot event, or Code EventTimeout when none came in time.
+type Event struct {
+	Code             string    `json:"code"`
+	Time             time.Time `json:"time,omitzero"`
+	RequestedSectors uint64    `json:"requested_sectors,omitempty"` // low_free_space
+	Device           string    `json:"device,omitempty"`            // corrupted
+	Errno            int       `json:"errno,omitempty"`             // corrupted
+	Error            string    `json:"error,omitempty"`             // corrupted: strerror
+}
+
+// Status is the daemon's whole state for `ublksnap status`.
+type Status struct {
+	Version   string     `json:"version"`
+	Devices   []Device   `json:"devices"`
+	Snapshots []Snapshot `json:"snapshots"`
+}
+
+// Error codes carried in Error.Code.
+const (
+	CodeBadRequest = "bad_request" // the request cannot be done as given
+	CodeNotFound   = "not_found"   // unknown device or snapshot
+	CodeConflict   = "conflict"    // state forbids it: already taken, member elsewhere, busy
+	CodeInternal   = "internal"
+)
+
+// Error is the body of every failed request.
+type Error struct {
+	Status  int    `json:"-"`
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+func (e *Error) Error() string { return e.Message }
