@@ -32,3 +32,65 @@ func TestExitCodes(t *testing.T) {
 		}
 	}
 }
+
+func TestClientUsageAndFailureCodes(t *testing.T) {
+	sock := "--socket=" + t.TempDir() + "/none.sock"
+	id := "0b0c3f53-5a47-4a50-8e0e-3e6bd0e3bd1a"
+	for _, tc := range []struct {
+		args     []string
+		code     int
+		inStderr string
+	}{
+		{[]string{"attach"}, 2, "needs --backing"},
+		{[]string{"snapshot", "create", "--storage", "/tmp/x"}, 2, "needs --limit"},
+		{[]string{"snapshot", "create", "--storage", "/tmp/x", "--limit", "lots"}, 2, `--limit "lots" is not a size`},
+		{[]string{"snapshot", "take", "--id", "not-a-uuid"}, 2, "is not a snapshot UUID"},
+		{[]string{"snapshot", "take"}, 2, "needs --id"},
+		{[]string{"snapshot", "append-storage", "--id", id, "--storage", "/x", "--ranges", "10"}, 2, "is not START:COUNT"},
+		{[]string{"snapshot", "append-storage", "--id", id, "--storage", "/x", "--ranges", "10:0"}, 2, "is not START:COUNT"},
+		{[]string{"snapshot", "wait-event", "--id", id, "--timeout", "soon"}, 2, "is not a duration"},
+		{[]string{"snapshot", "watch", "--id", id, "--grow-dir", "/tmp"}, 2, "needs --grow-limit"},
+		{[]string{"snapshot", "frobnicate"}, 2, "unknown command"},
+		{[]string{"status", sock}, 1, "no ublksnap daemon is running"},
+		{[]string{"snapshot", "take", "--id", id, sock}, 1, "no ublksnap daemon is running"},
+	} {
+		var stdout, stderr bytes.Buffer
+		code := run(context.Background(), tc.args, &stdout, &stderr)
+		if code != tc.code || !strings.Contains(stderr.String(), tc.inStderr) {
+			t.Errorf("ublksnap %q: exit %d, stderr %q; want exit %d and %q", tc.args, code, stderr.String(), tc.code, tc.inStderr)
+		}
+	}
+}
+
+func TestParsers(t *testing.T) {
+	if n, err := parseSize("limit", "4GiB"); err != nil || n != 4<<30 {
+		t.Errorf("parseSize(4GiB) = %d, %v", n, err)
+	}
+	if d, err := parseTimeout("1500"); err != nil || d.Milliseconds() != 1500 {
+		t.Errorf("parseTimeout(1500) = %v, %v; want 1.5s (milliseconds)", d, err)
+	}
+	if d, err := parseTimeout("2s"); err != nil || d.Milliseconds() != 2000 {
+		t.Errorf("parseTimeout(2s) = %v, %v", d, err)
+	}
+	r, err := parseRanges([]string{"0:8,16:8", "100:1"})
+	if err != nil || len(r) != 3 || r[1].Start != 16 || r[2].Count != 1 {
+		t.Errorf("parseRanges = %+v, %v", r, err)
+	}
+}
+
+func TestStretcherHonoursLimit(t *testing.T) {
+	s := &stretcher{dir: t.TempDir(), limit: 3 << 20}
+	var paths []string
+	for i := 0; i < 4; i++ {
+		p, err := s.grow(2 << 20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p != "" {
+			paths = append(paths, p)
+		}
+	}
+	if len(paths) != 2 || s.used != 3<<20 {
+		t.Fatalf("grew %d files, %d bytes; want 2 files and exactly the 3 MiB limit", len(paths), s.used)
+	}
+}
