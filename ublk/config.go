@@ -1,0 +1,159 @@
+package ublk
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/bits"
+	"runtime"
+)
+
+// Limits enforced by Config.Validate.
+const (
+	MaxQueues    = 64       // more queues than this is not useful for one device
+	MaxDepth     = 4096     // UBLK_MAX_QUEUE_DEPTH
+	MaxIOSizeMax = 32 << 20 // largest per-request buffer (UBLK_IO_BUF_BITS = 25)
+	pageSize     = 4096     // ublk requires logical block size <= PAGE_SIZE
+)
+
+// Config describes a ublk device. Start from DefaultConfig; Validate rejects
+// zero or out-of-range values, so every field must be set.
+type Config struct {
+	// Size is the device size in bytes, a multiple of LogicalBlockSize.
+	Size int64
+	// LogicalBlockSize is the smallest addressable unit: a power of two in
+	// [512, 4096].
+	LogicalBlockSize int
+	// PhysicalBlockSize is a power of two >= LogicalBlockSize, <= 64 KiB.
+	PhysicalBlockSize int
+	// Queues is the number of hardware queues, each served by its own
+	// OS thread: 1..MaxQueues. The kernel may lower it to the CPU count.
+	Queues int
+	// Depth is the number of requests in flight per queue: 1..MaxDepth.
+	Depth int
+	// MaxIOSize is the largest request in bytes: a multiple of 4096 in
+	// [4096, MaxIOSizeMax]. Each queue reserves Depth × MaxIOSize bytes of
+	// address space for buffers (touched on use only).
+	MaxIOSize int
+	// ReadOnly makes the block device read-only.
+	ReadOnly bool
+	// Rotational marks the device as a rotating disk.
+	Rotational bool
+	// VolatileCache announces a write-back cache: the kernel then sends
+	// OpFlush requests.
+	VolatileCache bool
+	// FUA announces forced-unit-access support (requires VolatileCache):
+	// writes may carry FlagFUA.
+	FUA bool
+	// Discard enables OpDiscard requests.
+	Discard bool
+	// WriteZeroes enables OpWriteZeroes requests.
+	WriteZeroes bool
+	// Logger receives the device's diagnostics; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// DefaultConfig returns a complete Config for a device of size bytes:
+// 512-byte logical and 4 KiB physical blocks, min(NumCPU, 4) queues of depth
+// 128, 512 KiB requests, a volatile cache with FUA, no discard.
+func DefaultConfig(size int64) Config {
+	return Config{
+		Size:              size,
+		LogicalBlockSize:  512,
+		PhysicalBlockSize: 4096,
+		Queues:            min(runtime.NumCPU(), 4),
+		Depth:             128,
+		MaxIOSize:         512 << 10,
+		VolatileCache:     true,
+		FUA:               true,
+	}
+}
+
+func isPow2(n int) bool { return n > 0 && n&(n-1) == 0 }
+
+// Validate reports every problem of c at once, each error wrapping
+// ErrInvalidConfig. It makes no kernel call.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%w: "+format, append([]any{ErrInvalidConfig}, args...)...))
+	}
+	lbs := c.LogicalBlockSize
+	switch {
+	case !isPow2(lbs) || lbs < 512 || lbs > pageSize:
+		bad("logical block size %d: must be a power of two in [512, %d]", lbs, pageSize)
+		lbs = 0
+	}
+	switch {
+	case !isPow2(c.PhysicalBlockSize) || c.PhysicalBlockSize > 64<<10:
+		bad("physical block size %d: must be a power of two <= 65536", c.PhysicalBlockSize)
+	case lbs != 0 && c.PhysicalBlockSize < lbs:
+		bad("physical block size %d is smaller than the logical block size %d", c.PhysicalBlockSize, lbs)
+	}
+	switch {
+	case c.Size <= 0:
+		bad("size %d: must be positive", c.Size)
+	case lbs != 0 && c.Size%int64(lbs) != 0:
+		bad("size %d is not a multiple of the logical block size %d", c.Size, lbs)
+	case c.Size>>sectorShift > 1<<62:
+		bad("size %d is too large", c.Size)
+	}
+	if c.Queues < 1 || c.Queues > MaxQueues {
+		bad("queues %d: must be in [1, %d]", c.Queues, MaxQueues)
+	}
+	if c.Depth < 1 || c.Depth > MaxDepth {
+		bad("queue depth %d: must be in [1, %d]", c.Depth, MaxDepth)
+	}
+	if c.MaxIOSize < pageSize || c.MaxIOSize > MaxIOSizeMax || c.MaxIOSize%pageSize != 0 {
+		bad("max I/O size %d: must be a multiple of %d in [%d, %d]", c.MaxIOSize, pageSize, pageSize, MaxIOSizeMax)
+	}
+	if c.FUA && !c.VolatileCache {
+		bad("FUA needs VolatileCache (the kernel ignores FUA without a volatile cache)")
+	}
+	return errors.Join(errs...)
+}
+
+// kernelParams converts a valid Config into ublk_params.
+func (c *Config) kernelParams() params {
+	p := params{Len: uint32(len152), Types: paramTypeBasic}
+	lshift := uint8(bits.TrailingZeros(uint(c.LogicalBlockSize)))
+	pshift := uint8(bits.TrailingZeros(uint(c.PhysicalBlockSize)))
+	p.Basic = paramBasic{
+		LogicalBSShift:  lshift,
+		PhysicalBSShift: pshift,
+		IOOptShift:      pshift,
+		IOMinShift:      lshift,
+		MaxSectors:      uint32(c.MaxIOSize >> sectorShift),
+		DevSectors:      uint64(c.Size >> sectorShift),
+	}
+	if c.ReadOnly {
+		p.Basic.Attrs |= attrReadOnly
+	}
+	if c.Rotational {
+		p.Basic.Attrs |= attrRotational
+	}
+	if c.VolatileCache {
+		p.Basic.Attrs |= attrVolatileCache
+	}
+	if c.FUA {
+		p.Basic.Attrs |= attrFUA
+	}
+	if c.Discard || c.WriteZeroes {
+		p.Types |= paramTypeDiscard
+		p.Discard = paramDiscard{
+			DiscardGranularity: uint32(c.PhysicalBlockSize),
+			MaxDiscardSegments: 1,
+		}
+		const maxSectors = 1 << 21 // 1 GiB per request
+		if c.Discard {
+			p.Discard.MaxDiscardSectors = maxSectors
+		}
+		if c.WriteZeroes {
+			p.Discard.MaxWriteZeroesSectors = maxSectors
+		}
+	}
+	return p
+}
+
+// len152 is the size of the newest ublk_params, always sent in full.
+const len152 = 152

@@ -1,0 +1,303 @@
+package ublk
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+const (
+	// cdevOpenTimeout bounds the retries of opening /dev/ublkcN, which
+	// udev may hold briefly after ADD_DEV.
+	cdevOpenTimeout = 5 * time.Second
+	// drainTimeout bounds the wait for the queues to see their aborts after
+	// STOP_DEV before they are told to quit anyway.
+	drainTimeout = 10 * time.Second
+)
+
+// Device is a started ublk block device served by a Handler. Create it
+// with New; it runs until Close is called or the context given to New is
+// cancelled, and then deletes itself from the kernel.
+type Device struct {
+	cfg  Config       // validated configuration; immutable
+	h    Handler      // serves the requests; immutable
+	log  *slog.Logger // immutable
+	ctrl *Ctrl        // control device; closed by Close
+	id   uint32       // kernel device id; immutable after ADD_DEV
+	info devInfo      // what ADD_DEV negotiated; immutable
+	cdev int          // /dev/ublkcN fd, -1 until opened; closed by Close
+
+	queues  []*queue      // immutable after New
+	started bool          // START_DEV succeeded; written before New returns
+	closing chan struct{} // closed when teardown begins (cancels a pending START_DEV)
+
+	closeOnce sync.Once
+	closeErr  error         // result of teardown; read after done is closed
+	done      chan struct{} // closed when the device is gone from the kernel
+}
+
+// New creates, configures and starts a ublk device for cfg served by h,
+// and returns once /dev/ublkbN exists. Cancelling ctx later stops and
+// deletes the device (as Close does). Config problems are reported before
+// any kernel call.
+func New(ctx context.Context, cfg Config, h Handler) (*Device, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if h == nil {
+		return nil, fmt.Errorf("%w: nil handler", ErrInvalidConfig)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	ctrl, err := OpenCtrl()
+	if err != nil {
+		return nil, err
+	}
+	d := &Device{cfg: cfg, h: h, log: log, ctrl: ctrl, cdev: -1, id: anyDevID,
+		closing: make(chan struct{}), done: make(chan struct{})}
+	if err := d.setup(ctx); err != nil {
+		d.teardown()
+		return nil, err
+	}
+	go func() {
+		select {
+		case <-ctx.Done():
+			d.Close()
+		case <-d.done:
+		}
+	}()
+	return d, nil
+}
+
+// setup runs ADD_DEV, SET_PARAMS, the queues and START_DEV. On error the
+// caller runs teardown.
+func (d *Device) setup(ctx context.Context) error {
+	feats, err := d.ctrl.Features()
+	switch {
+	case errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, syscall.Errno(enotsupp)):
+		feats = featURingCmdCompInTask | featCmdIoctlEncode // pre-6.5: ask, ADD_DEV masks
+	case err != nil:
+		return err
+	}
+	want := uint64(featURingCmdCompInTask | featCmdIoctlEncode)
+	info, err := d.ctrl.AddDev(devInfo{
+		NrHwQueues:    uint16(d.cfg.Queues),
+		QueueDepth:    uint16(d.cfg.Depth),
+		MaxIOBufBytes: uint32(d.cfg.MaxIOSize),
+		DevID:         anyDevID,
+		Flags:         want & feats,
+	})
+	if err != nil {
+		return err
+	}
+	d.id, d.info = info.DevID, info
+	d.log = d.log.With("ublk", d.id)
+	if info.NrHwQueues == 0 || int(info.QueueDepth) != d.cfg.Depth || info.MaxIOBufBytes < pageSize {
+		return fmt.Errorf("ublk: ADD_DEV returned %d queues of depth %d with %d-byte buffers for a request of %d × %d × %d",
+			info.NrHwQueues, info.QueueDepth, info.MaxIOBufBytes, d.cfg.Queues, d.cfg.Depth, d.cfg.MaxIOSize)
+	}
+	prm := d.cfg.kernelParams()
+	prm.Basic.MaxSectors = min(prm.Basic.MaxSectors, info.MaxIOBufBytes>>sectorShift)
+	if err := d.ctrl.SetParams(d.id, prm); err != nil {
+		return err
+	}
+	if err := d.openCdev(ctx); err != nil {
+		return err
+	}
+
+	maxIO := int(info.MaxIOBufBytes)
+	encoded := info.Flags&featCmdIoctlEncode != 0
+	ready := make(chan error, info.NrHwQueues)
+	for i := 0; i < int(info.NrHwQueues); i++ {
+		q := newQueue(i, d.cfg.Depth, maxIO, d.cdev, encoded, d.h, d.log)
+		d.queues = append(d.queues, q)
+	}
+	return d.startQueues(ctx, ready)
+}
+
+// startQueues starts the queue goroutines, waits for their FETCHes and then
+// sends START_DEV from this goroutine while the queues already serve the
+// partition scan.
+func (d *Device) startQueues(ctx context.Context, ready chan error) error {
+	for _, q := range d.queues {
+		go q.run(ready)
+	}
+	var errs []error
+	for range d.queues {
+		if err := <-ready; err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	cancel := make(chan struct{})
+	startErr := make(chan error, 1)
+	go func() { startErr <- d.ctrl.StartDev(d.id, cancel) }()
+	anyExit := make(chan struct{})
+	for _, q := range d.queues {
+		go func() {
+			select {
+			case <-q.exited:
+				select {
+				case anyExit <- struct{}{}:
+				default:
+				}
+			case <-d.done:
+			}
+		}()
+	}
+	var err error
+	select {
+	case err = <-startErr:
+	case <-ctx.Done():
+		close(cancel)
+		<-startErr
+		err = ctx.Err()
+	case <-anyExit:
+		close(cancel)
+		<-startErr
+		err = errors.New("ublk: a queue stopped while the device was starting")
+	}
+	if err != nil {
+		return err
+	}
+	d.started = true
+	return nil
+}
+
+// openCdev opens /dev/ublkcN, retrying while it is not there yet or held
+// by udev.
+func (d *Device) openCdev(ctx context.Context) error {
+	path := fmt.Sprintf("/dev/ublkc%d", d.id)
+	deadline := time.Now().Add(cdevOpenTimeout)
+	for {
+		fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+		if err == nil {
+			d.cdev = fd
+			return nil
+		}
+		if (err != unix.ENOENT && err != unix.EBUSY) || time.Now().After(deadline) {
+			return fmt.Errorf("ublk: open %s: %w", path, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// ID returns the kernel device id N of /dev/ublkbN.
+func (d *Device) ID() int { return int(d.id) }
+
+// Path returns the block device node, /dev/ublkbN.
+func (d *Device) Path() string { return fmt.Sprintf("/dev/ublkb%d", d.id) }
+
+// CharPath returns the ublk character device node, /dev/ublkcN.
+func (d *Device) CharPath() string { return fmt.Sprintf("/dev/ublkc%d", d.id) }
+
+// Queues returns the number of queues the kernel granted.
+func (d *Device) Queues() int { return len(d.queues) }
+
+// Done is closed once the device has been stopped and deleted.
+func (d *Device) Done() <-chan struct{} { return d.done }
+
+// Err returns the teardown result once Done is closed, else nil.
+func (d *Device) Err() error {
+	select {
+	case <-d.done:
+		return d.closeErr
+	default:
+		return nil
+	}
+}
+
+// Close stops the device and deletes it: STOP_DEV (the block device goes
+// away, in-flight requests are still served), the queues drain their
+// aborted commands and release their rings and mappings, the character
+// device is closed and the device deleted. Concurrent and repeated calls
+// wait for the same teardown and return its result.
+//
+// Openers of /dev/ublkbN get I/O errors after Close; Close itself does not
+// wait for them to close the node.
+func (d *Device) Close() error {
+	d.closeOnce.Do(d.teardown)
+	<-d.done
+	return d.closeErr
+}
+
+// teardown runs the validated stop order once.
+func (d *Device) teardown() {
+	defer close(d.done)
+	close(d.closing)
+	var errs []error
+	if d.id != anyDevID && d.started {
+		if err := d.ctrl.StopDev(d.id); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	d.stopQueues()
+	for _, q := range d.queues {
+		if q.exitErr != nil {
+			errs = append(errs, q.exitErr)
+		}
+	}
+	if d.cdev >= 0 {
+		if err := unix.Close(d.cdev); err != nil {
+			errs = append(errs, fmt.Errorf("ublk: close %s: %w", d.CharPath(), err))
+		}
+		d.cdev = -1
+	}
+	if d.id != anyDevID {
+		if err := d.ctrl.DelDev(d.id); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := d.ctrl.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	d.closeErr = errors.Join(errs...)
+	if d.closeErr != nil {
+		d.log.Error("ublk: device teardown", "err", d.closeErr)
+	}
+}
+
+// stopQueues waits for the queue goroutines to exit. After STOP_DEV they do
+// so on their own; a device that never started (or a kernel that does not
+// abort) gets an explicit quit after drainTimeout.
+func (d *Device) stopQueues() {
+	wait := drainTimeout
+	if !d.started {
+		wait = 0
+	}
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	for _, q := range d.queues {
+		select {
+		case <-q.exited:
+			continue
+		case <-timer.C:
+			d.log.Warn("ublk: queues did not drain after STOP_DEV, forcing them to quit", "after", wait)
+		}
+		for _, q := range d.queues {
+			q.stop()
+		}
+		break
+	}
+	for _, q := range d.queues {
+		<-q.exited
+		q.closeEventfd()
+	}
+}

@@ -1,0 +1,445 @@
+package ublk
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"unsafe"
+
+	"github.com/ublksnap/ublksnap/ublk/internal/uring"
+	"golang.org/x/sys/unix"
+)
+
+// queueRing is the part of *uring.Ring a queue uses; tests substitute a
+// fake that plays the kernel.
+type queueRing interface {
+	GetSQE() (*uring.SQE, error)
+	SubmitAndWait(waitNr uint32) (int, error)
+	Reap(fn func(uring.CQE)) int
+	Close() error
+}
+
+// User data of the queue ring's SQEs: the tag for ublk commands, a marker
+// bit for the eventfd read.
+const udEventfd = 1 << 63
+
+// completion is a Request.Complete result waiting to be committed.
+type completion struct {
+	tag    uint16
+	result int32
+}
+
+// queue serves one ublk hardware queue. Its goroutine locks itself to an OS
+// thread for its whole life, because the kernel accepts FETCH and
+// COMMIT_AND_FETCH for a queue only from the thread that fetched it; that
+// goroutine owns the ring, the descriptor mmap and the buffers. Handlers
+// complete asynchronous requests from any goroutine through complete, which
+// queues the result and wakes the loop with an eventfd whose READ is always
+// pending on the ring.
+type queue struct {
+	id      uint16       // queue id; immutable
+	depth   int          // number of tags; immutable
+	maxIO   int          // bytes per tag buffer; immutable
+	cdevFd  int          // /dev/ublkcN; owned by the Device, immutable here
+	encoded bool         // ioctl-encoded IO opcodes; immutable
+	h       Handler      // immutable
+	log     *slog.Logger // immutable
+	nworker int          // blocking workers for ErrWouldBlock requests; immutable
+
+	// Owned by the queue goroutine.
+	ring    queueRing
+	descs   []ioDesc  // kernel-written request descriptors, by tag (read-only mmap)
+	bufs    []byte    // depth × maxIO bytes of anonymous mmap
+	scratch []byte    // one page: the eventfd read target
+	reqs    []Request // one per tag
+	mmaps   [][]byte  // everything to munmap at exit
+	efdArm  bool      // an eventfd READ is pending on the ring
+	live    int       // tags whose command the kernel holds or we are serving
+	busy    int       // requests handed to a handler or worker, not yet completed
+	errOnce bool      // an unexpected CQE result was logged
+
+	efd  int           // eventfd that wakes the loop; closed after the goroutine exits
+	work chan *Request // requests for the blocking workers; closed at exit
+	wg   sync.WaitGroup
+
+	// mu guards done.
+	mu    sync.Mutex
+	done  []completion
+	spare []completion // recycled done slice; owned by the queue goroutine
+
+	wakePending atomic.Bool // an eventfd write is outstanding
+	quit        atomic.Bool // leave the loop even if the kernel still holds tags
+	exited      chan struct{}
+	exitErr     error // why the loop ended abnormally; read after exited is closed
+}
+
+func newQueue(id int, depth, maxIO, cdevFd int, encoded bool, h Handler, log *slog.Logger) *queue {
+	q := &queue{
+		id: uint16(id), depth: depth, maxIO: maxIO, cdevFd: cdevFd, encoded: encoded, h: h,
+		log: log.With("queue", id), nworker: min(depth, 16), efd: -1,
+		exited: make(chan struct{}),
+	}
+	q.reqs = make([]Request, depth)
+	for i := range q.reqs {
+		q.reqs[i].q = q
+		q.reqs[i].tag = uint16(i)
+	}
+	return q
+}
+
+// descAreaOffset is the mmap offset of queue qid's descriptors on
+// /dev/ublkcN: the kernel spaces them by the maximum depth, not the real one.
+func descAreaOffset(qid int) int64 {
+	stride := (maxQueueDepth*int(unsafe.Sizeof(ioDesc{})) + pageSize - 1) / pageSize * pageSize
+	return int64(qid * stride)
+}
+
+// run is the queue goroutine. It reports setup success or failure on ready
+// exactly once, then serves until all tags are aborted or quit is set.
+func (q *queue) run(ready chan<- error) {
+	runtime.LockOSThread() // never unlocked: the kernel binds the queue to this thread
+	defer close(q.exited)
+	// Best effort: allocations on this thread must not recurse into our own
+	// device through reclaim (PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE).
+	_ = unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0)
+	if err := q.openKernel(); err != nil {
+		q.release()
+		ready <- err
+		return
+	}
+	q.serve(ready)
+	q.release()
+}
+
+// openKernel creates the ring, maps the descriptors and allocates buffers.
+func (q *queue) openKernel() error {
+	entries := uint32(q.depth + 8)
+	p := uring.Params{Entries: entries, CQEntries: 2 * entries,
+		Flags: uring.SetupCQSize | uring.SetupSingleIssuer | uring.SetupDeferTaskrun | uring.SetupCoopTaskrun}
+	r, err := uring.New(p)
+	if errors.Is(err, unix.EINVAL) {
+		p.Flags = uring.SetupCQSize
+		r, err = uring.New(p)
+	}
+	if err != nil {
+		return fmt.Errorf("ublk: queue %d ring: %w", q.id, err)
+	}
+	q.ring = r
+	descLen := (q.depth*int(unsafe.Sizeof(ioDesc{})) + pageSize - 1) / pageSize * pageSize
+	dm, err := unix.Mmap(q.cdevFd, descAreaOffset(int(q.id)), descLen, unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE)
+	if err != nil {
+		return fmt.Errorf("ublk: queue %d: mmap descriptors: %w", q.id, err)
+	}
+	q.mmaps = append(q.mmaps, dm)
+	q.descs = unsafe.Slice((*ioDesc)(unsafe.Pointer(&dm[0])), q.depth)
+	q.bufs, err = unix.Mmap(-1, 0, q.depth*q.maxIO, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+	if err != nil {
+		return fmt.Errorf("ublk: queue %d: mmap %d buffers of %d bytes: %w", q.id, q.depth, q.maxIO, err)
+	}
+	q.mmaps = append(q.mmaps, q.bufs)
+	q.scratch, err = unix.Mmap(-1, 0, pageSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		return fmt.Errorf("ublk: queue %d: mmap scratch page: %w", q.id, err)
+	}
+	q.mmaps = append(q.mmaps, q.scratch)
+	q.efd, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		return fmt.Errorf("ublk: queue %d: eventfd: %w", q.id, err)
+	}
+	return nil
+}
+
+// release frees what openKernel created, on the queue's thread: descriptor
+// mmap first (DEL_DEV waits for it), then the ring, then the buffers.
+func (q *queue) release() {
+	for _, m := range q.mmaps {
+		if err := unix.Munmap(m); err != nil {
+			q.log.Error("ublk: munmap", "err", err)
+		}
+	}
+	q.mmaps, q.descs, q.bufs, q.scratch = nil, nil, nil, nil
+	if q.ring != nil {
+		if err := q.ring.Close(); err != nil {
+			q.log.Error("ublk: close queue ring", "err", err)
+		}
+		q.ring = nil
+	}
+}
+
+// closeEventfd is called by the Device after the goroutine has exited and no
+// Complete can run any more.
+func (q *queue) closeEventfd() {
+	if q.efd >= 0 {
+		unix.Close(q.efd)
+		q.efd = -1
+	}
+}
+
+// bufAddr returns the address of tag's buffer.
+func (q *queue) bufAddr(tag uint16) uint64 {
+	return uint64(uintptr(unsafe.Pointer(&q.bufs[int(tag)*q.maxIO])))
+}
+
+// sqe returns a free SQE, submitting queued ones first if the SQ is full.
+func (q *queue) sqe() (*uring.SQE, error) {
+	s, err := q.ring.GetSQE()
+	if errors.Is(err, uring.ErrRingFull) {
+		if _, err = q.ring.SubmitAndWait(0); err != nil {
+			return nil, err
+		}
+		s, err = q.ring.GetSQE()
+	}
+	return s, err
+}
+
+// prepIO queues a FETCH (result ignored) or COMMIT_AND_FETCH for tag.
+func (q *queue) prepIO(nr uint32, tag uint16, result int32) error {
+	s, err := q.sqe()
+	if err != nil {
+		return err
+	}
+	uring.PrepURingCmd(s, q.cdevFd, ioOpcode(nr, q.encoded), uint64(tag))
+	*(*ioCmd)(unsafe.Pointer(&s.Cmd[0])) = ioCmd{QID: q.id, Tag: tag, Result: result, Addr: q.bufAddr(tag)}
+	return nil
+}
+
+// armEventfd queues the READ that completes when complete writes the eventfd.
+func (q *queue) armEventfd() error {
+	s, err := q.sqe()
+	if err != nil {
+		return err
+	}
+	uring.PrepRead(s, q.efd, unsafe.Pointer(&q.scratch[0]), 8, 0, udEventfd)
+	q.efdArm = true
+	return nil
+}
+
+// serve fetches every tag, reports readiness and runs the loop: submit and
+// wait, handle completions, queue commits, until every tag has been
+// aborted by the kernel and no handler holds a request, or quit is set.
+func (q *queue) serve(ready chan<- error) {
+	q.work = make(chan *Request, q.depth)
+	for i := 0; i < q.nworker; i++ {
+		q.wg.Add(1)
+		go q.worker()
+	}
+	defer func() {
+		close(q.work)
+		q.wg.Wait()
+	}()
+	err := q.armEventfd()
+	for tag := 0; tag < q.depth && err == nil; tag++ {
+		err = q.prepIO(ioFetchReq, uint16(tag), 0)
+	}
+	if err == nil {
+		_, err = q.ring.SubmitAndWait(0)
+	}
+	if err != nil {
+		ready <- fmt.Errorf("ublk: queue %d: fetch: %w", q.id, err)
+		return
+	}
+	q.live = q.depth
+	ready <- nil
+
+	for q.live > 0 || q.busy > 0 {
+		if q.quit.Load() && q.busy == 0 {
+			break
+		}
+		if _, err := q.ring.SubmitAndWait(1); err != nil {
+			q.exitErr = fmt.Errorf("ublk: queue %d: %w", q.id, err)
+			q.log.Error("ublk: queue loop failed", "err", err)
+			// Without a working ring nothing can be committed; wait for
+			// handlers to let go of their buffers, then leave.
+			q.waitHandlers()
+			return
+		}
+		q.ring.Reap(q.handleCQE)
+		if q.wakePending.Load() {
+			q.drainCompletions()
+		}
+		if !q.efdArm {
+			if err := q.armEventfd(); err != nil {
+				q.log.Error("ublk: arm eventfd", "err", err)
+			}
+		}
+	}
+}
+
+// waitHandlers blocks until every request handed to a handler has been
+// completed, without committing anything.
+func (q *queue) waitHandlers() {
+	for q.busy > 0 {
+		var v [8]byte
+		unix.Read(q.efd, v[:])
+		q.wakePending.Store(false)
+		q.mu.Lock()
+		n := len(q.done)
+		q.done = q.done[:0]
+		q.mu.Unlock()
+		q.busy -= n
+		if q.busy > 0 && n == 0 {
+			var fds = []unix.PollFd{{Fd: int32(q.efd), Events: unix.POLLIN}}
+			unix.Poll(fds, 1000)
+		}
+	}
+}
+
+func (q *queue) handleCQE(c uring.CQE) {
+	if c.UserData == udEventfd {
+		q.efdArm = false
+		if c.Res < 0 && c.Res != -int32(unix.EAGAIN) && c.Res != -int32(unix.ECANCELED) {
+			q.log.Error("ublk: eventfd read failed", "err", syscall.Errno(-c.Res))
+		}
+		return
+	}
+	tag := uint16(c.UserData)
+	if int(tag) >= q.depth {
+		q.log.Error("ublk: completion for an unknown tag", "user_data", c.UserData, "res", c.Res)
+		return
+	}
+	switch {
+	case c.Res == ioResOK:
+		q.dispatch(tag)
+	case c.Res == ioResAbort:
+		q.live--
+	default:
+		// The command itself was refused; the kernel does not hold the
+		// tag any more.
+		q.live--
+		if !q.errOnce {
+			q.errOnce = true
+			q.log.Error("ublk: io command failed", "tag", tag, "res", c.Res, "err", syscall.Errno(-c.Res))
+		}
+	}
+}
+
+// dispatch builds the Request for tag from its descriptor and runs the
+// handler in non-blocking mode.
+func (q *queue) dispatch(tag uint16) {
+	d := q.descs[tag]
+	r := &q.reqs[tag]
+	r.Flags = 0
+	if d.OpFlags&descFlagFUA != 0 {
+		r.Flags |= FlagFUA
+	}
+	if d.OpFlags&descFlagNoUnmap != 0 {
+		r.Flags |= FlagNoUnmap
+	}
+	r.Offset = int64(d.StartSector) << sectorShift
+	r.Length = int(d.NrSectors) << sectorShift
+	r.Buf = nil
+	switch d.OpFlags & 0xff {
+	case descOpRead:
+		r.Op = OpRead
+	case descOpWrite:
+		r.Op = OpWrite
+	case descOpFlush:
+		r.Op = OpFlush
+	case descOpDiscard:
+		r.Op = OpDiscard
+	case descOpWriteZeroes:
+		r.Op = OpWriteZeroes
+	default:
+		q.commit(tag, -int32(unix.EOPNOTSUPP))
+		return
+	}
+	if r.Op == OpRead || r.Op == OpWrite {
+		if r.Length > q.maxIO || r.Length <= 0 {
+			q.log.Error("ublk: request larger than its buffer", "op", r.Op, "len", r.Length, "max", q.maxIO)
+			q.commit(tag, -int32(unix.EIO))
+			return
+		}
+		off := int(tag) * q.maxIO
+		r.Buf = q.bufs[off : off+r.Length : off+r.Length]
+	}
+	r.noWait = true
+	r.state.Store(reqBusy)
+	err := q.h.Handle(r)
+	switch {
+	case errors.Is(err, ErrInProgress):
+		q.busy++
+	case isWouldBlock(err):
+		q.busy++
+		q.work <- r // never blocks: capacity is depth
+	default:
+		if !r.state.CompareAndSwap(reqBusy, reqIdle) {
+			// The handler called Complete and then returned a result: the
+			// queued completion is the one that counts.
+			q.busy++
+			q.log.Warn("ublk: handler completed a request and also returned", "req", r.String(), "ret", err)
+			return
+		}
+		q.commit(tag, r.result(err))
+	}
+}
+
+// commit queues COMMIT_AND_FETCH for tag with result.
+func (q *queue) commit(tag uint16, result int32) {
+	q.reqs[tag].Buf = nil
+	if err := q.prepIO(ioCommitAndFetch, tag, result); err != nil {
+		// Only a broken ring gets here; the loop fails on its next enter.
+		q.log.Error("ublk: queue commit", "tag", tag, "err", err)
+	}
+}
+
+// worker runs requests that answered ErrWouldBlock, allowed to block.
+func (q *queue) worker() {
+	defer q.wg.Done()
+	for r := range q.work {
+		r.noWait = false
+		err := q.h.Handle(r)
+		if errors.Is(err, ErrInProgress) {
+			continue
+		}
+		if isWouldBlock(err) {
+			q.log.Error("ublk: handler would block in blocking mode", "req", r.String())
+			err = syscall.EIO
+		}
+		r.Complete(err)
+	}
+}
+
+// complete records an asynchronous result and wakes the queue loop. Any
+// goroutine may call it.
+func (q *queue) complete(tag uint16, result int32) {
+	q.mu.Lock()
+	q.done = append(q.done, completion{tag, result})
+	q.mu.Unlock()
+	if q.wakePending.CompareAndSwap(false, true) {
+		q.wake()
+	}
+}
+
+// wake writes the eventfd.
+func (q *queue) wake() {
+	var v [8]byte
+	*(*uint64)(unsafe.Pointer(&v[0])) = 1
+	if _, err := unix.Write(q.efd, v[:]); err != nil && err != unix.EAGAIN {
+		q.log.Error("ublk: eventfd write", "err", err)
+	}
+}
+
+// stop asks the loop to exit without waiting for the kernel's aborts.
+func (q *queue) stop() {
+	q.quit.Store(true)
+	q.wake()
+}
+
+// drainCompletions commits everything Complete has queued.
+func (q *queue) drainCompletions() {
+	q.wakePending.Store(false)
+	q.mu.Lock()
+	done := q.done
+	q.done = q.spare[:0]
+	q.mu.Unlock()
+	for _, c := range done {
+		q.busy--
+		q.reqs[c.tag].state.Store(reqIdle)
+		q.commit(c.tag, c.result)
+	}
+	q.spare = done
+}
