@@ -1,0 +1,106 @@
+//go:build vmtest
+
+package integration
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/ublksnap/ublksnap/ublk"
+)
+
+// TestUblkLifecycle adds, starts, stops and deletes a device 50 times in a
+// row with one and with two queues; every round must leave no node behind.
+func TestUblkLifecycle(t *testing.T) {
+	requireNoUblkDevices(t, "before the test")
+	for _, queues := range []int{1, 2} {
+		t.Run(fmt.Sprintf("queues=%d", queues), func(t *testing.T) {
+			b, err := ublk.OpenFileBackend(tempFile(t, 16<<20))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			cfg := b.Config()
+			cfg.Queues, cfg.Depth = queues, 64
+			start := time.Now()
+			for i := 0; i < 50; i++ {
+				d, err := ublk.New(context.Background(), cfg, b)
+				if err != nil {
+					t.Fatalf("round %d: New: %v", i, err)
+				}
+				if d.Queues() != queues {
+					t.Fatalf("round %d: kernel granted %d queues, want %d", i, d.Queues(), queues)
+				}
+				if fi, err := os.Stat(d.Path()); err != nil || fi.Mode()&os.ModeDevice == 0 {
+					t.Fatalf("round %d: %s after New: %v %v", i, d.Path(), fi, err)
+				}
+				closeDevice(t, d)
+				if err := d.Close(); err != nil {
+					t.Fatalf("round %d: second Close: %v", i, err)
+				}
+				requireNoUblkDevices(t, fmt.Sprintf("round %d after Close", i))
+			}
+			t.Logf("50 rounds with %d queues in %v", queues, time.Since(start))
+		})
+	}
+}
+
+// TestUblkContextCancel: cancelling New's context stops and deletes the device.
+func TestUblkContextCancel(t *testing.T) {
+	b, err := ublk.OpenFileBackend(tempFile(t, 16<<20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	d, err := ublk.New(ctx, b.Config(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	select {
+	case <-d.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatal("device still running 30 s after its context was cancelled")
+	}
+	if err := d.Err(); err != nil {
+		t.Fatalf("teardown after cancel: %v", err)
+	}
+	requireNoUblkDevices(t, "after cancel")
+}
+
+// TestUblkBadConfig: absurd configs fail before any kernel call.
+func TestUblkBadConfig(t *testing.T) {
+	before := ublkCharDevs(t)
+	good := ublk.DefaultConfig(64 << 20)
+	for name, mutate := range map[string]func(*ublk.Config){
+		"size 0":              func(c *ublk.Config) { c.Size = 0 },
+		"size not aligned":    func(c *ublk.Config) { c.Size = 1000 },
+		"depth 0":             func(c *ublk.Config) { c.Depth = 0 },
+		"depth 4097":          func(c *ublk.Config) { c.Depth = 4097 },
+		"block size 1000":     func(c *ublk.Config) { c.LogicalBlockSize = 1000 },
+		"physical below logi": func(c *ublk.Config) { c.LogicalBlockSize, c.PhysicalBlockSize = 4096, 512 },
+		"queues 0":            func(c *ublk.Config) { c.Queues = 0 },
+		"max io 1000":         func(c *ublk.Config) { c.MaxIOSize = 1000 },
+	} {
+		cfg := good
+		mutate(&cfg)
+		d, err := ublk.New(context.Background(), cfg, ublk.HandlerFunc(func(*ublk.Request) error { return nil }))
+		if err == nil {
+			d.Close()
+			t.Errorf("%s: New succeeded", name)
+			continue
+		}
+		if !errors.Is(err, ublk.ErrInvalidConfig) {
+			t.Errorf("%s: error %v does not wrap ErrInvalidConfig", name, err)
+		}
+		t.Logf("%s: %v", name, err)
+	}
+	if after := ublkCharDevs(t); len(after) != len(before) {
+		t.Fatalf("bad configs created kernel devices: before %v after %v", before, after)
+	}
+}

@@ -1,0 +1,96 @@
+//go:build vmtest
+
+package integration
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ublksnap/ublksnap/ublk"
+)
+
+// ublkDevice starts a ublk device of size bytes over a fresh tmpfs backing
+// file, served by wrap(backend) (the backend itself when wrap is nil). The
+// device is closed at cleanup if the test has not closed it.
+func ublkDevice(t testing.TB, size int64, queues, depth int, wrap func(*ublk.FileBackend) ublk.Handler) (*ublk.Device, string, *ublk.FileBackend) {
+	t.Helper()
+	file := tempFile(t, size)
+	b, err := ublk.OpenFileBackend(file)
+	if err != nil {
+		t.Fatalf("open backing file: %v", err)
+	}
+	t.Cleanup(func() { b.Close() })
+	cfg := b.Config()
+	cfg.Queues, cfg.Depth = queues, depth
+	var h ublk.Handler = b
+	if wrap != nil {
+		h = wrap(b)
+	}
+	d, err := ublk.New(context.Background(), cfg, h)
+	if err != nil {
+		t.Fatalf("ublk.New(%d MiB, %d queues, depth %d): %v", size>>20, queues, depth, err)
+	}
+	t.Cleanup(func() { closeDevice(t, d) })
+	if _, err := os.Stat(d.Path()); err != nil {
+		t.Fatalf("device started but %s is missing: %v", d.Path(), err)
+	}
+	return d, file, b
+}
+
+// closeDevice closes d within a minute or fails the test.
+func closeDevice(t testing.TB, d *ublk.Device) {
+	t.Helper()
+	errc := make(chan error, 1)
+	go func() { errc <- d.Close() }()
+	select {
+	case err := <-errc:
+		if err != nil {
+			t.Errorf("close %s: %v", d.Path(), err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatalf("close %s hangs after a minute", d.Path())
+	}
+}
+
+// ublkNodes lists /dev/ublkb* and /dev/ublkc* nodes.
+func ublkNodes(t testing.TB) []string {
+	t.Helper()
+	var out []string
+	for _, pat := range []string{"/dev/ublkb*", "/dev/ublkc*"} {
+		m, err := filepath.Glob(pat)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, m...)
+	}
+	return out
+}
+
+// ublkCharDevs lists the devices the kernel knows (/sys/class/ublk-char).
+func ublkCharDevs(t testing.TB) []string {
+	t.Helper()
+	ents, err := os.ReadDir("/sys/class/ublk-char")
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range ents {
+		out = append(out, e.Name())
+	}
+	return out
+}
+
+// requireNoUblkDevices fails if any ublk device or node exists.
+func requireNoUblkDevices(t testing.TB, when string) {
+	t.Helper()
+	if n := ublkNodes(t); len(n) > 0 {
+		t.Fatalf("%s: leaked device nodes %s", when, strings.Join(n, " "))
+	}
+	if n := ublkCharDevs(t); len(n) > 0 {
+		t.Fatalf("%s: kernel still has ublk devices %s", when, strings.Join(n, " "))
+	}
+}
