@@ -1,0 +1,304 @@
+package storage
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// SectorSize is the unit of all sector counts in this package.
+const (
+	SectorShift = 9
+	SectorSize  = 1 << SectorShift
+)
+
+// Geometry describes a backing device. All sizes are in bytes.
+type Geometry struct {
+	Size              int64 // capacity; a multiple of LogicalBlockSize
+	LogicalBlockSize  int   // smallest addressable unit, a power of two >= 512
+	PhysicalBlockSize int   // smallest unit written without read-modify-write
+	MinIOSize         int   // preferred minimum I/O size (io_min)
+}
+
+// Sectors returns the capacity in sectors.
+func (g Geometry) Sectors() int64 { return g.Size >> SectorShift }
+
+// Device is a backing device: the original device of a snapshot or a part of
+// a difference storage.
+//
+// ReadAt and WriteAt follow io.ReaderAt and io.WriterAt: a short transfer
+// comes with a non-nil error, and the buffer is not retained after the call.
+// They may be called concurrently for disjoint ranges. Geometry is fixed
+// except for Size, which a Grower may increase.
+type Device interface {
+	io.ReaderAt
+	io.WriterAt
+	io.Closer
+	// Name identifies the device in logs and events (its path).
+	Name() string
+	// Geometry returns the device's current geometry.
+	Geometry() Geometry
+}
+
+// Flusher is a Device with a volatile write cache.
+type Flusher interface {
+	// Flush makes all completed writes durable.
+	Flush() error
+}
+
+// Discarder is a Device that can drop the contents of a range.
+type Discarder interface {
+	// Discard drops n bytes at off; later reads return unspecified data.
+	Discard(off, n int64) error
+}
+
+// ZeroWriter is a Device that can zero a range without a data transfer.
+type ZeroWriter interface {
+	// WriteZeroes makes n bytes at off read back as zeros.
+	WriteZeroes(off, n int64) error
+}
+
+// Grower is a Device whose size can grow, such as a regular file.
+type Grower interface {
+	// Grow reserves space so that the device is at least size bytes long.
+	Grow(size int64) error
+}
+
+// Flush flushes dev if it is a Flusher, and does nothing otherwise.
+func Flush(dev Device) error {
+	if f, ok := dev.(Flusher); ok {
+		return f.Flush()
+	}
+	return nil
+}
+
+// Discard discards a range of dev if it is a Discarder, and does nothing
+// otherwise (discard is a hint).
+func Discard(dev Device, off, n int64) error {
+	if d, ok := dev.(Discarder); ok {
+		return d.Discard(off, n)
+	}
+	return nil
+}
+
+// zeroBlock is the source of zeros for WriteZeroes on devices without
+// ZeroWriter. It is never written.
+var zeroBlock [64 << 10]byte
+
+// WriteZeroes zeroes a range of dev, with ZeroWriter when dev has it and by
+// writing zeros otherwise.
+func WriteZeroes(dev Device, off, n int64) error {
+	if z, ok := dev.(ZeroWriter); ok {
+		return z.WriteZeroes(off, n)
+	}
+	return writeZeroBlocks(dev, off, n)
+}
+
+// writeZeroBlocks writes n zero bytes at off, one zeroBlock at a time.
+func writeZeroBlocks(dev io.WriterAt, off, n int64) error {
+	for n > 0 {
+		l := min(n, int64(len(zeroBlock)))
+		if _, err := dev.WriteAt(zeroBlock[:l], off); err != nil {
+			return err
+		}
+		off += l
+		n -= l
+	}
+	return nil
+}
+
+// File is a Device backed by a regular file or a block device.
+//
+// A block device is opened with O_EXCL (the kernel refuses it while it is
+// mounted or held by another exclusive opener); a regular file is locked
+// with flock(LOCK_EX|LOCK_NB), which other ublksnap processes respect.
+type File struct {
+	f     *os.File   // the open file; immutable
+	block bool       // a block device rather than a regular file; immutable
+	mu    sync.Mutex // guards geo.Size and serialises Grow
+	geo   Geometry   // the geometry; only Size changes, by Grow, under mu
+}
+
+var (
+	_ Device     = (*File)(nil)
+	_ Flusher    = (*File)(nil)
+	_ Discarder  = (*File)(nil)
+	_ ZeroWriter = (*File)(nil)
+	_ Grower     = (*File)(nil)
+)
+
+// Open opens a regular file or a block device for reading and writing,
+// exclusively. A regular file reports 512-byte logical blocks and its file
+// system's block size as physical block and minimum I/O size.
+func Open(path string) (*File, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("open backing device: %w", err)
+	}
+	switch {
+	case st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0:
+		f, err := os.OpenFile(path, os.O_RDWR|unix.O_EXCL|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return nil, fmt.Errorf("open backing device: %w", err)
+		}
+		return newFile(f, true)
+	case st.Mode().IsRegular():
+		f, err := os.OpenFile(path, os.O_RDWR|unix.O_CLOEXEC|unix.O_NOATIME, 0)
+		if errors.Is(err, unix.EPERM) {
+			// O_NOATIME needs ownership of the file.
+			f, err = os.OpenFile(path, os.O_RDWR|unix.O_CLOEXEC, 0)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("open backing device: %w", err)
+		}
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("open backing device: lock %s: %w", path, err)
+		}
+		return newFile(f, false)
+	default:
+		return nil, fmt.Errorf("open backing device %s: not a regular file or block device: %w", path, unix.EINVAL)
+	}
+}
+
+// OpenTemp creates an unnamed regular file (O_TMPFILE) in dir. It has no
+// name in the file system and disappears when it is closed.
+func OpenTemp(dir string) (*File, error) {
+	f, err := os.OpenFile(dir, os.O_RDWR|unix.O_TMPFILE|unix.O_EXCL|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("create unnamed file in %s: %w", dir, err)
+	}
+	return newFile(f, false)
+}
+
+// newFile probes the geometry of an open file; it closes f on failure.
+func newFile(f *os.File, block bool) (*File, error) {
+	d := &File{f: f, block: block}
+	var err error
+	if block {
+		d.geo, err = blockGeometry(int(f.Fd()))
+	} else {
+		var st unix.Stat_t
+		if err = unix.Fstat(int(f.Fd()), &st); err == nil {
+			pb := max(int(st.Blksize), SectorSize)
+			d.geo = Geometry{Size: st.Size, LogicalBlockSize: SectorSize, PhysicalBlockSize: pb, MinIOSize: pb}
+		}
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("probe geometry of %s: %w", f.Name(), err)
+	}
+	return d, nil
+}
+
+// blockGeometry asks the kernel for a block device's geometry.
+func blockGeometry(fd int) (Geometry, error) {
+	var size uint64
+	if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.BLKGETSIZE64, uintptr(unsafe.Pointer(&size))); e != 0 {
+		return Geometry{}, fmt.Errorf("BLKGETSIZE64: %w", e)
+	}
+	lbs, err := unix.IoctlGetInt(fd, unix.BLKSSZGET)
+	if err != nil {
+		return Geometry{}, fmt.Errorf("BLKSSZGET: %w", err)
+	}
+	pbs, err := unix.IoctlGetInt(fd, unix.BLKPBSZGET)
+	if err != nil {
+		return Geometry{}, fmt.Errorf("BLKPBSZGET: %w", err)
+	}
+	iomin, err := unix.IoctlGetInt(fd, unix.BLKIOMIN)
+	if err != nil {
+		return Geometry{}, fmt.Errorf("BLKIOMIN: %w", err)
+	}
+	return Geometry{Size: int64(size), LogicalBlockSize: lbs, PhysicalBlockSize: pbs, MinIOSize: max(iomin, lbs)}, nil
+}
+
+// Name returns the path the file was opened with.
+func (d *File) Name() string { return d.f.Name() }
+
+// Geometry returns the file's geometry.
+func (d *File) Geometry() Geometry {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.geo
+}
+
+// ReadAt reads len(p) bytes at off.
+func (d *File) ReadAt(p []byte, off int64) (int, error) { return d.f.ReadAt(p, off) }
+
+// WriteAt writes len(p) bytes at off.
+func (d *File) WriteAt(p []byte, off int64) (int, error) { return d.f.WriteAt(p, off) }
+
+// Flush waits until written data is durable (fdatasync).
+func (d *File) Flush() error {
+	if err := unix.Fdatasync(int(d.f.Fd())); err != nil {
+		return fmt.Errorf("flush %s: %w", d.Name(), err)
+	}
+	return nil
+}
+
+// Discard punches a hole in a regular file or issues BLKDISCARD.
+func (d *File) Discard(off, n int64) error {
+	var err error
+	if d.block {
+		r := [2]uint64{uint64(off), uint64(n)}
+		if _, _, e := unix.Syscall(unix.SYS_IOCTL, d.f.Fd(), unix.BLKDISCARD, uintptr(unsafe.Pointer(&r))); e != 0 {
+			err = e
+		}
+	} else {
+		err = unix.Fallocate(int(d.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	}
+	if errors.Is(err, unix.EOPNOTSUPP) {
+		return nil // discard is a hint
+	}
+	if err != nil {
+		return fmt.Errorf("discard %s [%d+%d]: %w", d.Name(), off, n, err)
+	}
+	return nil
+}
+
+// WriteZeroes zeroes a range with BLKZEROOUT or FALLOC_FL_ZERO_RANGE, and
+// falls back to writing zeros.
+func (d *File) WriteZeroes(off, n int64) error {
+	var err error
+	if d.block {
+		r := [2]uint64{uint64(off), uint64(n)}
+		if _, _, e := unix.Syscall(unix.SYS_IOCTL, d.f.Fd(), unix.BLKZEROOUT, uintptr(unsafe.Pointer(&r))); e != 0 {
+			err = e
+		}
+	} else {
+		err = unix.Fallocate(int(d.f.Fd()), unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	}
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) {
+		err = writeZeroBlocks(d.f, off, n)
+	}
+	if err != nil {
+		return fmt.Errorf("write zeroes %s [%d+%d]: %w", d.Name(), off, n, err)
+	}
+	return nil
+}
+
+// Grow allocates a regular file up to size bytes with fallocate. A block
+// device cannot grow.
+func (d *File) Grow(size int64) error {
+	if d.block {
+		return fmt.Errorf("grow %s: block device: %w", d.Name(), unix.EINVAL)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if size <= d.geo.Size {
+		return nil
+	}
+	if err := unix.Fallocate(int(d.f.Fd()), 0, 0, size); err != nil {
+		return fmt.Errorf("grow %s to %d bytes: %w", d.Name(), size, err)
+	}
+	d.geo.Size = size
+	return nil
+}
+
+// Close closes the file; an O_TMPFILE file disappears.
+func (d *File) Close() error { return d.f.Close() }

@@ -1,0 +1,477 @@
+package storage
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"syscall"
+)
+
+// DefaultMinimumSectors is blksnap's diff_storage_minimum: 1 GiB, the
+// growth step of the difference storage; the low-water mark is half of it.
+const DefaultMinimumSectors = 2097152
+
+// pageSectors is the number of sectors in a 4 KiB page; the low-water mark
+// is rounded down to it, as in blksnap.
+const pageSectors = 8
+
+// Sentinel errors of the difference storage.
+var (
+	// ErrNoSpace means no region could be had: the storage overflowed and
+	// stays overflowed. It matches syscall.ENOSPC.
+	ErrNoSpace = fmt.Errorf("storage: difference storage overflow: %w", syscall.ENOSPC)
+	// ErrBlockSize means a storage device has a logical block larger than
+	// the original device's. It matches syscall.ENOTBLK, as in blksnap.
+	ErrBlockSize = fmt.Errorf("storage: logical block of the difference storage larger than the original's: %w", syscall.ENOTBLK)
+	// ErrClosed is returned by a DiffStorage after Close.
+	ErrClosed = errors.New("storage: difference storage closed")
+)
+
+// Range is a run of sectors on a device (blksnap_sectors).
+type Range struct {
+	Sector int64 // first sector
+	Count  int64 // number of sectors
+}
+
+// DiffRegion is where the data of one chunk lives in the difference storage
+// (blksnap's struct diff_region). It is immutable.
+type DiffRegion struct {
+	Dev    Device // the backing device
+	Sector int64  // first sector of the region on Dev
+	Count  int64  // number of sectors in the region
+}
+
+// ReadAt reads len(p) bytes at byte offset off inside the region.
+func (r *DiffRegion) ReadAt(p []byte, off int64) error {
+	if off < 0 || off+int64(len(p)) > r.Count<<SectorShift {
+		return fmt.Errorf("read diff region %s@%d+%d [%d+%d]: %w", r.Dev.Name(), r.Sector, r.Count, off, len(p), syscall.EINVAL)
+	}
+	if _, err := r.Dev.ReadAt(p, r.Sector<<SectorShift+off); err != nil {
+		return fmt.Errorf("read diff region %s@%d: %w", r.Dev.Name(), r.Sector, err)
+	}
+	return nil
+}
+
+// WriteAt writes p at byte offset off inside the region.
+func (r *DiffRegion) WriteAt(p []byte, off int64) error {
+	if off < 0 || off+int64(len(p)) > r.Count<<SectorShift {
+		return fmt.Errorf("write diff region %s@%d+%d [%d+%d]: %w", r.Dev.Name(), r.Sector, r.Count, off, len(p), syscall.EINVAL)
+	}
+	if _, err := r.Dev.WriteAt(p, r.Sector<<SectorShift+off); err != nil {
+		return fmt.Errorf("write diff region %s@%d: %w", r.Dev.Name(), r.Sector, err)
+	}
+	return nil
+}
+
+// storageBlock is a run of sectors reserved for difference data (blksnap's
+// struct storage_block). Its fields are guarded by DiffStorage.mu.
+type storageBlock struct {
+	dev    Device // the backing device
+	sector int64  // first sector of the block on dev
+	count  int64  // sectors in the block; grows for a growable file
+	used   int64  // sectors handed out (or given up) from the start
+}
+
+// growFile is the growable file of a DiffStorage (blksnap v6/v7). Its
+// fields are guarded by DiffStorage.mu.
+type growFile struct {
+	dev       Device        // the file (or a fixed block device: no Grower)
+	block     *storageBlock // the one block that covers the file
+	limit     int64         // sectors the file may never exceed
+	allocated int64         // sectors allocated with fallocate so far
+	growing   bool          // a fallocate is running
+}
+
+// Options configure a DiffStorage.
+type Options struct {
+	// MinimumSectors is blksnap's diff_storage_minimum: the size asked for
+	// by a low_free_space event and the growth step of a file; the
+	// low-water mark is half of it. 0 means DefaultMinimumSectors.
+	MinimumSectors int64
+	// Logger receives the storage's messages; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// DiffStorage is the difference storage of one snapshot (blksnap's struct
+// diff_storage), shared by all its devices. See the package documentation
+// for the model.
+type DiffStorage struct {
+	minimum  int64        // diff_storage_minimum in sectors; immutable
+	lowWater int64        // free sectors at or below which space is low; immutable
+	log      *slog.Logger // immutable
+	events   *EventQueue  // the snapshot's event queue; immutable
+
+	// mu guards everything below. It is never held during I/O.
+	mu sync.Mutex
+	// devs are the backing devices opened by or given to the storage; Close
+	// closes them. paths maps the path each was opened with to it.
+	devs  []Device
+	paths map[string]Device
+	// emptyBlocks lists the blocks with room left in order of arrival;
+	// filledBlocks the blocks used up. Alloc carves from emptyBlocks[0].
+	emptyBlocks  []*storageBlock
+	filledBlocks []*storageBlock
+	// grow is the growable file, nil for storage made of ranges.
+	grow *growFile
+	// capacity is the space given (ranges appended, file allocated);
+	// blockSectors the space allocatable (capacity plus planned growth);
+	// filled the space handed out or given up; requested the space asked
+	// for by events (ranges) or planned (file). All in sectors.
+	capacity     int64
+	blockSectors int64
+	filled       int64
+	requested    int64
+	// lowSpace is set when free space dropped to the low-water mark and is
+	// cleared when it rises above it again, so that each crossing is
+	// reported once.
+	lowSpace bool
+	// overflow is set for good when an allocation found no space.
+	overflow bool
+	// closed is set by Close.
+	closed bool
+
+	growers sync.WaitGroup // running fallocate goroutines
+}
+
+// Stats is a snapshot of a DiffStorage's accounting, in sectors.
+type Stats struct {
+	Capacity  int64 // space given: ranges appended, file allocated
+	Filled    int64 // space handed out to chunks or given up
+	Requested int64 // space asked for by low_free_space events, or planned for the file
+	Limit     int64 // the growable file's limit (0 for ranges)
+	Overflow  bool  // an allocation failed for lack of space
+}
+
+// New returns a difference storage without space, to be filled with Append.
+// Having no space, it posts a low_free_space event at once, as blksnap does
+// at snapshot creation.
+func New(opts Options) *DiffStorage {
+	ds := newDiffStorage(opts)
+	ds.mu.Lock()
+	ds.checkLowSpaceLocked()
+	ds.mu.Unlock()
+	return ds
+}
+
+func newDiffStorage(opts Options) *DiffStorage {
+	minimum := opts.MinimumSectors
+	if minimum <= 0 {
+		minimum = DefaultMinimumSectors
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	return &DiffStorage{
+		minimum:  minimum,
+		lowWater: (minimum >> 1) &^ (pageSectors - 1),
+		log:      log.With("component", "diff-storage"),
+		events:   NewEventQueue(),
+		paths:    make(map[string]Device),
+	}
+}
+
+// NewFile returns a difference storage kept in one growable file (blksnap
+// v6/v7). path is a directory (an unnamed O_TMPFILE is created in it and
+// vanishes on Close), a regular file, or a block device (fixed size: its
+// limit is its capacity). The file is grown with fallocate in steps of the
+// minimum and never beyond limitSectors.
+func NewFile(path string, limitSectors int64, opts Options) (*DiffStorage, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("difference storage: %w", err)
+	}
+	var dev Device
+	if st.IsDir() {
+		dev, err = OpenTemp(path)
+	} else {
+		dev, err = Open(path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("difference storage: %w", err)
+	}
+	ds, err := NewFileDevice(dev, limitSectors, opts)
+	if err != nil {
+		dev.Close()
+		return nil, err
+	}
+	return ds, nil
+}
+
+// NewFileDevice is NewFile for an open device, which the storage owns from
+// then on (also on error it is the caller's to close). A device that is not
+// a Grower keeps its size: its limit is its capacity.
+func NewFileDevice(dev Device, limitSectors int64, opts Options) (*DiffStorage, error) {
+	ds := newDiffStorage(opts)
+	capacity := dev.Geometry().Sectors()
+	grower, canGrow := dev.(Grower)
+	if !canGrow {
+		limitSectors = capacity
+	}
+	if capacity > limitSectors {
+		return nil, fmt.Errorf("difference storage %s: %d sectors exceed the limit of %d: %w", dev.Name(), capacity, limitSectors, syscall.ENOSPC)
+	}
+	if canGrow && capacity <= ds.lowWater {
+		size := capacity + min(ds.minimum, limitSectors-capacity)
+		if err := grower.Grow(size << SectorShift); err != nil {
+			return nil, fmt.Errorf("difference storage: %w", err)
+		}
+		capacity = size
+	}
+	b := &storageBlock{dev: dev, count: capacity}
+	ds.devs = append(ds.devs, dev)
+	ds.emptyBlocks = append(ds.emptyBlocks, b)
+	ds.grow = &growFile{dev: dev, block: b, limit: limitSectors, allocated: capacity}
+	ds.capacity, ds.blockSectors, ds.requested = capacity, capacity, capacity
+	ds.mu.Lock()
+	ds.checkLowSpaceLocked()
+	ds.mu.Unlock()
+	return ds, nil
+}
+
+// Events returns the snapshot's event queue.
+func (ds *DiffStorage) Events() *EventQueue { return ds.events }
+
+// MinimumSectors returns diff_storage_minimum.
+func (ds *DiffStorage) MinimumSectors() int64 { return ds.minimum }
+
+// Stats returns the current accounting.
+func (ds *DiffStorage) Stats() Stats {
+	ds.mu.Lock()
+	defer ds.mu.Unlock()
+	s := Stats{Capacity: ds.capacity, Filled: ds.filled, Requested: ds.requested, Overflow: ds.overflow}
+	if ds.grow != nil {
+		s.Limit = ds.grow.limit
+	}
+	return s
+}
+
+// Append opens the file or block device at path (once per path: later calls
+// reuse it) and adds ranges of it as storage blocks. It may be called at any
+// time, also while chunks are being stored.
+func (ds *DiffStorage) Append(path string, ranges []Range) error {
+	ds.mu.Lock()
+	dev := ds.paths[path]
+	ds.mu.Unlock()
+	if dev == nil {
+		d, err := Open(path)
+		if err != nil {
+			return fmt.Errorf("append to difference storage: %w", err)
+		}
+		ds.mu.Lock()
+		if prev := ds.paths[path]; prev != nil {
+			dev = prev // lost a race with another Append of the same path
+			d.Close()
+		} else {
+			ds.paths[path] = d
+			ds.devs = append(ds.devs, d)
+			dev = d
+		}
+		ds.mu.Unlock()
+	}
+	return ds.appendRanges(dev, ranges)
+}
+
+// AppendDevice adds ranges of an open device as storage blocks. The storage
+// owns dev from then on and closes it on Close.
+func (ds *DiffStorage) AppendDevice(dev Device, ranges []Range) error {
+	ds.mu.Lock()
+	known := false
+	for _, d := range ds.devs {
+		known = known || d == dev
+	}
+	if !known {
+		ds.devs = append(ds.devs, dev)
+	}
+	ds.mu.Unlock()
+	return ds.appendRanges(dev, ranges)
+}
+
+// appendRanges validates all ranges (reporting every bad one) and adds them.
+func (ds *DiffStorage) appendRanges(dev Device, ranges []Range) error {
+	geo := dev.Geometry()
+	align := int64(geo.LogicalBlockSize >> SectorShift)
+	var errs []error
+	for i, r := range ranges {
+		if r.Sector < 0 || r.Count <= 0 || r.Sector+r.Count > geo.Sectors() {
+			errs = append(errs, fmt.Errorf("range %d (%d+%d) outside %s (%d sectors): %w", i, r.Sector, r.Count, dev.Name(), geo.Sectors(), syscall.EINVAL))
+		} else if r.Sector%align != 0 || r.Count%align != 0 {
+			errs = append(errs, fmt.Errorf("range %d (%d+%d) not aligned to the %d-byte blocks of %s: %w", i, r.Sector, r.Count, geo.LogicalBlockSize, dev.Name(), syscall.EINVAL))
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("append to difference storage: %w", errors.Join(errs...))
+	}
+	ds.mu.Lock()
+	defer ds.mu.Unlock()
+	if ds.closed {
+		return ErrClosed
+	}
+	for _, r := range ranges {
+		ds.emptyBlocks = append(ds.emptyBlocks, &storageBlock{dev: dev, sector: r.Sector, count: r.Count})
+		ds.capacity += r.Count
+		ds.blockSectors += r.Count
+		ds.log.Debug("range added", "dev", dev.Name(), "sector", r.Sector, "count", r.Count)
+	}
+	ds.rearmLowSpaceLocked()
+	return nil
+}
+
+// Alloc hands out a region of count sectors for a chunk of an original
+// device whose logical block is logicalBlockSize bytes. It fails with
+// ErrNoSpace (and sets the overflow flag) when no empty block has room, and
+// with ErrBlockSize when the next block's device has larger logical blocks.
+func (ds *DiffStorage) Alloc(count int64, logicalBlockSize int) (*DiffRegion, error) {
+	ds.mu.Lock()
+	defer ds.mu.Unlock()
+	if ds.closed {
+		return nil, ErrClosed
+	}
+	if ds.overflow {
+		return nil, ErrNoSpace
+	}
+	for {
+		if len(ds.emptyBlocks) == 0 {
+			ds.overflow = true
+			ds.log.Error("difference storage overflow", "capacity", ds.capacity, "filled", ds.filled, "requested", count)
+			return nil, ErrNoSpace
+		}
+		b := ds.emptyBlocks[0]
+		if lbs := b.dev.Geometry().LogicalBlockSize; lbs > logicalBlockSize {
+			return nil, fmt.Errorf("allocate on %s (%d-byte blocks) for a device with %d-byte blocks: %w", b.dev.Name(), lbs, logicalBlockSize, ErrBlockSize)
+		}
+		if avail := b.count - b.used; avail >= count {
+			r := &DiffRegion{Dev: b.dev, Sector: b.sector + b.used, Count: count}
+			b.used += count
+			ds.filled += count
+			ds.checkLowSpaceLocked()
+			return r, nil
+		}
+		// The tail is too small for a chunk: give it up (blocks are
+		// expected to hold many chunks, so little is lost).
+		ds.filled += b.count - b.used
+		b.used = b.count
+		ds.emptyBlocks[0] = nil
+		ds.emptyBlocks = ds.emptyBlocks[1:]
+		ds.filledBlocks = append(ds.filledBlocks, b)
+	}
+}
+
+// free returns the sectors that can still be handed out; ds.mu must be held.
+func (ds *DiffStorage) freeLocked() int64 { return ds.blockSectors - ds.filled }
+
+// checkLowSpaceLocked reacts to the free space dropping to the low-water
+// mark, once per crossing: storage made of ranges asks for more with a
+// low_free_space event; a growable file starts growing, or posts no_space
+// when it reached its limit. ds.mu must be held.
+func (ds *DiffStorage) checkLowSpaceLocked() {
+	if ds.lowSpace || ds.freeLocked() > ds.lowWater {
+		return
+	}
+	ds.lowSpace = true
+	g := ds.grow
+	switch {
+	case g == nil:
+		ds.requested += ds.minimum
+		ds.log.Info("low free space", "free", ds.freeLocked(), "requested", ds.requested)
+		ds.events.Post(Event{Code: EventLowFreeSpace, RequestedSectors: ds.minimum})
+	case g.block.count >= g.limit:
+		ds.log.Warn("difference storage reached its limit", "limit", g.limit)
+		ds.events.Post(Event{Code: EventNoSpace, RequestedSectors: g.limit})
+	default:
+		ds.growLocked()
+	}
+}
+
+// rearmLowSpaceLocked clears the low-space flag once free space is above
+// the low-water mark again, so that the next crossing is reported.
+// ds.mu must be held.
+func (ds *DiffStorage) rearmLowSpaceLocked() {
+	if ds.lowSpace && ds.freeLocked() > ds.lowWater {
+		ds.lowSpace = false
+	}
+}
+
+// growLocked plans the next growth step of the file and starts fallocate
+// in the background. As in blksnap v7 the new space can be handed out at
+// once: a region is only written after it was handed out, and a write past
+// the end of a file extends it. ds.mu must be held.
+func (ds *DiffStorage) growLocked() {
+	g := ds.grow
+	step := min(ds.minimum, g.limit-g.block.count)
+	g.block.count += step
+	ds.blockSectors += step
+	ds.requested += step
+	if g.block.used == g.block.count-step {
+		// The block had been moved to the filled list; it has room again.
+		for i, b := range ds.filledBlocks {
+			if b == g.block {
+				ds.filledBlocks = append(ds.filledBlocks[:i], ds.filledBlocks[i+1:]...)
+				ds.emptyBlocks = append(ds.emptyBlocks, b)
+				break
+			}
+		}
+	}
+	if g.growing {
+		return // the running grower picks up the new size
+	}
+	g.growing = true
+	ds.growers.Add(1)
+	go ds.grower()
+}
+
+// grower runs fallocate until the file has its planned size.
+func (ds *DiffStorage) grower() {
+	defer ds.growers.Done()
+	ds.mu.Lock()
+	defer ds.mu.Unlock()
+	g := ds.grow
+	for g.allocated < g.block.count && !ds.closed {
+		size := g.block.count
+		ds.mu.Unlock()
+		err := g.dev.(Grower).Grow(size << SectorShift)
+		ds.mu.Lock()
+		if err != nil {
+			// Leave lowSpace set: no more growth is tried. Regions
+			// already handed out beyond capacity may fail to write, which
+			// corrupts the snapshot, not the original.
+			ds.log.Error("cannot grow difference storage", "dev", g.dev.Name(), "sectors", size, "err", err)
+			g.growing = false
+			return
+		}
+		ds.capacity += size - g.allocated
+		g.allocated = size
+		ds.log.Debug("difference storage grown", "dev", g.dev.Name(), "sectors", size)
+	}
+	g.growing = false
+	ds.rearmLowSpaceLocked()
+	ds.checkLowSpaceLocked()
+}
+
+// Close waits for a running fallocate and closes all backing devices; an
+// unnamed file disappears. Regions handed out become unusable.
+func (ds *DiffStorage) Close() error {
+	ds.mu.Lock()
+	if ds.closed {
+		ds.mu.Unlock()
+		return ErrClosed
+	}
+	ds.closed = true
+	ds.mu.Unlock()
+	ds.growers.Wait()
+	ds.mu.Lock()
+	defer ds.mu.Unlock()
+	var errs []error
+	for _, d := range ds.devs {
+		if err := d.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	ds.devs, ds.paths, ds.emptyBlocks, ds.filledBlocks = nil, nil, nil, nil
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("close difference storage: %w", err)
+	}
+	return nil
+}
