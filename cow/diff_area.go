@@ -1,0 +1,424 @@
+package cow
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/ublksnap/ublksnap/storage"
+)
+
+// Sentinel errors of the chunk engine.
+var (
+	// ErrWouldBlock is returned by a nowait call that would have to wait
+	// for a chunk or load one. It matches syscall.EAGAIN, so the ublk
+	// package treats it as its own would-block answer.
+	ErrWouldBlock = fmt.Errorf("cow: operation would block: %w", syscall.EAGAIN)
+	// ErrCorrupted is returned by every image I/O once the difference area
+	// is corrupted. It matches syscall.EIO.
+	ErrCorrupted = fmt.Errorf("cow: snapshot image corrupted: %w", syscall.EIO)
+	// ErrPending is returned by the asynchronous entry points when the
+	// completion callback will be called later, from another goroutine.
+	ErrPending = errors.New("cow: request pending")
+	// ErrClosed is returned by a DiffArea after Close.
+	ErrClosed = errors.New("cow: difference area closed")
+)
+
+// storeRetryDelay is how long the store worker pauses when every queued
+// chunk is locked by someone else.
+const storeRetryDelay = 50 * time.Microsecond
+
+// DiffArea is the difference area of one original device in one snapshot
+// (blksnap's struct diff_area): the chunk map, the store queue and the
+// buffer pool. See the package documentation for the model.
+type DiffArea struct {
+	orig        storage.Device       // the original device; immutable
+	name        string               // orig's name, for logs and events; immutable
+	diffStorage *storage.DiffStorage // the snapshot's difference storage; immutable
+	log         *slog.Logger         // immutable
+	params      Params               // copied at creation; immutable
+
+	size          int64  // capacity of the original in bytes; immutable
+	chunkShift    uint   // log2 of the chunk size in bytes; immutable
+	chunkCount    uint64 // chunks covering the device, the last maybe short; immutable
+	logicalBlksz  int    // logical block size of the original (and the image); immutable
+	physicalBlksz int    // physical block size of the original (and the image); immutable
+
+	// mapMu guards chunkMap, the sparse map of the chunks touched so far.
+	// Chunks are only added, never removed, until Close.
+	mapMu    sync.RWMutex
+	chunkMap map[uint64]*Chunk
+
+	// storeMu guards the store queue: the InMemory chunks waiting to be
+	// written to the difference storage, in the order they were loaded,
+	// and storeProcessing, set while the store worker runs.
+	storeMu         sync.Mutex
+	storeQueue      []*Chunk
+	storeProcessing bool
+
+	buffers *diffBufferPool // the chunk buffers, bounded
+
+	// corrupted is set once, by setCorrupted; errorCode is the errno that
+	// caused it, written before corrupted is set.
+	corrupted atomic.Bool
+	errorCode atomic.Int32
+
+	// ctx is cancelled by Close; stop is its Done channel. Waits for a
+	// chunk or a buffer end with errClosing when it is closed.
+	ctx    context.Context
+	cancel context.CancelFunc
+	stop   <-chan struct{}
+
+	// opsMu guards closed; ops counts the requests inside the area and
+	// worker the store worker, so that Close can wait for both.
+	opsMu  sync.Mutex
+	closed bool
+	ops    sync.WaitGroup
+	worker sync.WaitGroup
+}
+
+// NewDiffArea creates the difference area of orig in a snapshot whose
+// difference storage is ds. The chunk size is computed from orig's geometry
+// and params, which must be valid. log may be nil.
+func NewDiffArea(orig storage.Device, ds *storage.DiffStorage, params Params, log *slog.Logger) (*DiffArea, error) {
+	if err := params.Validate(); err != nil {
+		return nil, err
+	}
+	geo := orig.Geometry()
+	if geo.Size <= 0 || geo.LogicalBlockSize < storage.SectorSize || geo.Size%int64(geo.LogicalBlockSize) != 0 {
+		return nil, fmt.Errorf("difference area for %s: size %d is not a positive multiple of the %d-byte block: %w",
+			orig.Name(), geo.Size, geo.LogicalBlockSize, syscall.EINVAL)
+	}
+	shift, err := params.ChunkShift(geo)
+	if err != nil {
+		return nil, fmt.Errorf("difference area for %s: %w", orig.Name(), err)
+	}
+	if ds.Stats().Capacity == 0 {
+		return nil, fmt.Errorf("difference area for %s: the difference storage is empty: %w", orig.Name(), syscall.EFAULT)
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	chunkBytes := 1 << shift
+	ctx, cancel := context.WithCancel(context.Background())
+	da := &DiffArea{
+		orig:          orig,
+		name:          orig.Name(),
+		diffStorage:   ds,
+		log:           log.With("component", "diff-area", "dev", orig.Name()),
+		params:        params,
+		size:          geo.Size,
+		chunkShift:    shift,
+		chunkCount:    uint64(countByShift(geo.Size, shift)),
+		logicalBlksz:  geo.LogicalBlockSize,
+		physicalBlksz: geo.PhysicalBlockSize,
+		chunkMap:      make(map[uint64]*Chunk),
+		buffers: newDiffBufferPool(chunkBytes,
+			int(min(params.DiffBufferMemoryLimit/int64(chunkBytes), 1<<20)),
+			params.FreeDiffBufferPoolSize),
+		ctx:    ctx,
+		cancel: cancel,
+		stop:   ctx.Done(),
+	}
+	da.log.Debug("difference area created", "chunk_bytes", chunkBytes, "chunks", da.chunkCount)
+	return da, nil
+}
+
+// Name returns the original device's name.
+func (da *DiffArea) Name() string { return da.name }
+
+// Size returns the capacity of the original and of the image, in bytes.
+func (da *DiffArea) Size() int64 { return da.size }
+
+// ChunkSize returns the chunk size in bytes.
+func (da *DiffArea) ChunkSize() int64 { return 1 << da.chunkShift }
+
+// BlockSizes returns the logical and physical block sizes the image must
+// have: those of the original.
+func (da *DiffArea) BlockSizes() (logical, physical int) { return da.logicalBlksz, da.physicalBlksz }
+
+// Corrupted reports whether the area is corrupted, and the errno that
+// corrupted it.
+func (da *DiffArea) Corrupted() (bool, syscall.Errno) {
+	if !da.corrupted.Load() {
+		return false, 0
+	}
+	return true, syscall.Errno(da.errorCode.Load())
+}
+
+// Stats describes the memory use of a DiffArea.
+type Stats struct {
+	Chunks        int // chunks in the map
+	Queued        int // chunks waiting in the store queue
+	BuffersLive   int // chunk buffers allocated (in use and free)
+	BuffersPeak   int // highest BuffersLive so far
+	BuffersLimit  int // the bound on BuffersLive
+	ChunkSize     int64
+	ChunksInState [4]int // chunks per ChunkState (counted under each chunk's lock-free state)
+}
+
+// Stats returns current counts; it walks the chunk map.
+func (da *DiffArea) Stats() Stats {
+	var s Stats
+	da.mapMu.RLock()
+	s.Chunks = len(da.chunkMap)
+	for _, c := range da.chunkMap {
+		s.ChunksInState[c.State()]++
+	}
+	da.mapMu.RUnlock()
+	da.storeMu.Lock()
+	s.Queued = len(da.storeQueue)
+	da.storeMu.Unlock()
+	s.BuffersLive, s.BuffersPeak = da.buffers.stats()
+	s.BuffersLimit = da.buffers.limit
+	s.ChunkSize = da.ChunkSize()
+	return s
+}
+
+// enter registers a request; it fails once Close has started.
+func (da *DiffArea) enter() bool {
+	da.opsMu.Lock()
+	defer da.opsMu.Unlock()
+	if da.closed {
+		return false
+	}
+	da.ops.Add(1)
+	return true
+}
+
+// leave ends a request registered by enter.
+func (da *DiffArea) leave() { da.ops.Done() }
+
+// chunkSpan returns the numbers of the first and last chunks of n > 0
+// bytes at off.
+func (da *DiffArea) chunkSpan(off, n int64) (first, last uint64) {
+	return uint64(off >> da.chunkShift), uint64((off + n - 1) >> da.chunkShift)
+}
+
+// chunkSectors returns the sector count of chunk nr.
+func (da *DiffArea) chunkSectors(nr uint64) int64 {
+	start := int64(nr) << da.chunkShift
+	return min(int64(1)<<da.chunkShift, da.size-start) >> storage.SectorShift
+}
+
+// lookup returns chunk nr, or nil if it was never touched.
+func (da *DiffArea) lookup(nr uint64) *Chunk {
+	da.mapMu.RLock()
+	defer da.mapMu.RUnlock()
+	return da.chunkMap[nr]
+}
+
+// chunkGet returns chunk nr, adding a New chunk to the map if needed.
+func (da *DiffArea) chunkGet(nr uint64) *Chunk {
+	if c := da.lookup(nr); c != nil {
+		return c
+	}
+	da.mapMu.Lock()
+	defer da.mapMu.Unlock()
+	c := da.chunkMap[nr]
+	if c == nil {
+		c = newChunk(nr, da.chunkSectors(nr))
+		da.chunkMap[nr] = c
+	}
+	return c
+}
+
+// checkRange validates an I/O range against the device.
+func (da *DiffArea) checkRange(op string, off, n int64) error {
+	if off < 0 || n < 0 || off+n > da.size || off%storage.SectorSize != 0 || n%storage.SectorSize != 0 {
+		return fmt.Errorf("%s %s [%d+%d]: outside the %d-byte device or not sector-aligned: %w", op, da.name, off, n, da.size, syscall.EINVAL)
+	}
+	return nil
+}
+
+// loadChunk reads chunk c's data from the original into its buffer;
+// c.lock must be held and c.buf set.
+func (da *DiffArea) loadChunk(c *Chunk) error {
+	if _, err := da.orig.ReadAt(c.buf.data[:c.bytes()], int64(c.number)<<da.chunkShift); err != nil {
+		return fmt.Errorf("load chunk #%d of %s: %w", c.number, da.name, err)
+	}
+	return nil
+}
+
+// scheduleStoring puts a chunk that just became InMemory on the store
+// queue and kicks the store worker when more than chunk_maximum_in_queue
+// chunks wait or a writer starves for a buffer. c.lock must be held; the
+// caller releases it afterwards.
+func (da *DiffArea) scheduleStoring(c *Chunk) {
+	da.storeMu.Lock()
+	defer da.storeMu.Unlock()
+	if !c.queued {
+		c.queued = true
+		da.storeQueue = append(da.storeQueue, c)
+	}
+	da.kickLocked()
+}
+
+// kick starts the store worker if there is work for it.
+func (da *DiffArea) kick() {
+	da.storeMu.Lock()
+	defer da.storeMu.Unlock()
+	da.kickLocked()
+}
+
+// kickLocked is kick; da.storeMu must be held.
+func (da *DiffArea) kickLocked() {
+	if da.storeProcessing || !da.storeNeededLocked() {
+		return
+	}
+	da.storeProcessing = true
+	da.worker.Add(1)
+	go da.storeWorker()
+}
+
+// storeNeededLocked reports whether the store worker should run: queued
+// chunks beyond the limit, a writer starving for a buffer, or a corrupted
+// area whose queued buffers should be freed. da.storeMu must be held.
+func (da *DiffArea) storeNeededLocked() bool {
+	n := len(da.storeQueue)
+	if n == 0 || da.ctx.Err() != nil {
+		return false
+	}
+	return n > da.params.ChunkMaximumInQueue || da.corrupted.Load() || da.buffers.starving()
+}
+
+// storeWorker stores queued chunks while storeNeededLocked holds (blksnap's
+// store_queue_work).
+func (da *DiffArea) storeWorker() {
+	defer da.worker.Done()
+	for {
+		da.storeMu.Lock()
+		if !da.storeNeededLocked() {
+			da.storeProcessing = false
+			da.storeMu.Unlock()
+			return
+		}
+		c := da.storeTakeLocked()
+		da.storeMu.Unlock()
+		if c == nil {
+			// Every queued chunk is busy for a moment (an image request
+			// or a state check holds it); try again shortly.
+			time.Sleep(storeRetryDelay)
+			continue
+		}
+		da.storeChunk(c)
+	}
+}
+
+// storeTakeLocked removes and returns the first queued chunk whose lock it
+// can take, skipping busy ones, or nil. da.storeMu must be held.
+func (da *DiffArea) storeTakeLocked() *Chunk {
+	for i, c := range da.storeQueue {
+		if c.lock.tryAcquire() {
+			copy(da.storeQueue[i:], da.storeQueue[i+1:])
+			da.storeQueue[len(da.storeQueue)-1] = nil
+			da.storeQueue = da.storeQueue[:len(da.storeQueue)-1]
+			c.queued = false
+			return c
+		}
+	}
+	return nil
+}
+
+// storeChunk writes an InMemory chunk to its region, allocating the region
+// on the first store, and releases c.lock (taken by storeTakeLocked).
+func (da *DiffArea) storeChunk(c *Chunk) {
+	if c.State() != ChunkInMemory {
+		// Only loaded chunks are queued, and only the worker takes them
+		// out of the queue.
+		da.log.Warn("queued chunk is not in memory", "chunk", c.number, "state", c.State())
+		c.lock.release()
+		return
+	}
+	if da.corrupted.Load() {
+		da.failChunk(c)
+		return
+	}
+	if c.region == nil {
+		r, err := da.diffStorage.Alloc(int64(1)<<(da.chunkShift-storage.SectorShift), da.logicalBlksz)
+		if err != nil {
+			da.setCorrupted(fmt.Errorf("allocate region for chunk #%d: %w", c.number, err))
+			da.failChunk(c)
+			return
+		}
+		c.region = r
+	}
+	if err := c.region.WriteAt(c.buf.data[:c.bytes()], 0); err != nil {
+		da.setCorrupted(fmt.Errorf("store chunk #%d: %w", c.number, err))
+		da.failChunk(c)
+		return
+	}
+	c.setState(ChunkInMemory, ChunkStored)
+	da.buffers.release(c.buf)
+	c.buf = nil
+	c.lock.release()
+}
+
+// failChunk marks a chunk Failed, frees its buffer and releases c.lock.
+func (da *DiffArea) failChunk(c *Chunk) {
+	c.state.Store(uint32(ChunkFailed)) // any state may fail
+	if c.buf != nil {
+		da.buffers.release(c.buf)
+		c.buf = nil
+	}
+	c.lock.release()
+}
+
+// setCorrupted marks the area corrupted, once: it records the errno of err
+// (EIO if it carries none), posts one corrupted event and stops COW for the
+// device. Later calls do nothing.
+func (da *DiffArea) setCorrupted(err error) {
+	errno := syscall.EIO
+	var e syscall.Errno
+	if errors.As(err, &e) && e != 0 {
+		errno = e
+	}
+	da.storeMu.Lock()
+	if da.corrupted.Load() {
+		da.storeMu.Unlock()
+		return
+	}
+	da.errorCode.Store(int32(errno))
+	da.corrupted.Store(true)
+	da.kickLocked() // drop the queued buffers
+	da.storeMu.Unlock()
+	da.log.Error("snapshot of the device is corrupted", "errno", int(errno), "err", err)
+	da.diffStorage.Events().Post(storage.Event{Code: storage.EventCorrupted, Device: da.name, Errno: errno})
+}
+
+// Close stops the area: it waits for the requests inside it (those blocked
+// on a chunk or a buffer give up without COW), stops the store worker and
+// frees the chunks. It does not close the original or the difference
+// storage. Queued chunks are not stored: the snapshot is going away.
+func (da *DiffArea) Close() error {
+	da.opsMu.Lock()
+	if da.closed {
+		da.opsMu.Unlock()
+		return ErrClosed
+	}
+	da.closed = true
+	da.opsMu.Unlock()
+	da.cancel()
+	da.ops.Wait()
+	da.worker.Wait()
+	da.storeMu.Lock()
+	clear(da.storeQueue)
+	da.storeQueue = nil
+	da.storeMu.Unlock()
+	da.mapMu.Lock()
+	for _, c := range da.chunkMap {
+		if c.buf != nil {
+			da.buffers.release(c.buf)
+			c.buf = nil
+		}
+	}
+	da.chunkMap = nil
+	da.mapMu.Unlock()
+	da.buffers.cleanup()
+	return nil
+}

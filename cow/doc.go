@@ -1,0 +1,90 @@
+// Package cow is the chunk engine of ublksnap: the copy-on-write of an
+// original device into the difference storage of a snapshot, and the I/O of
+// the snapshot image. It follows blksnap's diff_area, chunk and diff_buffer
+// and builds on package storage; it knows nothing of ublk.
+//
+// # Objects
+//
+//	Original   an original device; its data-changing requests go through COW
+//	DiffArea   one original device in one snapshot: chunk map, store queue,
+//	           buffer pool, corruption flag
+//	Chunk      2^chunkShift bytes of the original (the last may be short),
+//	           with a state and a binary semaphore
+//	DiffBuffer the in-memory copy of one chunk
+//
+// The chunk size is computed at creation from the device's capacity and
+// minimum I/O size and the Params (blksnap's chunk_minimum_shift,
+// chunk_maximum_count_shift, chunk_maximum_shift). The chunk map is sparse:
+// a Chunk exists only once the chunk was first written on either side, so
+// memory grows with the chunks touched, not with the device.
+//
+// # Chunk states
+//
+//	New ──load──▶ InMemory ──store──▶ Stored        any ──failure──▶ Failed
+//
+// New: the snapshot's data is still on the original. InMemory: it is in a
+// DiffBuffer and the chunk waits in the store queue. Stored: it is in a
+// region of the difference storage. Failed: it is lost and the area is
+// corrupted. A chunk never returns to New; that is what lets readers look at
+// the state without the lock.
+//
+// # Locks and who releases what
+//
+//   - Chunk.lock, a binary semaphore (not a mutex: no owner). A writer takes
+//     it for each New chunk it touches, in ascending order, keeps it while
+//     the chunk is loaded, and releases it after queueing the chunk. The
+//     store worker takes it with tryAcquire (busy chunks are skipped) and
+//     releases it after the store. Image requests take it around each
+//     chunk's copy. It guards Chunk.buf, Chunk.region and every state
+//     change.
+//   - DiffArea.mapMu guards the chunk map (chunks are only added).
+//   - DiffArea.storeMu guards the store queue and the worker flag.
+//   - diffBufferPool.mu guards the buffer pool. Order: storeMu before
+//     pool.mu; no lock is held during I/O except chunk locks.
+//
+// # Copy on write
+//
+// Original.Write (and Discard, WriteZeroes) calls DiffArea.cow before
+// touching the original: every New chunk of the range is locked, gets a
+// buffer, is read whole from the original, becomes InMemory, is queued and
+// is released; only then, with all its chunks loaded, does the request
+// reach the original. The write waits for the read of the old data, never
+// for the store. Chunks already InMemory, Stored or Failed do not delay it.
+//
+// With nowait (the ublk queue goroutine), COW only looks: if a chunk of the
+// range is New it answers ErrWouldBlock (syscall.EAGAIN) having changed
+// nothing, and the request is retried where blocking is allowed.
+// Original.WriteAsync packages both: it writes at once when it can and
+// otherwise returns ErrPending and finishes on a goroutine.
+//
+// # Store queue and memory bound
+//
+// Loaded chunks wait in the store queue. The store worker runs when more
+// than chunk_maximum_in_queue chunks wait, when a writer starves for a
+// buffer, or when the area is corrupted (to free the buffers); it allocates
+// a region on a chunk's first store, writes the buffer there, marks the
+// chunk Stored and returns the buffer to the pool. The pool keeps up to
+// free_diff_buffer_pool_size free buffers and never lets more than
+// DiffBufferMemoryLimit bytes of buffers live: a writer that needs one more
+// waits. Writers never wait for a buffer or a chunk while holding buffers of
+// chunks they have not loaded yet (they load and queue those first), so the
+// bound cannot deadlock.
+//
+// # Snapshot image
+//
+// ReadImage: New (or untouched) chunk → the original, InMemory → the
+// buffer, Stored → the difference storage, Failed → ErrCorrupted. WriteImage
+// never reaches the original: a New chunk is loaded and changed in memory
+// and queued, an InMemory chunk is changed in memory, a Stored chunk is
+// written in its region.
+//
+// # Corruption
+//
+// Any failure of the COW machinery (no space, an error reading the original
+// or reading or writing the difference storage) marks the area corrupted
+// once: the errno is recorded, one storage.EventCorrupted is posted on the
+// snapshot's event queue, COW stops for the device, queued chunks fail and
+// every later image request fails with ErrCorrupted (syscall.EIO). The
+// request on the original that hit the failure proceeds unharmed; the
+// original is never failed or delayed by snapshot trouble beyond the load.
+package cow

@@ -1,0 +1,159 @@
+package cow
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/ublksnap/ublksnap/storage"
+)
+
+// writeOp is a request that changes data on the original.
+type writeOp uint8
+
+const (
+	opWrite       writeOp = iota // write a buffer
+	opDiscard                    // discard a range
+	opWriteZeroes                // zero a range
+)
+
+func (op writeOp) String() string {
+	return [...]string{"write", "discard", "write zeroes"}[op]
+}
+
+// Original is an original device seen through the chunk engine: every
+// request that changes data (write, discard, write-zeroes) first lets the
+// current DiffArea copy the chunks it touches. It is the object a ublk
+// handler for the original device calls:
+//
+//	case ublk.OpWrite:
+//		err := orig.WriteAsync(req.Offset, req.Buf, req.Complete)
+//		if errors.Is(err, cow.ErrPending) {
+//			return ublk.ErrInProgress
+//		}
+//		return err
+//
+// or, for a handler that prefers the package's blocking workers,
+// orig.Write(ctx, req.Offset, req.Buf, req.NoWait()), whose ErrWouldBlock
+// matches syscall.EAGAIN and so is ublk's would-block answer.
+//
+// Original never fails a request because of snapshot trouble: a failure of
+// the COW machinery corrupts the snapshot and the request proceeds.
+type Original struct {
+	dev  storage.Device           // the device; immutable
+	area atomic.Pointer[DiffArea] // the snapshot's difference area, or nil
+}
+
+// NewOriginal returns dev without a snapshot.
+func NewOriginal(dev storage.Device) *Original { return &Original{dev: dev} }
+
+// Device returns the underlying device.
+func (o *Original) Device() storage.Device { return o.dev }
+
+// DiffArea returns the current difference area, or nil.
+func (o *Original) DiffArea() *DiffArea { return o.area.Load() }
+
+// SetDiffArea installs da (nil: none) and returns the previous one, which
+// the caller closes. It must be called while no data-changing request is in
+// flight (the daemon pauses the device to take a snapshot): a request that
+// already passed COW without an area would change the original unseen.
+func (o *Original) SetDiffArea(da *DiffArea) *DiffArea { return o.area.Swap(da) }
+
+// Read reads len(p) bytes at off; reads of the original never involve the
+// snapshot.
+func (o *Original) Read(p []byte, off int64) error {
+	if _, err := o.dev.ReadAt(p, off); err != nil {
+		return fmt.Errorf("read %s at %d: %w", o.dev.Name(), off, err)
+	}
+	return nil
+}
+
+// Flush flushes the device.
+func (o *Original) Flush() error { return storage.Flush(o.dev) }
+
+// Write writes p at off after the copy-on-write of the chunks it touches.
+// With nowait set it never blocks on the snapshot: it answers ErrWouldBlock,
+// having changed nothing, when a chunk would need loading, and the caller
+// retries with nowait false from a goroutine that may block. Write fails
+// with ctx.Err() without writing when ctx ends while it waits.
+func (o *Original) Write(ctx context.Context, off int64, p []byte, nowait bool) error {
+	return o.submit(ctx, opWrite, off, int64(len(p)), p, nowait)
+}
+
+// Discard discards n bytes at off, like Write: the chunks are copied first.
+func (o *Original) Discard(ctx context.Context, off, n int64, nowait bool) error {
+	return o.submit(ctx, opDiscard, off, n, nil, nowait)
+}
+
+// WriteZeroes zeroes n bytes at off, like Write.
+func (o *Original) WriteZeroes(ctx context.Context, off, n int64, nowait bool) error {
+	return o.submit(ctx, opWriteZeroes, off, n, nil, nowait)
+}
+
+// WriteAsync is Write for a caller that must not block, such as the ublk
+// queue goroutine. When no chunk needs loading it writes at once and
+// returns the result (nil or an error), and done is not called. Otherwise
+// it returns ErrPending at once and a new goroutine does the COW (loading
+// the chunks, postponing the write until all are in memory) and the write,
+// then calls done with the result. p must stay valid until then.
+func (o *Original) WriteAsync(off int64, p []byte, done func(error)) error {
+	return o.async(opWrite, off, int64(len(p)), p, done)
+}
+
+// DiscardAsync is Discard in the manner of WriteAsync.
+func (o *Original) DiscardAsync(off, n int64, done func(error)) error {
+	return o.async(opDiscard, off, n, nil, done)
+}
+
+// WriteZeroesAsync is WriteZeroes in the manner of WriteAsync.
+func (o *Original) WriteZeroesAsync(off, n int64, done func(error)) error {
+	return o.async(opWriteZeroes, off, n, nil, done)
+}
+
+// async tries the request without blocking and hands it to a goroutine if
+// that would block.
+func (o *Original) async(op writeOp, off, n int64, p []byte, done func(error)) error {
+	err := o.submit(context.Background(), op, off, n, p, true)
+	if !errors.Is(err, ErrWouldBlock) {
+		return err
+	}
+	go func() { done(o.submit(context.Background(), op, off, n, p, false)) }()
+	return ErrPending
+}
+
+// submit does the COW for a data-changing request and then the request.
+// The request stays registered with the area until it is done, so that
+// closing the area waits for it.
+func (o *Original) submit(ctx context.Context, op writeOp, off, n int64, p []byte, nowait bool) error {
+	size := o.dev.Geometry().Size
+	if off < 0 || n < 0 || off+n > size {
+		return fmt.Errorf("%v %s [%d+%d]: beyond the %d-byte device: %w", op, o.dev.Name(), off, n, size, syscall.EINVAL)
+	}
+	if da := o.area.Load(); da != nil && da.enter() {
+		defer da.leave()
+		var err error
+		if nowait {
+			err = da.cowNoWait(off, n)
+		} else {
+			err = da.cow(ctx, off, n)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	var err error
+	switch op {
+	case opWrite:
+		_, err = o.dev.WriteAt(p, off)
+	case opDiscard:
+		err = storage.Discard(o.dev, off, n)
+	case opWriteZeroes:
+		err = storage.WriteZeroes(o.dev, off, n)
+	}
+	if err != nil {
+		return fmt.Errorf("%v %s [%d+%d]: %w", op, o.dev.Name(), off, n, err)
+	}
+	return nil
+}
