@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/ublksnap/ublksnap/storage"
 )
@@ -101,5 +102,18 @@ func (l *rangeLocks) lock(off, n int64) {
 func (l *rangeLocks) unlock(off, n int64) {
 	for i := off / l.stripe; i <= (off+n-1)/l.stripe; i++ {
 		l.mu[i].Unlock()
+	}
+}
+
+// waitStoreIdle waits until the store worker is not running.
+func waitStoreIdle(da *DiffArea) {
+	for {
+		da.storeMu.Lock()
+		busy := da.storeProcessing
+		da.storeMu.Unlock()
+		if !busy {
+			return
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
