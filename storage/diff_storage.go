@@ -363,26 +363,31 @@ func (ds *DiffStorage) Alloc(count int64, logicalBlockSize int) (*DiffRegion, er
 func (ds *DiffStorage) freeLocked() int64 { return ds.blockSectors - ds.filled }
 
 // checkLowSpaceLocked reacts to the free space dropping to the low-water
-// mark, once per crossing: storage made of ranges asks for more with a
-// low_free_space event; a growable file starts growing, or posts no_space
-// when it reached its limit. ds.mu must be held.
+// mark. A growable file below its limit plans its next growth step at once
+// (so allocation never waits for fallocate). Otherwise the crossing is
+// reported once: storage made of ranges asks for more with a
+// low_free_space event, a file at its limit posts no_space. ds.mu must be
+// held.
 func (ds *DiffStorage) checkLowSpaceLocked() {
 	if ds.lowSpace || ds.freeLocked() > ds.lowWater {
 		return
 	}
-	ds.lowSpace = true
 	g := ds.grow
-	switch {
-	case g == nil:
+	if g != nil && g.block.count < g.limit {
+		ds.growLocked()
+		if ds.freeLocked() > ds.lowWater {
+			return
+		}
+	}
+	ds.lowSpace = true
+	if g == nil {
 		ds.requested += ds.minimum
 		ds.log.Info("low free space", "free", ds.freeLocked(), "requested", ds.requested)
 		ds.events.Post(Event{Code: EventLowFreeSpace, RequestedSectors: ds.minimum})
-	case g.block.count >= g.limit:
-		ds.log.Warn("difference storage reached its limit", "limit", g.limit)
-		ds.events.Post(Event{Code: EventNoSpace, RequestedSectors: g.limit})
-	default:
-		ds.growLocked()
+		return
 	}
+	ds.log.Warn("difference storage reached its limit", "limit", g.limit)
+	ds.events.Post(Event{Code: EventNoSpace, RequestedSectors: g.limit})
 }
 
 // rearmLowSpaceLocked clears the low-space flag once free space is above
@@ -434,9 +439,9 @@ func (ds *DiffStorage) grower() {
 		err := g.dev.(Grower).Grow(size << SectorShift)
 		ds.mu.Lock()
 		if err != nil {
-			// Leave lowSpace set: no more growth is tried. Regions
-			// already handed out beyond capacity may fail to write, which
-			// corrupts the snapshot, not the original.
+			// Regions already handed out beyond the allocated size may
+			// fail to write, which corrupts the snapshot, not the
+			// original. The next growth step tries again.
 			ds.log.Error("cannot grow difference storage", "dev", g.dev.Name(), "sectors", size, "err", err)
 			g.growing = false
 			return
@@ -446,8 +451,6 @@ func (ds *DiffStorage) grower() {
 		ds.log.Debug("difference storage grown", "dev", g.dev.Name(), "sectors", size)
 	}
 	g.growing = false
-	ds.rearmLowSpaceLocked()
-	ds.checkLowSpaceLocked()
 }
 
 // Close waits for a running fallocate and closes all backing devices; an
