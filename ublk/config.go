@@ -35,6 +35,10 @@ type Config struct {
 	// [4096, MaxIOSizeMax]. Each queue reserves Depth × MaxIOSize bytes of
 	// address space for buffers (touched on use only).
 	MaxIOSize int
+	// PinQueues pins each queue thread to the CPUs that blk-mq maps to its
+	// queue (GET_QUEUE_AFFINITY), as ublksrv does: requests are then served
+	// on the CPU that submitted them, without cross-CPU wakeups.
+	PinQueues bool
 	// ReadOnly makes the block device read-only.
 	ReadOnly bool
 	// Rotational marks the device as a rotating disk.
@@ -55,7 +59,8 @@ type Config struct {
 
 // DefaultConfig returns a complete Config for a device of size bytes:
 // 512-byte logical and 4 KiB physical blocks, min(NumCPU, 4) queues of depth
-// 128, 512 KiB requests, a volatile cache with FUA, no discard.
+// 128 pinned to their CPUs, 1 MiB requests, a volatile cache with FUA, no
+// discard.
 func DefaultConfig(size int64) Config {
 	return Config{
 		Size:              size,
@@ -63,7 +68,8 @@ func DefaultConfig(size int64) Config {
 		PhysicalBlockSize: 4096,
 		Queues:            min(runtime.NumCPU(), 4),
 		Depth:             128,
-		MaxIOSize:         512 << 10,
+		MaxIOSize:         1 << 20,
+		PinQueues:         true,
 		VolatileCache:     true,
 		FUA:               true,
 	}

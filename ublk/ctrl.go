@@ -106,7 +106,7 @@ func (e *ctrlError) Error() string {
 func (e *ctrlError) Unwrap() error { return e.Err }
 
 var cmdNames = map[uint32]string{
-	cmdGetDevInfo: "GET_DEV_INFO", cmdAddDev: "ADD_DEV", cmdDelDev: "DEL_DEV",
+	cmdGetQueueAff: "GET_QUEUE_AFFINITY", cmdGetDevInfo: "GET_DEV_INFO", cmdAddDev: "ADD_DEV", cmdDelDev: "DEL_DEV",
 	cmdStartDev: "START_DEV", cmdStopDev: "STOP_DEV", cmdSetParams: "SET_PARAMS",
 	cmdGetParams: "GET_PARAMS", cmdGetFeatures: "GET_FEATURES", cmdDelDevAsync: "DEL_DEV_ASYNC",
 }
@@ -236,6 +236,20 @@ func (c *Ctrl) Params(devID uint32) (params, error) {
 		return params{}, err
 	}
 	return *(*params)(unsafe.Pointer(&p[0])), nil
+}
+
+// QueueAffinity returns the CPUs blk-mq maps to queue qid of devID.
+func (c *Ctrl) QueueAffinity(devID uint32, qid int) (unix.CPUSet, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var set unix.CPUSet
+	p := c.buf[:unsafe.Sizeof(set)]
+	clear(p)
+	if _, err := c.issue(c.ring, cmdGetQueueAff, c.encoded, ctrlCmd{DevID: devID, QueueID: noQueueID, Data: uint64(qid)}, p, nil); err != nil {
+		return set, err
+	}
+	set = *(*unix.CPUSet)(unsafe.Pointer(&p[0]))
+	return set, nil
 }
 
 // StartDev sends START_DEV on a ring of its own, because the kernel holds it

@@ -121,6 +121,15 @@ func (d *Device) setup(ctx context.Context) error {
 	ready := make(chan error, info.NrHwQueues)
 	for i := 0; i < int(info.NrHwQueues); i++ {
 		q := newQueue(i, d.cfg.Depth, maxIO, d.cdev, encoded, d.h, d.log)
+		if d.cfg.PinQueues {
+			set, err := d.ctrl.QueueAffinity(d.id, i)
+			if err != nil {
+				return err
+			}
+			if set.Count() > 0 {
+				q.cpus = &set
+			}
+		}
 		d.queues = append(d.queues, q)
 	}
 	return d.startQueues(ctx, ready)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/debug"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -18,30 +19,46 @@ import (
 //
 // By default it serves every request synchronously on the queue thread,
 // which is the fastest choice for backing files whose data is in memory
-// (tmpfs, page cache). With Offload set, NoWait requests that may block go
-// to the queue's blocking workers; reads are first tried with RWF_NOWAIT.
+// (tmpfs, page cache). With FileOptions.Offload, NoWait requests that may
+// block go to the queue's blocking workers; reads are first tried with
+// RWF_NOWAIT. With FileOptions.Mmap, reads and writes of a regular file copy
+// through a shared mapping of the file instead of pread/pwrite.
 //
 // A FileBackend is safe for concurrent use.
 type FileBackend struct {
-	f        *os.File // backing file; closed by Close
-	fd       int      // f's descriptor; immutable
-	size     int64    // bytes; immutable
-	blockDev bool     // f is a block device; immutable
-	// Offload sends NoWait requests that may block to blocking workers.
-	// Set it before the device starts.
+	f        *os.File    // backing file; closed by Close
+	fd       int         // f's descriptor; immutable
+	size     int64       // bytes; immutable
+	blockDev bool        // f is a block device; immutable
+	opts     FileOptions // immutable
+	mapped   []byte      // MAP_SHARED view of the file with FileOptions.Mmap; immutable
+}
+
+// FileOptions tune a FileBackend.
+type FileOptions struct {
+	// Offload sends NoWait requests that may block to the blocking workers
+	// instead of serving them on the queue thread.
 	Offload bool
+	// Mmap copies read and write data through a shared mapping of a regular
+	// backing file instead of pread/pwrite: no system call per request and a
+	// plain memory copy instead of copy_to/from_user. A page fault on the
+	// mapping (an I/O error under it, or a file truncated behind the
+	// backend's back) fails the request with EIO instead of crashing. The
+	// first touch of each page may block in a page fault, so it fits files
+	// whose data is in memory (tmpfs) or with Offload.
+	Mmap bool
 }
 
 var _ Handler = (*FileBackend)(nil)
 
 // OpenFileBackend opens path (a regular file or a block device) for reading
 // and writing.
-func OpenFileBackend(path string) (*FileBackend, error) {
+func OpenFileBackend(path string, opts FileOptions) (*FileBackend, error) {
 	f, err := os.OpenFile(path, os.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("ublk: backing file: %w", err)
 	}
-	b, err := NewFileBackend(f)
+	b, err := NewFileBackend(f, opts)
 	if err != nil {
 		f.Close()
 		return nil, err
@@ -49,13 +66,14 @@ func OpenFileBackend(path string) (*FileBackend, error) {
 	return b, nil
 }
 
-// NewFileBackend wraps an open file; the backend owns f from then on.
-func NewFileBackend(f *os.File) (*FileBackend, error) {
+// NewFileBackend wraps an open file; the backend owns f from then on (Close
+// closes it).
+func NewFileBackend(f *os.File, opts FileOptions) (*FileBackend, error) {
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 		return nil, fmt.Errorf("ublk: stat %s: %w", f.Name(), err)
 	}
-	b := &FileBackend{f: f, fd: int(f.Fd())}
+	b := &FileBackend{f: f, fd: int(f.Fd()), opts: opts}
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFREG:
 		b.size = st.Size
@@ -68,6 +86,16 @@ func NewFileBackend(f *os.File) (*FileBackend, error) {
 		b.size = n
 	default:
 		return nil, fmt.Errorf("ublk: %s is neither a regular file nor a block device", f.Name())
+	}
+	if opts.Mmap {
+		if b.blockDev || b.size == 0 {
+			return nil, fmt.Errorf("ublk: %s: Mmap needs a non-empty regular file", f.Name())
+		}
+		m, err := unix.Mmap(b.fd, 0, int(b.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+		if err != nil {
+			return nil, fmt.Errorf("ublk: mmap %s: %w", f.Name(), err)
+		}
+		b.mapped = m
 	}
 	return b, nil
 }
@@ -83,18 +111,37 @@ func (b *FileBackend) Config() Config {
 	return c
 }
 
-// Close closes the backing file.
-func (b *FileBackend) Close() error { return b.f.Close() }
+// Close unmaps and closes the backing file. The device must be closed first.
+func (b *FileBackend) Close() error {
+	var err error
+	if b.mapped != nil {
+		err = unix.Munmap(b.mapped)
+		b.mapped = nil
+	}
+	return errors.Join(err, b.f.Close())
+}
 
 // Handle serves one request; see the type comment.
 func (b *FileBackend) Handle(req *Request) error {
-	if req.NoWait() && b.Offload {
+	if req.NoWait() && b.opts.Offload {
 		if req.Op != OpRead {
 			return ErrWouldBlock
 		}
 		n, err := unix.Preadv2(b.fd, [][]byte{req.Buf}, req.Offset, unix.RWF_NOWAIT)
 		if err != nil || n != len(req.Buf) {
 			return ErrWouldBlock
+		}
+		return nil
+	}
+	switch {
+	case req.Op == OpRead && b.mapped != nil:
+		return b.copyMapped(req.Buf, req.Offset, false)
+	case req.Op == OpWrite && b.mapped != nil:
+		if err := b.copyMapped(req.Buf, req.Offset, true); err != nil {
+			return err
+		}
+		if req.Flags&FlagFUA != 0 {
+			return b.syncMapped(req.Offset, len(req.Buf))
 		}
 		return nil
 	}
@@ -111,6 +158,36 @@ func (b *FileBackend) Handle(req *Request) error {
 		return b.writeZeroes(req.Offset, int64(req.Length), req.Flags&FlagNoUnmap != 0)
 	}
 	return unix.EOPNOTSUPP
+}
+
+// copyMapped copies between buf and the mapping at off, turning a fault on
+// the mapping into EIO.
+func (b *FileBackend) copyMapped(buf []byte, off int64, toFile bool) (err error) {
+	if off < 0 || off+int64(len(buf)) > int64(len(b.mapped)) {
+		return fmt.Errorf("ublk: %d bytes at %d beyond the mapped %d bytes: %w", len(buf), off, len(b.mapped), unix.EIO)
+	}
+	old := debug.SetPanicOnFault(true)
+	defer func() {
+		debug.SetPanicOnFault(old)
+		if r := recover(); r != nil {
+			err = fmt.Errorf("ublk: fault on the backing file mapping at %d: %v: %w", off, r, unix.EIO)
+		}
+	}()
+	if toFile {
+		copy(b.mapped[off:], buf)
+	} else {
+		copy(buf, b.mapped[off:])
+	}
+	return nil
+}
+
+// syncMapped makes a mapped range durable (FUA).
+func (b *FileBackend) syncMapped(off int64, n int) error {
+	start := off &^ (pageSize - 1)
+	if err := unix.Msync(b.mapped[start:off+int64(n)], unix.MS_SYNC); err != nil {
+		return fmt.Errorf("ublk: msync %d bytes at %d: %w", n, off, err)
+	}
+	return nil
 }
 
 // read fills buf from off; bytes past the end of the file read as zeros.

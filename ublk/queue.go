@@ -49,6 +49,7 @@ type queue struct {
 	h       Handler      // immutable
 	log     *slog.Logger // immutable
 	nworker int          // blocking workers for ErrWouldBlock requests; immutable
+	cpus    *unix.CPUSet // CPUs to pin the queue thread to, nil: no pinning; immutable
 
 	// Owned by the queue goroutine.
 	ring    queueRing
@@ -106,6 +107,12 @@ func (q *queue) run(ready chan<- error) {
 	// Best effort: allocations on this thread must not recurse into our own
 	// device through reclaim (PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE).
 	_ = unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0)
+	if q.cpus != nil {
+		// Only this locked thread is affected, and it never runs another goroutine.
+		if err := unix.SchedSetaffinity(0, q.cpus); err != nil {
+			q.log.Warn("ublk: cannot pin the queue thread", "cpus", q.cpus.Count(), "err", err)
+		}
+	}
 	if err := q.openKernel(); err != nil {
 		q.release()
 		ready <- err

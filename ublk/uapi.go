@@ -21,6 +21,7 @@ const (
 
 // Control command numbers (_IOC_NR); the legacy opcode is the bare number.
 const (
+	cmdGetQueueAff = 0x01
 	cmdGetDevInfo  = 0x02
 	cmdAddDev      = 0x04
 	cmdDelDev      = 0x05
@@ -40,7 +41,7 @@ func ctrlOpcode(nr uint32, encoded bool) uint32 {
 	}
 	dir := uint32(iocRead | iocWrite)
 	switch nr {
-	case cmdGetDevInfo, cmdGetParams, cmdGetFeatures, cmdDelDevAsync:
+	case cmdGetQueueAff, cmdGetDevInfo, cmdGetParams, cmdGetFeatures, cmdDelDevAsync:
 		dir = iocRead
 	}
 	return ioc(dir, nr, ctrlCmdSize)

@@ -18,6 +18,7 @@ type devServeOptions struct {
 	depth   int    // 0: default
 	maxIO   int    // bytes, 0: default
 	offload bool   // run blocking backend work on worker goroutines
+	mmap    bool   // copy through a mapping of the backing file
 }
 
 // newDevCmd builds "ublksnap dev", the low-level device commands used until
@@ -63,17 +64,17 @@ EXIT STATUS
 	f.IntVar(&o.depth, "depth", 0, "queue depth (default 128)")
 	f.IntVar(&o.maxIO, "max-io", 0, "largest request in bytes (default 512 KiB)")
 	f.BoolVar(&o.offload, "offload", false, "serve requests that may block on worker goroutines")
+	f.BoolVar(&o.mmap, "mmap", false, "copy data through a shared mapping of the backing file (regular files)")
 	dev.AddCommand(serve)
 	return dev
 }
 
 func runDevServe(ctx context.Context, cmd *cobra.Command, o devServeOptions) error {
-	b, err := ublk.OpenFileBackend(o.backing)
+	b, err := ublk.OpenFileBackend(o.backing, ublk.FileOptions{Offload: o.offload, Mmap: o.mmap})
 	if err != nil {
 		return err
 	}
 	defer b.Close()
-	b.Offload = o.offload
 	cfg := b.Config()
 	if o.queues > 0 {
 		cfg.Queues = o.queues

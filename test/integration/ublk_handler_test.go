@@ -65,7 +65,7 @@ func (m mixedHandler) Handle(r *ublk.Request) error {
 
 func TestUblkAsyncHandler(t *testing.T) {
 	var h *asyncHandler
-	fioVerifyWith(t, func(b *ublk.FileBackend) ublk.Handler { h = &asyncHandler{inner: b}; return h })
+	fioVerifyWith(t, ublk.FileOptions{}, func(b *ublk.FileBackend) ublk.Handler { h = &asyncHandler{inner: b}; return h })
 	if h.taken.Load() == 0 {
 		t.Fatal("the async handler saw no request")
 	}
@@ -73,7 +73,7 @@ func TestUblkAsyncHandler(t *testing.T) {
 
 func TestUblkWouldBlockHandler(t *testing.T) {
 	var h *wouldBlockHandler
-	fioVerifyWith(t, func(b *ublk.FileBackend) ublk.Handler { h = &wouldBlockHandler{inner: b}; return h })
+	fioVerifyWith(t, ublk.FileOptions{}, func(b *ublk.FileBackend) ublk.Handler { h = &wouldBlockHandler{inner: b}; return h })
 	if h.refused.Load() == 0 || h.served.Load() != h.refused.Load() {
 		t.Fatalf("refused %d requests on the queue thread, served %d on workers; want equal and > 0",
 			h.refused.Load(), h.served.Load())
@@ -81,11 +81,16 @@ func TestUblkWouldBlockHandler(t *testing.T) {
 }
 
 func TestUblkMixedHandler(t *testing.T) {
-	fioVerifyWith(t, func(b *ublk.FileBackend) ublk.Handler { return mixedHandler{b} })
+	fioVerifyWith(t, ublk.FileOptions{}, func(b *ublk.FileBackend) ublk.Handler { return mixedHandler{b} })
 }
 
 // TestUblkOffloadBackend runs the FileBackend in offload mode (RWF_NOWAIT
 // reads on the queue thread, the rest on workers).
 func TestUblkOffloadBackend(t *testing.T) {
-	fioVerifyWith(t, func(b *ublk.FileBackend) ublk.Handler { b.Offload = true; return b })
+	fioVerifyWith(t, ublk.FileOptions{Offload: true}, nil)
+}
+
+// TestUblkMmapBackend runs the FileBackend copying through a file mapping.
+func TestUblkMmapBackend(t *testing.T) {
+	fioVerifyWith(t, ublk.FileOptions{Mmap: true}, nil)
 }

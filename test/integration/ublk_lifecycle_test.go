@@ -19,7 +19,7 @@ func TestUblkLifecycle(t *testing.T) {
 	requireNoUblkDevices(t, "before the test")
 	for _, queues := range []int{1, 2} {
 		t.Run(fmt.Sprintf("queues=%d", queues), func(t *testing.T) {
-			b, err := ublk.OpenFileBackend(tempFile(t, 16<<20))
+			b, err := ublk.OpenFileBackend(tempFile(t, 16<<20), ublk.FileOptions{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -51,7 +51,7 @@ func TestUblkLifecycle(t *testing.T) {
 
 // TestUblkContextCancel: cancelling New's context stops and deletes the device.
 func TestUblkContextCancel(t *testing.T) {
-	b, err := ublk.OpenFileBackend(tempFile(t, 16<<20))
+	b, err := ublk.OpenFileBackend(tempFile(t, 16<<20), ublk.FileOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,8 +18,14 @@ import (
 // device is closed at cleanup if the test has not closed it.
 func ublkDevice(t testing.TB, size int64, queues, depth int, wrap func(*ublk.FileBackend) ublk.Handler) (*ublk.Device, string, *ublk.FileBackend) {
 	t.Helper()
+	return ublkDeviceOpts(t, size, queues, depth, ublk.FileOptions{}, wrap)
+}
+
+// ublkDeviceOpts is ublkDevice with FileBackend options.
+func ublkDeviceOpts(t testing.TB, size int64, queues, depth int, opts ublk.FileOptions, wrap func(*ublk.FileBackend) ublk.Handler) (*ublk.Device, string, *ublk.FileBackend) {
+	t.Helper()
 	file := tempFile(t, size)
-	b, err := ublk.OpenFileBackend(file)
+	b, err := ublk.OpenFileBackend(file, opts)
 	if err != nil {
 		t.Fatalf("open backing file: %v", err)
 	}
