@@ -82,6 +82,8 @@ type growFile struct {
 	limit     int64         // sectors the file may never exceed
 	allocated int64         // sectors allocated with fallocate so far
 	growing   bool          // a fallocate is running
+
+	limitPosted bool // no_space was posted for reaching limit
 }
 
 // Options configure a DiffStorage.
@@ -364,10 +366,10 @@ func (ds *DiffStorage) freeLocked() int64 { return ds.blockSectors - ds.filled }
 
 // checkLowSpaceLocked reacts to the free space dropping to the low-water
 // mark. A growable file below its limit plans its next growth step at once
-// (so allocation never waits for fallocate). Otherwise the crossing is
-// reported once: storage made of ranges asks for more with a
-// low_free_space event, a file at its limit posts no_space. ds.mu must be
-// held.
+// (so allocation never waits for fallocate) and says nothing. Otherwise the
+// crossing is reported once with a low_free_space event asking for
+// diff_storage_minimum more sectors (to be given with Append); a file that
+// reached its limit also posts no_space, the first time. ds.mu must be held.
 func (ds *DiffStorage) checkLowSpaceLocked() {
 	if ds.lowSpace || ds.freeLocked() > ds.lowWater {
 		return
@@ -380,14 +382,14 @@ func (ds *DiffStorage) checkLowSpaceLocked() {
 		}
 	}
 	ds.lowSpace = true
-	if g == nil {
-		ds.requested += ds.minimum
-		ds.log.Info("low free space", "free", ds.freeLocked(), "requested", ds.requested)
-		ds.events.Post(Event{Code: EventLowFreeSpace, RequestedSectors: ds.minimum})
-		return
+	if g != nil && g.block.count >= g.limit && !g.limitPosted {
+		g.limitPosted = true
+		ds.log.Warn("difference storage file reached its limit", "limit", g.limit)
+		ds.events.Post(Event{Code: EventNoSpace, RequestedSectors: g.limit})
 	}
-	ds.log.Warn("difference storage reached its limit", "limit", g.limit)
-	ds.events.Post(Event{Code: EventNoSpace, RequestedSectors: g.limit})
+	ds.requested += ds.minimum
+	ds.log.Info("low free space", "free", ds.freeLocked(), "requested", ds.requested)
+	ds.events.Post(Event{Code: EventLowFreeSpace, RequestedSectors: ds.minimum})
 }
 
 // rearmLowSpaceLocked clears the low-space flag once free space is above

@@ -45,11 +45,12 @@
 // # Events
 //
 // Each DiffStorage has one EventQueue. It posts low_free_space when the free
-// remainder (capacity - filled) drops to half of the minimum (once per
-// crossing, and once at creation when the storage has no space), no_space
-// when a growable file has reached its limit, and package cow posts corrupted
-// when a device's difference area fails. Events are consumed by exactly one
-// waiter.
+// remainder (capacity - filled) drops to half of the minimum and the storage
+// cannot grow by itself (once per crossing, and once at creation when the
+// storage has no space): storage made of ranges, or a growable file that has
+// reached its limit, which also posts no_space the first time. A growable
+// file below its limit grows silently. Package cow posts corrupted when a
+// device's difference area fails. Events are consumed by exactly one waiter.
 //
 // # Overflow
 //
