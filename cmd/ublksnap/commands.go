@@ -30,7 +30,7 @@ func addCommands(root *cobra.Command) {
 	}
 	snap.AddCommand(snapshotCreateCmd(g), snapshotAddCmd(g), snapshotAppendStorageCmd(g), snapshotTakeCmd(g),
 		snapshotWaitEventCmd(g), snapshotWatchCmd(g), snapshotCollectCmd(g), snapshotInfoCmd(g), snapshotDestroyCmd(g))
-	root.AddCommand(attachCmd(g), detachCmd(g), snap, statusCmd(g))
+	root.AddCommand(attachCmd(g), detachCmd(g), snap, statusCmd(g), daemonCmd(g), newDevCmd())
 }
 
 func attachCmd(g *globalFlags) *cobra.Command {

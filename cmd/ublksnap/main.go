@@ -34,9 +34,12 @@ func usagef(format string, args ...any) error {
 // exitCode maps an error returned by a command to the process exit code.
 func exitCode(err error) int {
 	var u usageError
+	var silent silentExit
 	switch {
 	case err == nil:
 		return 0
+	case errors.As(err, &silent):
+		return int(silent)
 	case errors.As(err, &u):
 		return 2
 	default:
@@ -90,7 +93,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root := newRootCmd(stdout, stderr)
 	root.SetArgs(args)
 	err := root.ExecuteContext(ctx)
-	if err != nil {
+	var silent silentExit
+	if err != nil && !errors.As(err, &silent) {
 		fmt.Fprintf(stderr, "ublksnap: %v\n", err)
 	}
 	return exitCode(err)

@@ -1,0 +1,116 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
+	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/daemon"
+	"github.com/ublksnap/ublksnap/cow"
+)
+
+// silentExit ends the process with a code whose message was already
+// printed (by the re-executed daemon).
+type silentExit int
+
+func (e silentExit) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
+
+func daemonCmd(g *globalFlags) *cobra.Command {
+	var verbose bool
+	values := map[string]*int64{}
+	cmd := &cobra.Command{
+		Use:   "daemon [--socket PATH] [--PARAMETER VALUE ...]",
+		Short: "Run the daemon that owns the devices and snapshots (root)",
+		Long: "The daemon serves the CLI on a unix socket, in its own mount namespace.\n" +
+			"The parameters are blksnap's, with dashes for underscores; see cow.Params.",
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			params := cow.DefaultParams()
+			for name, v := range values {
+				if cmd.Flags().Changed(flagName(name)) {
+					if err := params.Set(name, *v); err != nil {
+						return usageError{err}
+					}
+				}
+			}
+			if err := params.Validate(); err != nil {
+				return usageError{err}
+			}
+			if os.Geteuid() != 0 {
+				return errors.New("the daemon needs root: it creates ublk devices")
+			}
+			ctx := cmd.Context()
+			if !daemon.InPrivateNamespace() {
+				code, err := daemon.ReexecInPrivateNamespace(ctx)
+				if err != nil {
+					return err
+				}
+				if code != 0 {
+					return silentExit(code)
+				}
+				return nil
+			}
+			level := slog.LevelInfo
+			if verbose {
+				level = slog.LevelDebug
+			}
+			log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
+			return serveDaemon(ctx, api.SocketPath(g.socket), params, log)
+		},
+	}
+	for _, name := range cow.ParamNames() {
+		values[name] = cmd.Flags().Int64(flagName(name), 0, "blksnap's "+name+" (default: blksnap's)")
+	}
+	cmd.Flags().BoolVarP(&verbose, "verbose", "v", false, "log debug messages")
+	return cmd
+}
+
+// flagName turns blksnap's chunk_minimum_shift into chunk-minimum-shift.
+func flagName(param string) string { return strings.ReplaceAll(param, "_", "-") }
+
+// serveDaemon runs the daemon until ctx ends, then stops the images, the
+// filtered devices and the server, in that order.
+func serveDaemon(ctx context.Context, socket string, params cow.Params, log *slog.Logger) error {
+	if err := daemon.HardenProcess(); err != nil {
+		log.Warn("running without full protection", "err", err)
+	}
+	l, err := daemon.Listen(socket)
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	mgr, err := daemon.NewManager(params, version, log)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{
+		Handler:     daemon.NewHandler(mgr, log),
+		BaseContext: func(net.Listener) context.Context { return ctx }, // SIGTERM ends waits
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	log.Info("daemon listening", "socket", socket, "pid", os.Getpid())
+	select {
+	case <-ctx.Done():
+	case err := <-served:
+		return fmt.Errorf("serve %s: %w", socket, err)
+	}
+	log.Info("stopping: images first, then filtered devices")
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	srv.Shutdown(sctx)
+	if err := mgr.Close(); err != nil {
+		return fmt.Errorf("stop: %w", err)
+	}
+	log.Info("daemon stopped")
+	return nil
+}

@@ -1,0 +1,82 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// namespaceEnv marks a daemon that already runs in its own mount namespace.
+const namespaceEnv = "UBLKSNAP_DAEMON_NAMESPACE"
+
+// InPrivateNamespace reports whether this process is the re-executed daemon
+// in its own mount namespace.
+func InPrivateNamespace() bool { return os.Getenv(namespaceEnv) == "1" }
+
+// ReexecInPrivateNamespace runs this program again with the same arguments
+// in a new mount namespace whose mounts do not propagate from the host, so
+// that the daemon never holds a mount of its own ublk devices (a mount of a
+// ublk device in the serving process's namespace deadlocks its exit). It
+// forwards SIGINT and SIGTERM to the child and returns the child's exit
+// code. Go's unshare(2) would move only one thread, hence the re-exec; the
+// runtime makes the new namespace's mounts private (MS_REC|MS_PRIVATE).
+func ReexecInPrivateNamespace(ctx context.Context) (int, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return 1, fmt.Errorf("find own executable: %w", err)
+	}
+	cmd := exec.Command(self, os.Args[1:]...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.Env = append(os.Environ(), namespaceEnv+"=1")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS, Pdeathsig: syscall.SIGTERM}
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	if err := cmd.Start(); err != nil {
+		return 1, fmt.Errorf("start daemon in a private mount namespace: %w", err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	for {
+		select {
+		case sig := <-sigs:
+			cmd.Process.Signal(sig)
+		case <-ctx.Done():
+			cmd.Process.Signal(syscall.SIGTERM)
+			ctx = context.Background()
+		case err := <-done:
+			var exit *exec.ExitError
+			if errors.As(err, &exit) {
+				return exit.ExitCode(), nil
+			}
+			if err != nil {
+				return 1, err
+			}
+			return 0, nil
+		}
+	}
+}
+
+// prSetIOFlusher is PR_SET_IO_FLUSHER (Linux 5.6).
+const prSetIOFlusher = 57
+
+// HardenProcess makes the daemon a poor OOM victim and marks it as an I/O
+// flusher, so that its memory allocations while serving writes do not
+// recurse into writeback of its own devices. Failures are returned for
+// logging; the daemon works without these, only less robustly.
+func HardenProcess() error {
+	var errs []error
+	if err := os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0); err != nil {
+		errs = append(errs, fmt.Errorf("oom_score_adj: %w", err))
+	}
+	if err := unix.Prctl(prSetIOFlusher, 1, 0, 0, 0); err != nil {
+		errs = append(errs, fmt.Errorf("PR_SET_IO_FLUSHER: %w", err))
+	}
+	return errors.Join(errs...)
+}
