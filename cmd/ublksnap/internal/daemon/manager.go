@@ -41,8 +41,8 @@ type Manager struct {
 
 // device is a filtered original device.
 type device struct {
-	name    string       // the user's name for it; immutable
-	backing string       // backing file or block device path; immutable
+	name    string        // the user's name for it; immutable
+	backing string        // backing file or block device path; immutable
 	file    *storage.File // the open backing device; immutable
 	orig    *cow.Original // COW engine entry of the device; immutable
 	gate    *gate         // admits its data-changing requests; immutable
