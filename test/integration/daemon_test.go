@@ -281,3 +281,25 @@ func TestSnapshotPointInTimeExt4(t *testing.T) {
 	run(t, "umount", dir)
 	run(t, "fsck.ext4", "-fn", dev)
 }
+
+// TestDaemonAPIWithCurl checks that the protocol is plain HTTP+JSON that
+// curl can speak on the socket, and that the socket is private.
+func TestDaemonAPIWithCurl(t *testing.T) {
+	d := startDaemon(t)
+	_, dev := d.attach(32 << 20)
+	out := run(t, "curl", "-sS", "--fail", "--unix-socket", d.socket, "http://ublksnap/v1/status")
+	var st struct {
+		Devices []struct{ Path string } `json:"devices"`
+	}
+	if err := json.Unmarshal([]byte(out), &st); err != nil || len(st.Devices) != 1 || st.Devices[0].Path != dev {
+		t.Fatalf("curl /v1/status: %v\n%s", err, out)
+	}
+	out, err := runErr("curl", "-sS", "--unix-socket", d.socket, "-X", "POST", "http://ublksnap/v1/snapshots/none/take")
+	if err != nil || !strings.Contains(out, `"code": "not_found"`) {
+		t.Fatalf("curl take of an unknown snapshot: %v\n%s", err, out)
+	}
+	fi, err := os.Stat(d.socket)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode %v, %v; want 0600", fi.Mode().Perm(), err)
+	}
+}
