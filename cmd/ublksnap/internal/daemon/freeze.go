@@ -18,12 +18,15 @@ const (
 	ioctlFITHAW   = 0xc0045878
 )
 
-// mountinfoSources are the mount tables searched for a device's mounts. The
-// daemon runs in a private mount namespace, so the user's mounts are found
-// in init's table and opened through init's root.
-var mountinfoSources = []struct{ table, root string }{
-	{"/proc/1/mountinfo", "/proc/1/root"},
-	{"/proc/self/mountinfo", ""},
+// mountTables lists the mount tables searched for a device's mounts, with
+// the root to open their mount points under. The daemon runs in a private
+// mount namespace, so the user's mounts are found in init's table and
+// opened through init's root.
+func mountTables() []struct{ table, root string } {
+	return []struct{ table, root string }{
+		{"/proc/1/mountinfo", "/proc/1/root"},
+		{"/proc/self/mountinfo", ""},
+	}
 }
 
 // mountPoints returns the mount points of the block device major:minor
@@ -72,7 +75,7 @@ type frozenFS struct {
 func freezeDevice(major, minor uint32) ([]frozenFS, error) {
 	var frozen []frozenFS
 	seen := map[string]bool{}
-	for _, src := range mountinfoSources {
+	for _, src := range mountTables() {
 		f, err := os.Open(src.table)
 		if err != nil {
 			continue

@@ -520,18 +520,25 @@ func (m *Manager) Destroy(_ context.Context, id string, force bool) error {
 		}
 	}
 	delete(m.snapshots, id)
+	err = s.destroy()
+	m.log.Info("snapshot destroyed", "id", id, "err", err)
+	return err
+}
+
+// destroy releases the members, closes the storage and removes a storage
+// file the daemon created. Manager.mu must be held.
+func (s *snapshot) destroy() error {
 	for _, mb := range s.members {
 		mb.dev.snap = nil
 	}
-	err = errors.Join(s.release(), s.storage.Close())
+	err := errors.Join(s.release(), s.storage.Close())
 	if s.createdFile != "" {
 		if rerr := os.Remove(s.createdFile); rerr != nil {
 			err = errors.Join(err, rerr)
 		}
 	}
-	m.log.Info("snapshot destroyed", "id", id, "err", err)
 	if err != nil {
-		return fmt.Errorf("destroy snapshot %s: %w", id, err)
+		return fmt.Errorf("destroy snapshot %s: %w", s.id, err)
 	}
 	return nil
 }
@@ -629,13 +636,7 @@ func (m *Manager) Close() error {
 	defer m.mu.Unlock()
 	var errs []error
 	for id, s := range m.snapshots {
-		for _, mb := range s.members {
-			mb.dev.snap = nil
-		}
-		errs = append(errs, s.release(), s.storage.Close())
-		if s.createdFile != "" {
-			os.Remove(s.createdFile)
-		}
+		errs = append(errs, s.destroy())
 		delete(m.snapshots, id)
 	}
 	for path, d := range m.devices {

@@ -63,19 +63,17 @@ func ReexecInPrivateNamespace(ctx context.Context) (int, error) {
 	}
 }
 
-// prSetIOFlusher is PR_SET_IO_FLUSHER (Linux 5.6).
-const prSetIOFlusher = 57
-
-// HardenProcess makes the daemon a poor OOM victim and marks it as an I/O
-// flusher, so that its memory allocations while serving writes do not
-// recurse into writeback of its own devices. Failures are returned for
-// logging; the daemon works without these, only less robustly.
+// HardenProcess makes the daemon a poor OOM victim and marks the calling
+// thread as an I/O flusher, so that its memory allocations do not recurse
+// into writeback of its own devices. PR_SET_IO_FLUSHER is per thread: the
+// ublk queue threads, which serve the I/O, set it on themselves. Failures
+// are returned for logging; the daemon works without these, less robustly.
 func HardenProcess() error {
 	var errs []error
 	if err := os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0); err != nil {
 		errs = append(errs, fmt.Errorf("oom_score_adj: %w", err))
 	}
-	if err := unix.Prctl(prSetIOFlusher, 1, 0, 0, 0); err != nil {
+	if err := unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0); err != nil {
 		errs = append(errs, fmt.Errorf("PR_SET_IO_FLUSHER: %w", err))
 	}
 	return errors.Join(errs...)
