@@ -33,9 +33,13 @@ type Device struct {
 	info devInfo      // what ADD_DEV negotiated; immutable
 	cdev int          // /dev/ublkcN fd, -1 until opened; closed by Close
 
-	queues  []*queue      // immutable after New
+	queues  []*queue      // running queue goroutines; set once before they start
 	started bool          // START_DEV succeeded; written before New returns
-	closing chan struct{} // closed when teardown begins (cancels a pending START_DEV)
+	closing chan struct{} // closed when teardown begins
+	// failed is closed (once, via failOnce) when a queue goroutine ends
+	// while the device is not closing: the device is then torn down.
+	failed   chan struct{}
+	failOnce sync.Once
 
 	closeOnce sync.Once
 	closeErr  error         // result of teardown; read after done is closed
@@ -65,14 +69,17 @@ func New(ctx context.Context, cfg Config, h Handler) (*Device, error) {
 		return nil, err
 	}
 	d := &Device{cfg: cfg, h: h, log: log, ctrl: ctrl, cdev: -1, id: anyDevID,
-		closing: make(chan struct{}), done: make(chan struct{})}
+		closing: make(chan struct{}), failed: make(chan struct{}), done: make(chan struct{})}
 	if err := d.setup(ctx); err != nil {
-		d.teardown()
+		d.closeOnce.Do(d.teardown)
 		return nil, err
 	}
 	go func() {
 		select {
 		case <-ctx.Done():
+			d.Close()
+		case <-d.failed:
+			d.log.Error("ublk: a queue stopped on its own; deleting the device")
 			d.Close()
 		case <-d.done:
 		}
@@ -118,7 +125,7 @@ func (d *Device) setup(ctx context.Context) error {
 
 	maxIO := int(info.MaxIOBufBytes)
 	encoded := info.Flags&featCmdIoctlEncode != 0
-	ready := make(chan error, info.NrHwQueues)
+	var qs []*queue
 	for i := 0; i < int(info.NrHwQueues); i++ {
 		q := newQueue(i, d.cfg.Depth, maxIO, d.cdev, encoded, d.h, d.log)
 		if d.cfg.PinQueues {
@@ -130,17 +137,27 @@ func (d *Device) setup(ctx context.Context) error {
 				q.cpus = &set
 			}
 		}
-		d.queues = append(d.queues, q)
+		qs = append(qs, q)
 	}
-	return d.startQueues(ctx, ready)
+	return d.startQueues(ctx, qs)
 }
 
 // startQueues starts the queue goroutines, waits for their FETCHes and then
 // sends START_DEV from this goroutine while the queues already serve the
 // partition scan.
-func (d *Device) startQueues(ctx context.Context, ready chan error) error {
-	for _, q := range d.queues {
+func (d *Device) startQueues(ctx context.Context, qs []*queue) error {
+	ready := make(chan error, len(qs))
+	d.queues = qs
+	for _, q := range qs {
 		go q.run(ready)
+		go func() {
+			<-q.exited
+			select {
+			case <-d.closing:
+			default:
+				d.failOnce.Do(func() { close(d.failed) })
+			}
+		}()
 	}
 	var errs []error
 	for range d.queues {
@@ -154,19 +171,6 @@ func (d *Device) startQueues(ctx context.Context, ready chan error) error {
 	cancel := make(chan struct{})
 	startErr := make(chan error, 1)
 	go func() { startErr <- d.ctrl.StartDev(d.id, cancel) }()
-	anyExit := make(chan struct{})
-	for _, q := range d.queues {
-		go func() {
-			select {
-			case <-q.exited:
-				select {
-				case anyExit <- struct{}{}:
-				default:
-				}
-			case <-d.done:
-			}
-		}()
-	}
 	var err error
 	select {
 	case err = <-startErr:
@@ -174,7 +178,7 @@ func (d *Device) startQueues(ctx context.Context, ready chan error) error {
 		close(cancel)
 		<-startErr
 		err = ctx.Err()
-	case <-anyExit:
+	case <-d.failed:
 		close(cancel)
 		<-startErr
 		err = errors.New("ublk: a queue stopped while the device was starting")
@@ -252,8 +256,10 @@ func (d *Device) teardown() {
 	defer close(d.done)
 	close(d.closing)
 	var errs []error
-	if d.id != anyDevID && d.started {
-		if err := d.ctrl.StopDev(d.id); err != nil {
+	if d.id != anyDevID {
+		// Also for a device whose START_DEV failed or was cancelled: it
+		// may have gone live in the kernel all the same.
+		if err := d.ctrl.StopDev(d.id); err != nil && d.started {
 			errs = append(errs, err)
 		}
 	}

@@ -19,6 +19,7 @@ type devServeOptions struct {
 	maxIO   int    // bytes, 0: default
 	offload bool   // run blocking backend work on worker goroutines
 	mmap    bool   // copy through a mapping of the backing file
+	pin     bool   // pin queue threads to their CPUs
 }
 
 // newDevCmd builds "ublksnap dev", the low-level device commands used until
@@ -62,8 +63,9 @@ EXIT STATUS
 	f.StringVar(&o.backing, "backing", "", "backing file or block device (required)")
 	f.IntVar(&o.queues, "queues", 0, "number of queues (default min(CPUs, 4))")
 	f.IntVar(&o.depth, "depth", 0, "queue depth (default 128)")
-	f.IntVar(&o.maxIO, "max-io", 0, "largest request in bytes (default 512 KiB)")
+	f.IntVar(&o.maxIO, "max-io", 0, "largest request in bytes (default 1 MiB)")
 	f.BoolVar(&o.offload, "offload", false, "serve requests that may block on worker goroutines")
+	f.BoolVar(&o.pin, "pin", true, "pin each queue thread to the CPUs its queue serves")
 	f.BoolVar(&o.mmap, "mmap", false, "copy data through a shared mapping of the backing file (regular files)")
 	dev.AddCommand(serve)
 	return dev
@@ -85,6 +87,7 @@ func runDevServe(ctx context.Context, cmd *cobra.Command, o devServeOptions) err
 	if o.maxIO > 0 {
 		cfg.MaxIOSize = o.maxIO
 	}
+	cfg.PinQueues = o.pin
 	if err := cfg.Validate(); err != nil {
 		return usageError{err}
 	}
