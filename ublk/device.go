@@ -224,6 +224,49 @@ func (d *Device) CharPath() string { return fmt.Sprintf("/dev/ublkc%d", d.id) }
 // Queues returns the number of queues the kernel granted.
 func (d *Device) Queues() int { return len(d.queues) }
 
+// Info is the kernel's view of a device (GET_DEV_INFO and GET_PARAMS).
+type Info struct {
+	ID        int    // N of /dev/ublkbN
+	State     string // "dead", "live", "quiesced", "fail-io"
+	Queues    int    // hardware queues
+	Depth     int    // tags per queue
+	MaxIOSize int    // bytes per request buffer
+	Flags     uint64 // negotiated UBLK_F_* flags
+	ServerPID int    // process serving it, -1 when stopped
+	Size      int64  // bytes
+	DiskMajor uint32 // block device number, 0 before START_DEV
+	DiskMinor uint32
+}
+
+// Info asks the kernel about the device.
+func (d *Device) Info() (Info, error) {
+	select {
+	case <-d.closing:
+		return Info{}, ErrClosed
+	default:
+	}
+	di, err := d.ctrl.DevInfo(d.id)
+	if err != nil {
+		return Info{}, err
+	}
+	p, err := d.ctrl.Params(d.id)
+	if err != nil {
+		return Info{}, err
+	}
+	states := map[uint16]string{devStateDead: "dead", devStateLive: "live", 2: "quiesced", 3: "fail-io"}
+	st, ok := states[di.State]
+	if !ok {
+		st = fmt.Sprintf("state(%d)", di.State)
+	}
+	info := Info{ID: int(di.DevID), State: st, Queues: int(di.NrHwQueues), Depth: int(di.QueueDepth),
+		MaxIOSize: int(di.MaxIOBufBytes), Flags: di.Flags, ServerPID: int(di.UblksrvPID),
+		Size: int64(p.Basic.DevSectors) << sectorShift}
+	if p.Types&paramTypeDevt != 0 {
+		info.DiskMajor, info.DiskMinor = p.Devt.DiskMajor, p.Devt.DiskMinor
+	}
+	return info, nil
+}
+
 // Done is closed once the device has been stopped and deleted.
 func (d *Device) Done() <-chan struct{} { return d.done }
 

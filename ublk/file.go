@@ -215,7 +215,13 @@ func (b *FileBackend) write(buf []byte, off int64, fua bool) error {
 		flags = unix.RWF_DSYNC
 	}
 	for len(buf) > 0 {
-		n, err := unix.Pwritev2(b.fd, [][]byte{buf}, off, flags)
+		var n int
+		var err error
+		if flags != 0 {
+			n, err = unix.Pwritev2(b.fd, [][]byte{buf}, off, flags)
+		} else {
+			n, err = unix.Pwrite(b.fd, buf, off)
+		}
 		if err == unix.EINTR {
 			continue
 		}

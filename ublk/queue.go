@@ -52,16 +52,17 @@ type queue struct {
 	cpus    *unix.CPUSet // CPUs to pin the queue thread to, nil: no pinning; immutable
 
 	// Owned by the queue goroutine.
-	ring    queueRing
-	descs   []ioDesc  // kernel-written request descriptors, by tag (read-only mmap)
-	bufs    []byte    // depth × maxIO bytes of anonymous mmap
-	scratch []byte    // one page: the eventfd read target
-	reqs    []Request // one per tag
-	mmaps   [][]byte  // everything to munmap at exit
-	efdArm  bool      // an eventfd READ is pending on the ring
-	live    int       // tags whose command the kernel holds or we are serving
-	busy    int       // requests handed to a handler or worker, not yet completed
-	errOnce bool      // an unexpected CQE result was logged
+	ring     queueRing
+	descs    []ioDesc        // kernel-written request descriptors, by tag (read-only mmap)
+	bufs     []byte          // depth × maxIO bytes of anonymous mmap
+	scratch  []byte          // one page: the eventfd read target
+	reqs     []Request       // one per tag
+	mmaps    [][]byte        // everything to munmap at exit
+	efdArm   bool            // an eventfd READ is pending on the ring
+	live     int             // tags whose command the kernel holds or we are serving
+	busy     int             // requests handed to a handler or worker, not yet completed
+	errOnce  bool            // an unexpected CQE result was logged
+	handleFn func(uring.CQE) // q.handleCQE, bound once to avoid an allocation per loop
 
 	efd  int           // eventfd that wakes the loop; closed after the goroutine exits
 	work chan *Request // requests for the blocking workers; closed at exit
@@ -84,6 +85,7 @@ func newQueue(id int, depth, maxIO, cdevFd int, encoded bool, h Handler, log *sl
 		log: log.With("queue", id), nworker: min(depth, 16), efd: -1,
 		exited: make(chan struct{}),
 	}
+	q.handleFn = q.handleCQE
 	q.reqs = make([]Request, depth)
 	for i := range q.reqs {
 		q.reqs[i].q = q
@@ -264,7 +266,7 @@ func (q *queue) serve(ready chan<- error) {
 			q.waitHandlers()
 			return
 		}
-		q.ring.Reap(q.handleCQE)
+		q.ring.Reap(q.handleFn)
 		if q.wakePending.Load() {
 			q.drainCompletions()
 		}

@@ -38,6 +38,17 @@ func TestUblkLifecycle(t *testing.T) {
 				if fi, err := os.Stat(d.Path()); err != nil || fi.Mode()&os.ModeDevice == 0 {
 					t.Fatalf("round %d: %s after New: %v %v", i, d.Path(), fi, err)
 				}
+				if i == 0 {
+					info, err := d.Info()
+					if err != nil {
+						t.Fatalf("Info: %v", err)
+					}
+					t.Logf("kernel view: %+v", info)
+					if info.State != "live" || info.ServerPID != os.Getpid() || info.Size != cfg.Size ||
+						info.Queues != queues || info.Depth != cfg.Depth || info.DiskMajor == 0 {
+						t.Fatalf("kernel view %+v does not match the config %+v", info, cfg)
+					}
+				}
 				closeDevice(t, d)
 				if err := d.Close(); err != nil {
 					t.Fatalf("round %d: second Close: %v", i, err)
