@@ -36,8 +36,10 @@ type FileBackend struct {
 
 // FileOptions tune a FileBackend.
 type FileOptions struct {
-	// Offload sends NoWait requests that may block to the blocking workers
-	// instead of serving them on the queue thread.
+	// Offload sends NoWait requests that may block, and reads and writes
+	// of 64 KiB or more, to the blocking workers instead of serving them on
+	// the queue thread. Small reads are first tried with RWF_NOWAIT; small
+	// mapped (Mmap) reads and writes stay on the queue thread.
 	Offload bool
 	// Mmap copies read and write data through a shared mapping of a regular
 	// backing file instead of pread/pwrite: no system call per request and a
@@ -50,6 +52,10 @@ type FileOptions struct {
 }
 
 var _ Handler = (*FileBackend)(nil)
+
+// offloadMin is the request size from which Offload moves reads and writes
+// to a worker.
+const offloadMin = 64 << 10
 
 // OpenFileBackend opens path (a regular file or a block device) for reading
 // and writing.
@@ -124,14 +130,22 @@ func (b *FileBackend) Close() error {
 // Handle serves one request; see the type comment.
 func (b *FileBackend) Handle(req *Request) error {
 	if req.NoWait() && b.opts.Offload {
-		if req.Op != OpRead {
+		switch {
+		case req.Length >= offloadMin && (req.Op == OpRead || req.Op == OpWrite):
+			// Large copies run on a worker, in parallel with the queue
+			// thread's own copies to and from the kernel.
+			return ErrWouldBlock
+		case b.mapped != nil && (req.Op == OpRead || req.Op == OpWrite):
+			// Small mapped copies stay on the queue thread.
+		case req.Op == OpRead:
+			n, err := unix.Preadv2(b.fd, [][]byte{req.Buf}, req.Offset, unix.RWF_NOWAIT)
+			if err != nil || n != len(req.Buf) {
+				return ErrWouldBlock
+			}
+			return nil
+		default:
 			return ErrWouldBlock
 		}
-		n, err := unix.Preadv2(b.fd, [][]byte{req.Buf}, req.Offset, unix.RWF_NOWAIT)
-		if err != nil || n != len(req.Buf) {
-			return ErrWouldBlock
-		}
-		return nil
 	}
 	switch {
 	case req.Op == OpRead && b.mapped != nil:

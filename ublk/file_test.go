@@ -96,6 +96,13 @@ func TestFileBackendOffload(t *testing.T) {
 	if err := b.Handle(request(OpRead, 0, 0, 4096, true)); err != nil && !errors.Is(err, ErrWouldBlock) {
 		t.Fatalf("NoWait read: %v", err)
 	}
+	if err := b.Handle(request(OpRead, 0, 0, 64<<10, true)); !errors.Is(err, ErrWouldBlock) {
+		t.Fatalf("NoWait 64 KiB read with Offload: %v, want ErrWouldBlock", err)
+	}
+	m, _ := newTestBackend(t, 64<<10, FileOptions{Offload: true, Mmap: true})
+	if err := m.Handle(request(OpWrite, 0, 0, 4096, true)); err != nil {
+		t.Fatalf("small mapped NoWait write with Offload: %v", err)
+	}
 }
 
 func TestFileBackendRejectsOtherFiles(t *testing.T) {

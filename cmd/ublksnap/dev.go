@@ -65,7 +65,7 @@ EXIT STATUS
 	f.IntVar(&o.depth, "depth", 0, "queue depth (default 128)")
 	f.IntVar(&o.maxIO, "max-io", 0, "largest request in bytes (default 1 MiB)")
 	f.BoolVar(&o.offload, "offload", false, "serve requests that may block on worker goroutines")
-	f.BoolVar(&o.pin, "pin", true, "pin each queue thread to the CPUs its queue serves")
+	f.BoolVar(&o.pin, "pin", false, "pin each queue thread to the CPUs its queue serves")
 	f.BoolVar(&o.mmap, "mmap", false, "copy data through a shared mapping of the backing file (regular files)")
 	dev.AddCommand(serve)
 	return dev
