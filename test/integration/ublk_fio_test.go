@@ -36,7 +36,7 @@ func TestUblkFioVerify(t *testing.T) {
 	var jobs []fioVerifyJob
 	var off int64
 	for _, bs := range []int{4 << 10, 64 << 10, 1 << 20} {
-		size := map[int]int64{4 << 10: 4 << 20, 64 << 10: 8 << 20, 1 << 20: 16 << 20}[bs]
+		size := map[int]int64{4 << 10: 2 << 20, 64 << 10: 4 << 20, 1 << 20: 8 << 20}[bs]
 		for _, depth := range []int{1, 32, 128} {
 			jobs = append(jobs, fioVerifyJob{bs, depth, off, size})
 			off += size
