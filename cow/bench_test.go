@@ -190,72 +190,54 @@ func newCopiedSnapshot(b *testing.B) (*benchSnapshot, []byte) {
 	return s, data
 }
 
-// BenchmarkOverwrite: 1 MiB writes to the original over chunks already
-// copied (no COW work beyond looking at the chunk states).
-func BenchmarkOverwrite(b *testing.B) {
-	s, data := newCopiedSnapshot(b)
-	ctx := context.Background()
+// runOverRegion times b.N calls of op on successive 1 MiB offsets of the
+// region, reporting throughput.
+func runOverRegion(b *testing.B, op func(off int64) error) {
 	b.SetBytes(benchIO)
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := range b.N {
-		if err := s.orig.Write(ctx, int64(i)*benchIO%region, data, false); err != nil {
+		if err := op(int64(i) * benchIO % region); err != nil {
 			b.Fatal(err)
 		}
 	}
 }
 
-// BenchmarkPlainPwrite: the same writes as BenchmarkOverwrite with pwrite
-// on the file.
-func BenchmarkPlainPwrite(b *testing.B) {
-	dir := benchDir(b)
-	f, err := os.OpenFile(benchFile(b, dir, "orig", 64<<20), os.O_RDWR, 0)
+// plainFile opens a region-sized file of data on tmpfs, for the plain
+// pread/pwrite baselines.
+func plainFile(b *testing.B) *os.File {
+	f, err := os.OpenFile(benchFile(b, benchDir(b), "orig", region), os.O_RDWR, 0)
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer f.Close()
-	data := make([]byte, benchIO)
-	b.SetBytes(benchIO)
-	b.ReportAllocs()
-	b.ResetTimer()
-	for i := range b.N {
-		if _, err := f.WriteAt(data, int64(i)*benchIO%region); err != nil {
-			b.Fatal(err)
-		}
-	}
+	b.Cleanup(func() { f.Close() })
+	return f
+}
+
+// BenchmarkOverwrite: 1 MiB writes to the original over chunks already
+// copied (no COW work beyond looking at the chunk states).
+func BenchmarkOverwrite(b *testing.B) {
+	s, data := newCopiedSnapshot(b)
+	runOverRegion(b, func(off int64) error { return s.orig.Write(context.Background(), off, data, false) })
+}
+
+// BenchmarkPlainPwrite: the same writes as BenchmarkOverwrite with pwrite
+// on a file.
+func BenchmarkPlainPwrite(b *testing.B) {
+	f, data := plainFile(b), make([]byte, benchIO)
+	runOverRegion(b, func(off int64) error { _, err := f.WriteAt(data, off); return err })
 }
 
 // BenchmarkImageRead: 1 MiB reads of the image over chunks stored in the
 // difference storage.
 func BenchmarkImageRead(b *testing.B) {
 	s, data := newCopiedSnapshot(b)
-	ctx := context.Background()
-	b.SetBytes(benchIO)
-	b.ReportAllocs()
-	b.ResetTimer()
-	for i := range b.N {
-		if err := s.da.ReadImage(ctx, data, int64(i)*benchIO%region, false); err != nil {
-			b.Fatal(err)
-		}
-	}
+	runOverRegion(b, func(off int64) error { return s.da.ReadImage(context.Background(), data, off, false) })
 }
 
 // BenchmarkPlainPread: the same reads as BenchmarkImageRead with pread on
 // a file.
 func BenchmarkPlainPread(b *testing.B) {
-	dir := benchDir(b)
-	f, err := os.Open(benchFile(b, dir, "orig", 64<<20))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	data := make([]byte, benchIO)
-	b.SetBytes(benchIO)
-	b.ReportAllocs()
-	b.ResetTimer()
-	for i := range b.N {
-		if _, err := f.ReadAt(data, int64(i)*benchIO%region); err != nil {
-			b.Fatal(err)
-		}
-	}
+	f, data := plainFile(b), make([]byte, benchIO)
+	runOverRegion(b, func(off int64) error { _, err := f.ReadAt(data, off); return err })
 }
