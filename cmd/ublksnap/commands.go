@@ -77,7 +77,7 @@ func detachCmd(g *globalFlags) *cobra.Command {
 			if err := required(cmd, "device"); err != nil {
 				return err
 			}
-			if err := g.client().Detach(cmd.Context(), device); err != nil {
+			if err := g.client().Detach(cmd.Context(), device, false); err != nil {
 				return fmt.Errorf("detach %s: %w", device, err)
 			}
 			return nil

@@ -7,7 +7,7 @@
 //
 //	GET    /v1/status                       Status
 //	POST   /v1/devices                      AttachRequest → Device
-//	DELETE /v1/devices?device=DEV           detach
+//	DELETE /v1/devices?device=DEV&force=BOOL  detach (force: even while open or mounted)
 //	GET    /v1/snapshots                    []string (snapshot UUIDs)
 //	POST   /v1/snapshots                    CreateSnapshotRequest → Snapshot
 //	GET    /v1/snapshots/{id}               Snapshot
@@ -55,6 +55,9 @@ type CreateSnapshotRequest struct {
 	Devices []string `json:"devices,omitempty"`
 	Storage string   `json:"storage"`
 	Limit   uint64   `json:"limit"` // bytes
+	// Force allows an existing, non-empty regular file that ublksnap did
+	// not create to be used (and overwritten) as the storage.
+	Force bool `json:"force,omitempty"`
 }
 
 // AddDeviceRequest adds a filtered device to a snapshot not yet taken.
@@ -153,6 +156,9 @@ type Error struct {
 	Status  int    `json:"-"`
 	Code    string `json:"code"`
 	Message string `json:"message"`
+	// Errno is the system error behind the failure (ENOENT, EBUSY, ...),
+	// when there is one.
+	Errno int `json:"errno,omitempty"`
 }
 
 func (e *Error) Error() string { return e.Message }

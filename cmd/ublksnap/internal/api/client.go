@@ -106,9 +106,11 @@ func (c *Client) Attach(ctx context.Context, req AttachRequest) (Device, error) 
 	return d, err
 }
 
-// Detach stops and removes a filtered device.
-func (c *Client) Detach(ctx context.Context, device string) error {
-	return c.do(ctx, http.MethodDelete, "/v1/devices", url.Values{"device": {device}}, nil, nil)
+// Detach stops and removes a filtered device; without force it refuses
+// while the device is open or mounted.
+func (c *Client) Detach(ctx context.Context, device string, force bool) error {
+	q := url.Values{"device": {device}, "force": {strconv.FormatBool(force)}}
+	return c.do(ctx, http.MethodDelete, "/v1/devices", q, nil, nil)
 }
 
 // Snapshots lists the snapshot UUIDs.
