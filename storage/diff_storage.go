@@ -465,6 +465,7 @@ func (ds *DiffStorage) Close() error {
 	}
 	ds.closed = true
 	ds.mu.Unlock()
+	ds.events.Close()
 	ds.growers.Wait()
 	ds.mu.Lock()
 	defer ds.mu.Unlock()

@@ -53,6 +53,10 @@ type Event struct {
 // ErrTimeout is returned by EventQueue.Wait when no event arrived in time.
 var ErrTimeout = errors.New("storage: no event before the timeout")
 
+// ErrEventQueueClosed is returned by EventQueue.Wait once the queue is
+// closed: its snapshot was destroyed.
+var ErrEventQueueClosed = errors.New("storage: snapshot destroyed")
+
 // EventQueue is the event queue of one snapshot. Post appends, Wait takes the
 // oldest event; each event goes to exactly one waiter. It is safe for
 // concurrent use.
@@ -60,6 +64,7 @@ type EventQueue struct {
 	mu     sync.Mutex
 	events []Event       // posted and not yet taken; guarded by mu
 	posted chan struct{} // closed and replaced by Post; guarded by mu
+	closed bool          // set by Close; guarded by mu
 }
 
 // NewEventQueue returns an empty queue.
@@ -73,6 +78,10 @@ func (q *EventQueue) Post(e Event) {
 		e.Time = time.Now()
 	}
 	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return
+	}
 	q.events = append(q.events, e)
 	close(q.posted)
 	q.posted = make(chan struct{})
@@ -94,6 +103,10 @@ func (q *EventQueue) Wait(ctx context.Context, timeoutMs int) (Event, error) {
 			q.mu.Unlock()
 			return e, nil
 		}
+		if q.closed {
+			q.mu.Unlock()
+			return Event{}, ErrEventQueueClosed
+		}
 		posted := q.posted
 		q.mu.Unlock()
 		select {
@@ -104,6 +117,19 @@ func (q *EventQueue) Wait(ctx context.Context, timeoutMs int) (Event, error) {
 			return Event{}, ctx.Err()
 		}
 	}
+}
+
+// Close drops the waiting events and wakes every waiter, which gets
+// ErrEventQueueClosed, as do later calls of Wait. Later posts are dropped.
+func (q *EventQueue) Close() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return
+	}
+	q.closed = true
+	q.events = nil
+	close(q.posted)
 }
 
 // Len returns the number of events waiting to be taken.

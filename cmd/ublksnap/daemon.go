@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/http"
 	"os"
 	"strings"
 	"time"
@@ -16,6 +14,7 @@ import (
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/daemon"
 	"github.com/ublksnap/ublksnap/cow"
+	"github.com/ublksnap/ublksnap/snapshot"
 )
 
 // silentExit ends the process with a code whose message was already
@@ -88,14 +87,11 @@ func serveDaemon(ctx context.Context, socket string, params cow.Params, log *slo
 		return err
 	}
 	defer l.Close()
-	mgr, err := daemon.NewManager(params, version, log)
+	mgr, err := snapshot.New(snapshot.Config{Params: params, Logger: log})
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{
-		Handler:     daemon.NewHandler(mgr, log),
-		BaseContext: func(net.Listener) context.Context { return ctx }, // SIGTERM ends waits
-	}
+	srv := daemon.NewServer(ctx, mgr, version, log) // SIGTERM ends waits
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(l) }()
 	log.Info("daemon listening", "socket", socket, "pid", os.Getpid())

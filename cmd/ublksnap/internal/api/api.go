@@ -148,6 +148,8 @@ const (
 	CodeBadRequest = "bad_request" // the request cannot be done as given
 	CodeNotFound   = "not_found"   // unknown device or snapshot
 	CodeConflict   = "conflict"    // state forbids it: already taken, member elsewhere, busy
+	CodeForbidden  = "forbidden"   // no permission (EPERM, EACCES, EROFS)
+	CodeNoSpace    = "no_space"    // out of space (ENOSPC)
 	CodeInternal   = "internal"
 )
 

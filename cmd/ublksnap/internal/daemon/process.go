@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"runtime"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -26,6 +27,12 @@ func InPrivateNamespace() bool { return os.Getenv(namespaceEnv) == "1" }
 // forwards SIGINT and SIGTERM to the child and returns the child's exit
 // code. Go's unshare(2) would move only one thread, hence the re-exec; the
 // runtime makes the new namespace's mounts private (MS_REC|MS_PRIVATE).
+//
+// The child is started from a thread marked PR_SET_IO_FLUSHER: the mark is
+// inherited through fork and kept across execve, so every thread of the
+// daemon (queue threads, COW goroutines, the store worker, blocking
+// workers) has it from its first instruction, and none of its memory
+// allocations recurse into writeback of its own devices.
 func ReexecInPrivateNamespace(ctx context.Context) (int, error) {
 	self, err := os.Executable()
 	if err != nil {
@@ -38,7 +45,7 @@ func ReexecInPrivateNamespace(ctx context.Context) (int, error) {
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sigs)
-	if err := cmd.Start(); err != nil {
+	if err := startAsIOFlusher(cmd); err != nil {
 		return 1, fmt.Errorf("start daemon in a private mount namespace: %w", err)
 	}
 	done := make(chan error, 1)
@@ -63,18 +70,32 @@ func ReexecInPrivateNamespace(ctx context.Context) (int, error) {
 	}
 }
 
-// HardenProcess makes the daemon a poor OOM victim and marks the calling
-// thread as an I/O flusher, so that its memory allocations do not recurse
-// into writeback of its own devices. PR_SET_IO_FLUSHER is per thread: the
-// ublk queue threads, which serve the I/O, set it on themselves. Failures
+// startAsIOFlusher starts cmd from a thread marked PR_SET_IO_FLUSHER.
+// The thread stays locked, and so is never reused for other goroutines
+// with the mark; it ends with the goroutine.
+func startAsIOFlusher(cmd *exec.Cmd) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread exits with the goroutine
+		if err := unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0); err != nil {
+			errc <- fmt.Errorf("PR_SET_IO_FLUSHER: %w", err)
+			return
+		}
+		errc <- cmd.Start()
+	}()
+	return <-errc
+}
+
+// HardenProcess makes the daemon a poor OOM victim and checks that it runs
+// as an I/O flusher (inherited from ReexecInPrivateNamespace). Failures
 // are returned for logging; the daemon works without these, less robustly.
 func HardenProcess() error {
 	var errs []error
 	if err := os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0); err != nil {
 		errs = append(errs, fmt.Errorf("oom_score_adj: %w", err))
 	}
-	if err := unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0); err != nil {
-		errs = append(errs, fmt.Errorf("PR_SET_IO_FLUSHER: %w", err))
+	if v, err := unix.PrctlRetInt(unix.PR_GET_IO_FLUSHER, 0, 0, 0, 0); err != nil || v != 1 {
+		errs = append(errs, fmt.Errorf("not an I/O flusher (PR_GET_IO_FLUSHER = %d, %v)", v, err))
 	}
 	return errors.Join(errs...)
 }

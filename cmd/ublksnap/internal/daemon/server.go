@@ -1,9 +1,12 @@
-// Package daemon is the ublksnap daemon: it owns every filtered device and
-// snapshot and serves the api package's protocol on a unix socket.
+// Package daemon is the ublksnap daemon's transport: it serves the api
+// package's protocol on a unix socket over a Service (a snapshot.Manager),
+// maps domain types and errors to the wire, and re-executes the daemon in
+// its own mount namespace (process.go). The state and its rules live in
+// package snapshot.
 //
-// The HTTP layer (this file) only decodes requests, calls a Service and
-// maps its errors to statuses: ErrInvalid → 400, ErrNotFound → 404,
-// ErrConflict → 409, anything else → 500. The Service holds the state.
+// Errors keep their errno on the wire (api.Error.Errno) and choose the
+// status: EINVAL → 400, EPERM/EACCES → 403, ENOENT/ENODEV → 404,
+// EBUSY/EEXIST/EALREADY → 409, ENOSPC → 507, anything else → 500.
 package daemon
 
 import (
@@ -11,49 +14,82 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
+	"github.com/ublksnap/ublksnap/snapshot"
+	"github.com/ublksnap/ublksnap/storage"
 )
 
-// Sentinel errors a Service wraps so that callers get the right status.
-var (
-	ErrInvalid  = errors.New("invalid request")
-	ErrNotFound = errors.New("not found")
-	ErrConflict = errors.New("conflict")
-	// ErrRunning is returned by Listen when a daemon already answers on the socket.
-	ErrRunning = errors.New("a ublksnap daemon is already running")
-)
+// ErrRunning is returned by Listen when a daemon already answers on the socket.
+var ErrRunning = errors.New("a ublksnap daemon is already running")
 
 // maxEventWait bounds one wait-event request.
 const maxEventWait = time.Hour
 
-// Service is what the daemon does; the HTTP layer calls it.
+// Service is what the daemon serves: snapshot.Manager's methods.
 type Service interface {
-	Status(ctx context.Context) (api.Status, error)
-	Attach(ctx context.Context, req api.AttachRequest) (api.Device, error)
-	Detach(ctx context.Context, device string) error
-	Snapshots(ctx context.Context) ([]string, error)
-	CreateSnapshot(ctx context.Context, req api.CreateSnapshotRequest) (api.Snapshot, error)
-	Snapshot(ctx context.Context, id string) (api.Snapshot, error)
-	AddDevice(ctx context.Context, id, device string) (api.Snapshot, error)
-	AppendStorage(ctx context.Context, id string, req api.AppendStorageRequest) (api.Snapshot, error)
-	Take(ctx context.Context, id string) (api.Snapshot, error)
-	WaitEvent(ctx context.Context, id string, timeout time.Duration) (api.Event, error)
+	Status(ctx context.Context) snapshot.Status
+	Attach(ctx context.Context, opt snapshot.AttachOptions) (snapshot.DeviceInfo, error)
+	Detach(ctx context.Context, device string, force bool) error
+	Snapshots(ctx context.Context) []string
+	CreateSnapshot(ctx context.Context, opt snapshot.CreateOptions) (snapshot.SnapshotInfo, error)
+	Snapshot(ctx context.Context, id string) (snapshot.SnapshotInfo, error)
+	AddDevice(ctx context.Context, id, device string) (snapshot.SnapshotInfo, error)
+	AppendStorage(ctx context.Context, id, path string, ranges []snapshot.Range) (snapshot.SnapshotInfo, error)
+	Take(ctx context.Context, id string) (snapshot.SnapshotInfo, error)
+	WaitEvent(ctx context.Context, id string, timeout time.Duration) (storage.Event, error)
 	Destroy(ctx context.Context, id string, force bool) error
-	SnapshotInfo(ctx context.Context, device string) (api.SnapshotInfo, error)
+	DeviceState(ctx context.Context, device string) (snapshot.DeviceState, error)
+}
+
+var _ Service = (*snapshot.Manager)(nil)
+
+// NewServer returns the HTTP server of the protocol over svc. Requests
+// resolve the paths they name in their caller's view of the filesystem
+// (snapshot.WithCaller with the caller's /proc/PID, found with
+// SO_PEERCRED), and end when ctx ends.
+func NewServer(ctx context.Context, svc Service, version string, log *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler:           NewHandler(svc, version, log),
+		ReadHeaderTimeout: 10 * time.Second,
+		BaseContext:       func(net.Listener) context.Context { return ctx },
+		ConnContext:       callerContext,
+	}
+}
+
+// callerContext adds the caller's root to a connection's context.
+func callerContext(ctx context.Context, c net.Conn) context.Context {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return ctx
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return ctx
+	}
+	var cred *unix.Ucred
+	raw.Control(func(fd uintptr) {
+		cred, _ = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	})
+	if cred == nil || cred.Pid <= 0 {
+		return ctx
+	}
+	return snapshot.WithCaller(ctx, snapshot.CallerPID(int(cred.Pid)))
 }
 
 // NewHandler returns the HTTP handler of the protocol over svc.
-func NewHandler(svc Service, log *slog.Logger) http.Handler {
+func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux := http.NewServeMux()
 	h := func(pattern string, fn func(r *http.Request) (any, error)) {
 		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
@@ -65,27 +101,38 @@ func NewHandler(svc Service, log *slog.Logger) http.Handler {
 			writeJSON(w, http.StatusOK, out)
 		})
 	}
-	h("GET /v1/status", func(r *http.Request) (any, error) { return svc.Status(r.Context()) })
+	h("GET /v1/status", func(r *http.Request) (any, error) {
+		return statusToWire(svc.Status(r.Context()), version), nil
+	})
 	h("POST /v1/devices", func(r *http.Request) (any, error) {
 		var req api.AttachRequest
 		if err := decode(r, &req); err != nil {
 			return nil, err
 		}
-		return svc.Attach(r.Context(), req)
+		d, err := svc.Attach(r.Context(), snapshot.AttachOptions{Backing: req.Backing, Name: req.Name, Queues: req.Queues, Depth: req.Depth})
+		return deviceToWire(d), err
 	})
 	h("DELETE /v1/devices", func(r *http.Request) (any, error) {
-		return struct{}{}, svc.Detach(r.Context(), r.URL.Query().Get("device"))
+		force, err := boolParam(r, "force")
+		if err != nil {
+			return nil, err
+		}
+		return struct{}{}, svc.Detach(r.Context(), r.URL.Query().Get("device"), force)
 	})
-	h("GET /v1/snapshots", func(r *http.Request) (any, error) { return svc.Snapshots(r.Context()) })
+	h("GET /v1/snapshots", func(r *http.Request) (any, error) { return svc.Snapshots(r.Context()), nil })
 	h("POST /v1/snapshots", func(r *http.Request) (any, error) {
 		var req api.CreateSnapshotRequest
 		if err := decode(r, &req); err != nil {
 			return nil, err
 		}
-		return svc.CreateSnapshot(r.Context(), req)
+		if req.Limit > 1<<62 {
+			return nil, fmt.Errorf("limit %d bytes is beyond any device: %w", req.Limit, syscall.EINVAL)
+		}
+		return snapshotToWire(svc.CreateSnapshot(r.Context(), snapshot.CreateOptions{
+			Devices: req.Devices, Storage: req.Storage, Limit: int64(req.Limit), Force: req.Force}))
 	})
 	h("GET /v1/snapshots/{id}", func(r *http.Request) (any, error) {
-		return svc.Snapshot(r.Context(), r.PathValue("id"))
+		return snapshotToWire(svc.Snapshot(r.Context(), r.PathValue("id")))
 	})
 	h("DELETE /v1/snapshots/{id}", func(r *http.Request) (any, error) {
 		force, err := boolParam(r, "force")
@@ -99,39 +146,53 @@ func NewHandler(svc Service, log *slog.Logger) http.Handler {
 		if err := decode(r, &req); err != nil {
 			return nil, err
 		}
-		return svc.AddDevice(r.Context(), r.PathValue("id"), req.Device)
+		return snapshotToWire(svc.AddDevice(r.Context(), r.PathValue("id"), req.Device))
 	})
 	h("POST /v1/snapshots/{id}/storage", func(r *http.Request) (any, error) {
 		var req api.AppendStorageRequest
 		if err := decode(r, &req); err != nil {
 			return nil, err
 		}
-		return svc.AppendStorage(r.Context(), r.PathValue("id"), req)
+		ranges := make([]snapshot.Range, len(req.Ranges))
+		for i, rg := range req.Ranges {
+			ranges[i] = snapshot.Range{Start: rg.Start, Count: rg.Count}
+		}
+		return snapshotToWire(svc.AppendStorage(r.Context(), r.PathValue("id"), req.Path, ranges))
 	})
 	h("POST /v1/snapshots/{id}/take", func(r *http.Request) (any, error) {
-		return svc.Take(r.Context(), r.PathValue("id"))
+		return snapshotToWire(svc.Take(r.Context(), r.PathValue("id")))
 	})
 	h("GET /v1/snapshots/{id}/event", func(r *http.Request) (any, error) {
 		ms, err := strconv.ParseInt(r.URL.Query().Get("timeout_ms"), 10, 64)
 		if err != nil || ms < 0 {
-			return nil, fmt.Errorf("%w: timeout_ms must be a whole number of milliseconds, got %q", ErrInvalid, r.URL.Query().Get("timeout_ms"))
+			return nil, fmt.Errorf("timeout_ms must be a whole number of milliseconds, got %q: %w", r.URL.Query().Get("timeout_ms"), syscall.EINVAL)
 		}
-		return svc.WaitEvent(r.Context(), r.PathValue("id"), min(time.Duration(ms)*time.Millisecond, maxEventWait))
+		e, err := svc.WaitEvent(r.Context(), r.PathValue("id"), min(time.Duration(ms)*time.Millisecond, maxEventWait))
+		if errors.Is(err, storage.ErrTimeout) {
+			return api.Event{Code: api.EventTimeout}, nil
+		}
+		return eventToWire(e), err
 	})
 	h("GET /v1/snapshot-info", func(r *http.Request) (any, error) {
-		return svc.SnapshotInfo(r.Context(), r.URL.Query().Get("device"))
+		st, err := svc.DeviceState(r.Context(), r.URL.Query().Get("device"))
+		return api.SnapshotInfo{Device: st.Device, Snapshot: st.Snapshot, State: string(st.State), Image: st.Image, ErrorCode: -int(st.Errno)}, err
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, r, fmt.Errorf("%w: no endpoint %s %s", ErrNotFound, r.Method, r.URL.Path), log)
+		writeError(w, r, fmt.Errorf("no endpoint %s %s: %w", r.Method, r.URL.Path, syscall.ENOENT), log)
 	})
 	return mux
 }
 
+// decode reads one JSON value, refusing unknown fields and trailing data.
 func decode(r *http.Request, v any) error {
 	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, 1<<20))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		return fmt.Errorf("%w: request body: %v", ErrInvalid, err)
+		return fmt.Errorf("request body: %v: %w", err, syscall.EINVAL)
+	}
+	var extra json.RawMessage
+	if err := dec.Decode(&extra); err != io.EOF {
+		return fmt.Errorf("request body: data after the JSON value: %w", syscall.EINVAL)
 	}
 	return nil
 }
@@ -143,7 +204,7 @@ func boolParam(r *http.Request, name string) (bool, error) {
 	}
 	b, err := strconv.ParseBool(s)
 	if err != nil {
-		return false, fmt.Errorf("%w: %s must be true or false, got %q", ErrInvalid, name, s)
+		return false, fmt.Errorf("%s must be true or false, got %q: %w", name, s, syscall.EINVAL)
 	}
 	return b, nil
 }
@@ -156,24 +217,37 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	enc.Encode(v) //nolint:errcheck // the client went away; nothing to do
 }
 
-func writeError(w http.ResponseWriter, r *http.Request, err error, log *slog.Logger) {
-	e := api.Error{Status: http.StatusInternalServerError, Code: api.CodeInternal, Message: err.Error()}
-	switch {
-	case errors.Is(err, ErrInvalid):
+// wireError maps an error to its wire form by its errno.
+func wireError(err error) api.Error {
+	errno := snapshot.Errno(err)
+	e := api.Error{Status: http.StatusInternalServerError, Code: api.CodeInternal, Message: err.Error(), Errno: int(errno)}
+	switch errno {
+	case syscall.EINVAL, syscall.ERANGE, syscall.ENOTBLK, syscall.EISDIR, syscall.ENOTDIR, syscall.ENAMETOOLONG:
 		e.Status, e.Code = http.StatusBadRequest, api.CodeBadRequest
-	case errors.Is(err, ErrNotFound):
+	case syscall.EPERM, syscall.EACCES, syscall.EROFS:
+		e.Status, e.Code = http.StatusForbidden, api.CodeForbidden
+	case syscall.ENOENT, syscall.ENODEV, syscall.ENXIO:
 		e.Status, e.Code = http.StatusNotFound, api.CodeNotFound
-	case errors.Is(err, ErrConflict):
+	case syscall.EBUSY, syscall.EEXIST, syscall.EALREADY, syscall.EAGAIN, syscall.ETXTBSY:
 		e.Status, e.Code = http.StatusConflict, api.CodeConflict
+	case syscall.ENOSPC:
+		e.Status, e.Code = http.StatusInsufficientStorage, api.CodeNoSpace
 	}
-	log.Info("request failed", "method", r.Method, "path", r.URL.Path, "status", e.Status, "err", err)
+	return e
+}
+
+func writeError(w http.ResponseWriter, r *http.Request, err error, log *slog.Logger) {
+	e := wireError(err)
+	log.Info("request failed", "method", r.Method, "path", r.URL.Path, "status", e.Status, "errno", e.Errno, "err", err)
 	writeJSON(w, e.Status, e)
 }
 
-// Listen opens the daemon's unix socket with mode 0600, creating its
-// directory. A lock on SOCKET.lock, held until the listener is closed, makes
-// a second daemon on the same socket fail with ErrRunning; a stale socket
-// file left by a daemon that died is replaced.
+// Listen opens the daemon's unix socket, creating its directory. The
+// socket is created with mode 0600 (under a umask of 177, so it never
+// exists with wider permissions); Listen must be called before the
+// daemon creates other files. A lock on SOCKET.lock, held until the
+// listener is closed, makes a second daemon on the same socket fail with
+// ErrRunning; a stale socket file left by a daemon that died is replaced.
 func Listen(socket string) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(socket), 0o755); err != nil {
 		return nil, fmt.Errorf("socket directory: %w", err)
@@ -193,15 +267,12 @@ func Listen(socket string) (net.Listener, error) {
 		lock.Close()
 		return nil, fmt.Errorf("remove stale socket: %w", err)
 	}
+	old := unix.Umask(0o177)
 	l, err := net.Listen("unix", socket)
+	unix.Umask(old)
 	if err != nil {
 		lock.Close()
 		return nil, fmt.Errorf("listen on %s: %w", socket, err)
-	}
-	if err := os.Chmod(socket, 0o600); err != nil {
-		l.Close()
-		lock.Close()
-		return nil, fmt.Errorf("chmod %s: %w", socket, err)
 	}
 	return &lockedListener{Listener: l, lock: lock}, nil
 }

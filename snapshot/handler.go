@@ -1,4 +1,4 @@
-package daemon
+package snapshot
 
 import (
 	"context"
@@ -58,6 +58,14 @@ func (h *originalHandler) Handle(req *ublk.Request) error {
 	}
 	return finish(err)
 }
+
+// newOriginalHandler returns the handler of a filtered device.
+func newOriginalHandler(orig *cow.Original, g *gate) ublk.Handler {
+	return &originalHandler{orig: orig, gate: g}
+}
+
+// newImageHandler returns the handler of a snapshot image.
+func newImageHandler(area *cow.DiffArea) ublk.Handler { return &imageHandler{area: area} }
 
 // imageHandler serves a snapshot image from its difference area. Writes to
 // the image change only the difference storage. The engine answers

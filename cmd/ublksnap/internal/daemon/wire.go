@@ -1,0 +1,43 @@
+package daemon
+
+import (
+	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
+	"github.com/ublksnap/ublksnap/snapshot"
+	"github.com/ublksnap/ublksnap/storage"
+)
+
+// This file turns package snapshot's types into the api package's.
+
+func deviceToWire(d snapshot.DeviceInfo) api.Device {
+	return api.Device{Name: d.Name, Path: d.Path, Backing: d.Backing, Size: uint64(d.Size), Snapshot: d.Snapshot}
+}
+
+func snapshotToWire(s snapshot.SnapshotInfo, err error) (api.Snapshot, error) {
+	out := api.Snapshot{ID: s.ID, State: string(s.State), Devices: []api.SnapshotMember{},
+		Storage: api.StorageInfo{Capacity: uint64(s.Storage.Capacity), Used: uint64(s.Storage.Used), Limit: uint64(s.Storage.Limit)}}
+	for _, m := range s.Members {
+		out.Devices = append(out.Devices, api.SnapshotMember{Device: m.Device, Image: m.Image,
+			ChunkSize: uint64(m.ChunkSize), ChunksCopied: uint64(m.ChunksCopied), ErrorCode: -int(m.Errno)})
+	}
+	return out, err
+}
+
+func statusToWire(st snapshot.Status, version string) api.Status {
+	out := api.Status{Version: version, Devices: []api.Device{}, Snapshots: []api.Snapshot{}}
+	for _, d := range st.Devices {
+		out.Devices = append(out.Devices, deviceToWire(d))
+	}
+	for _, s := range st.Snapshots {
+		ws, _ := snapshotToWire(s, nil)
+		out.Snapshots = append(out.Snapshots, ws)
+	}
+	return out
+}
+
+func eventToWire(e storage.Event) api.Event {
+	out := api.Event{Code: e.Code.String(), Time: e.Time, RequestedSectors: uint64(e.RequestedSectors)}
+	if e.Code == storage.EventCorrupted {
+		out.Device, out.Errno, out.Error = e.Device, int(e.Errno), e.Errno.Error()
+	}
+	return out
+}

@@ -1,0 +1,161 @@
+package snapshot
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/ublksnap/ublksnap/cow"
+	"github.com/ublksnap/ublksnap/storage"
+	"github.com/ublksnap/ublksnap/ublk"
+)
+
+// device is a filtered original device (blksnap's tracker): a backing
+// device served as a block device whose data-changing requests pass the
+// gate and the COW engine.
+type device struct {
+	name    string        // the user's name for it; immutable
+	backing userPath      // the backing file or block device; immutable
+	ident   identity      // where the backing lives; immutable
+	file    *storage.File // the open backing device; immutable
+	orig    *cow.Original // COW engine entry of the device; immutable
+	gate    *gate         // admits its data-changing requests; immutable
+	blk     BlockDevice   // the served /dev/ublkbN; immutable
+	snap    *snapshot     // the snapshot it is a member of, or nil; guarded by Manager.mu
+}
+
+func (d *device) path() string { return d.blk.Path() }
+
+func (d *device) info() DeviceInfo {
+	a := DeviceInfo{Name: d.name, Path: d.path(), Backing: d.backing.name, Size: d.file.Geometry().Size}
+	if d.snap != nil {
+		a.Snapshot = d.snap.id
+	}
+	return a
+}
+
+// AttachOptions describe a device to attach.
+type AttachOptions struct {
+	Backing string // absolute path of a regular file or block device
+	Name    string // "" : the backing's base name
+	Queues  int    // 0: ublk's default
+	Depth   int    // 0: ublk's default
+}
+
+// Attach opens the backing device and serves it as a filtered device.
+func (m *Manager) Attach(ctx context.Context, opt AttachOptions) (DeviceInfo, error) {
+	if opt.Queues < 0 || opt.Depth < 0 {
+		return DeviceInfo{}, fmt.Errorf("%w: queues and depth must not be negative", ErrInvalid)
+	}
+	backing, err := resolve(ctx, "backing", opt.Backing)
+	if err != nil {
+		return DeviceInfo{}, err
+	}
+	id, err := identify(backing.open)
+	if err != nil {
+		return DeviceInfo{}, fmt.Errorf("attach %s: %w", backing.name, err)
+	}
+	if !id.exists {
+		return DeviceInfo{}, fmt.Errorf("attach %s: no such file or device: %w", backing.name, syscall.ENOENT)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, d := range m.devices {
+		if d.ident.sameFile(id) {
+			return DeviceInfo{}, fmt.Errorf("%w: %s is already attached as %s", ErrConflict, backing.name, d.path())
+		}
+		if opt.Name != "" && d.name == opt.Name {
+			return DeviceInfo{}, fmt.Errorf("%w: the name %s is taken by %s", ErrConflict, opt.Name, d.path())
+		}
+	}
+	if err := m.checkOffServedLocked("backing", backing, id); err != nil {
+		return DeviceInfo{}, err
+	}
+	for _, s := range m.snapshots {
+		if s.storageIdent.sameFile(id) {
+			return DeviceInfo{}, fmt.Errorf("%w: %s holds the difference storage of snapshot %s", ErrConflict, backing.name, s.id)
+		}
+	}
+	file, err := storage.Open(backing.open)
+	if err != nil {
+		return DeviceInfo{}, fmt.Errorf("attach %s: %w", backing.name, err)
+	}
+	geo := file.Geometry()
+	cfg := ublk.DefaultConfig(geo.Size)
+	cfg.LogicalBlockSize, cfg.PhysicalBlockSize = geo.LogicalBlockSize, max(geo.PhysicalBlockSize, geo.LogicalBlockSize)
+	cfg.Discard, cfg.WriteZeroes = true, true
+	cfg.Logger = m.log
+	if opt.Queues > 0 {
+		cfg.Queues = opt.Queues
+	}
+	if opt.Depth > 0 {
+		cfg.Depth = opt.Depth
+	}
+	if err := cfg.Validate(); err != nil {
+		file.Close()
+		return DeviceInfo{}, fmt.Errorf("%w: attach %s: %v", ErrInvalid, backing.name, err)
+	}
+	d := &device{name: opt.Name, backing: backing, ident: id, file: file, orig: cow.NewOriginal(file), gate: newGate()}
+	if d.name == "" {
+		d.name = filepath.Base(backing.name)
+	}
+	// The device outlives the request: it ends with Detach or Close.
+	d.blk, err = m.server.Serve(context.WithoutCancel(ctx), cfg, newOriginalHandler(d.orig, d.gate))
+	if err != nil {
+		file.Close()
+		return DeviceInfo{}, fmt.Errorf("attach %s: %w", backing.name, err)
+	}
+	m.devices[d.path()] = d
+	m.log.Info("attached", "device", d.path(), "backing", backing.name, "size", geo.Size)
+	return d.info(), nil
+}
+
+// Detach stops a filtered device that is in no snapshot. Without force it
+// refuses while the device is mounted or open.
+func (m *Manager) Detach(ctx context.Context, ref string, force bool) error {
+	m.mu.Lock()
+	d, err := m.deviceLocked(ref)
+	if err != nil {
+		m.mu.Unlock()
+		return err
+	}
+	if d.snap != nil {
+		m.mu.Unlock()
+		return fmt.Errorf("%w: %s is in snapshot %s; destroy that first", ErrConflict, d.path(), d.snap.id)
+	}
+	if !force {
+		if err := m.checkUnusedLocked(ctx, d.blk); err != nil {
+			m.mu.Unlock()
+			return fmt.Errorf("detach %s: %w", d.path(), err)
+		}
+	}
+	delete(m.devices, d.path())
+	m.mu.Unlock()
+	m.log.Info("detaching", "device", d.path(), "force", force)
+	return d.close()
+}
+
+// checkUnusedLocked fails with ErrBusy, naming the holders, while blk is
+// mounted or open.
+func (m *Manager) checkUnusedLocked(ctx context.Context, blk BlockDevice) error {
+	holders, err := m.host.Holders(ctx, blk.DevNum(), blk.Path())
+	if err != nil {
+		return fmt.Errorf("find who holds %s: %w", blk.Path(), err)
+	}
+	if len(holders) > 0 {
+		return fmt.Errorf("%w: %s is %s; unmount or close it, or use --force", ErrBusy, blk.Path(), strings.Join(holders, ", "))
+	}
+	return nil
+}
+
+// close stops the served device, then flushes and closes the backing device.
+func (d *device) close() error {
+	err := errors.Join(d.blk.Close(), d.orig.Flush(), d.file.Close())
+	if err != nil {
+		return fmt.Errorf("detach %s: %w", d.path(), err)
+	}
+	return nil
+}

@@ -1,0 +1,185 @@
+package snapshot
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ublksnap/ublksnap/cow"
+	"github.com/ublksnap/ublksnap/ublk"
+)
+
+// fakeServer is a BlockServer that serves nothing: its devices only
+// record their handler. Hooks let tests look at the moment a device is
+// served and make Close hang.
+type fakeServer struct {
+	mu      sync.Mutex
+	next    int                                   // number of the next device; guarded by mu
+	devNum  func(n int) uint64                    // device number of device n; nil: 1000+n
+	onServe func(cfg ublk.Config, h ublk.Handler) // called by Serve, if set
+	closeCh chan struct{}                         // if set, Close waits until it is closed
+	served  []*fakeBlock                          // guarded by mu
+}
+
+type fakeBlock struct {
+	srv    *fakeServer
+	path   string
+	dev    uint64
+	h      ublk.Handler
+	mu     sync.Mutex
+	closed bool // guarded by mu
+}
+
+func (s *fakeServer) Serve(_ context.Context, cfg ublk.Config, h ublk.Handler) (BlockDevice, error) {
+	if s.onServe != nil {
+		s.onServe(cfg, h)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := s.next
+	s.next++
+	dev := uint64(1000 + n)
+	if s.devNum != nil {
+		dev = s.devNum(n)
+	}
+	b := &fakeBlock{srv: s, path: fmt.Sprintf("/dev/fake%d", n), dev: dev, h: h}
+	s.served = append(s.served, b)
+	return b, nil
+}
+
+func (b *fakeBlock) Path() string   { return b.path }
+func (b *fakeBlock) DevNum() uint64 { return b.dev }
+func (b *fakeBlock) Close() error {
+	if b.srv.closeCh != nil {
+		<-b.srv.closeCh
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return fmt.Errorf("%s closed twice", b.path)
+	}
+	b.closed = true
+	return nil
+}
+
+// fakeHost records freezes and answers Holders from a table.
+type fakeHost struct {
+	mu      sync.Mutex
+	frozen  map[uint64]bool     // devices frozen now; guarded by mu
+	holders map[uint64][]string // answers of Holders; guarded by mu
+}
+
+func newFakeHost() *fakeHost {
+	return &fakeHost{frozen: map[uint64]bool{}, holders: map[uint64][]string{}}
+}
+
+func (h *fakeHost) Freeze(_ context.Context, dev uint64) (func() error, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.frozen[dev] = true
+	return func() error {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		delete(h.frozen, dev)
+		return nil
+	}, nil
+}
+
+func (h *fakeHost) isFrozen(dev uint64) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.frozen[dev]
+}
+
+func (h *fakeHost) setHolders(dev uint64, holders ...string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.holders[dev] = holders
+}
+
+func (h *fakeHost) Holders(_ context.Context, dev uint64, _ string) ([]string, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.holders[dev], nil
+}
+
+// testParams are blksnap's defaults with small chunks and storage steps.
+func testParams() cow.Params {
+	p := cow.DefaultParams()
+	p.ChunkMinimumShift = 16
+	p.DiffStorageMinimum = 1 << 11 // 1 MiB
+	return p
+}
+
+// env is a Manager over fakes and files in a temporary directory.
+type env struct {
+	t    *testing.T
+	m    *Manager
+	srv  *fakeServer
+	host *fakeHost
+	dir  string
+}
+
+func newEnv(t *testing.T, cfg Config) *env {
+	t.Helper()
+	e := &env{t: t, srv: &fakeServer{}, host: newFakeHost(), dir: t.TempDir()}
+	if cfg.Server == nil {
+		cfg.Server = e.srv
+	}
+	cfg.Host = e.host
+	if cfg.Params == (cow.Params{}) {
+		cfg.Params = testParams()
+	}
+	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.m = m
+	t.Cleanup(func() {
+		if err := m.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	})
+	return e
+}
+
+// file creates a file of size bytes filled with fill.
+func (e *env) file(name string, size int, fill byte) string {
+	e.t.Helper()
+	p := filepath.Join(e.dir, name)
+	buf := make([]byte, size)
+	for i := range buf {
+		buf[i] = fill
+	}
+	if err := os.WriteFile(p, buf, 0o600); err != nil {
+		e.t.Fatal(err)
+	}
+	return p
+}
+
+// attach attaches a new 4 MiB backing file and returns the device node.
+func (e *env) attach(name string, fill byte) string {
+	e.t.Helper()
+	d, err := e.m.Attach(context.Background(), AttachOptions{Backing: e.file(name, 4<<20, fill)})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return d.Path
+}
+
+// dirDev is the device number of the filesystem holding the test directory.
+func (e *env) dirDev() uint64 {
+	var st unix.Stat_t
+	if err := unix.Stat(e.dir, &st); err != nil {
+		e.t.Fatal(err)
+	}
+	return st.Dev
+}

@@ -1,0 +1,248 @@
+package snapshot
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/ublksnap/ublksnap/cow"
+	"github.com/ublksnap/ublksnap/storage"
+)
+
+// Defaults of Config.
+const (
+	// DefaultTakeTimeout bounds how long a take waits for in-flight
+	// writes to drain.
+	DefaultTakeTimeout = 30 * time.Second
+	// DefaultDestroyTimeout bounds how long a destroy waits for a
+	// snapshot's I/O to end before it leaves the rest to the background.
+	DefaultDestroyTimeout = 30 * time.Second
+)
+
+// minLimit is the smallest difference storage limit a snapshot accepts.
+const minLimit = 1 << 20
+
+// Config configures a Manager.
+type Config struct {
+	Params         cow.Params    // blksnap's parameters for new snapshots
+	Logger         *slog.Logger  // nil: slog.Default()
+	Server         BlockServer   // nil: UblkServer
+	Host           Host          // nil: System
+	TakeTimeout    time.Duration // 0: DefaultTakeTimeout
+	DestroyTimeout time.Duration // 0: DefaultDestroyTimeout
+}
+
+// Manager owns the filtered devices and the snapshots; see the package
+// documentation for the model.
+type Manager struct {
+	params         cow.Params    // immutable
+	log            *slog.Logger  // immutable
+	server         BlockServer   // immutable
+	host           Host          // immutable
+	takeTimeout    time.Duration // immutable
+	destroyTimeout time.Duration // immutable
+
+	mu        sync.Mutex
+	devices   map[string]*device   // filtered devices by node path; guarded by mu
+	snapshots map[string]*snapshot // snapshots by UUID; guarded by mu
+}
+
+// New returns a Manager with no devices.
+func New(cfg Config) (*Manager, error) {
+	if err := cfg.Params.Validate(); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	m := &Manager{
+		params:         cfg.Params,
+		log:            cfg.Logger,
+		server:         cfg.Server,
+		host:           cfg.Host,
+		takeTimeout:    cfg.TakeTimeout,
+		destroyTimeout: cfg.DestroyTimeout,
+		devices:        make(map[string]*device),
+		snapshots:      make(map[string]*snapshot),
+	}
+	if m.log == nil {
+		m.log = slog.Default()
+	}
+	if m.server == nil {
+		m.server = UblkServer{}
+	}
+	if m.host == nil {
+		m.host = System{}
+	}
+	if m.takeTimeout <= 0 {
+		m.takeTimeout = DefaultTakeTimeout
+	}
+	if m.destroyTimeout <= 0 {
+		m.destroyTimeout = DefaultDestroyTimeout
+	}
+	return m, nil
+}
+
+// State is a snapshot's state.
+type State string
+
+// Snapshot states.
+const (
+	StateCreated   State = "created"   // devices and storage may still be added
+	StateTaken     State = "taken"     // images are served
+	StateCorrupted State = "corrupted" // at least one member's diff area failed
+	StateNone      State = "none"      // (DeviceState) the device is in no snapshot
+)
+
+// DeviceInfo describes a filtered device.
+type DeviceInfo struct {
+	Name     string // the user's name for it
+	Path     string // /dev/ublkbN
+	Backing  string // the backing file or block device, as named
+	Size     int64  // bytes
+	Snapshot string // UUID of the snapshot it is in, or ""
+}
+
+// SnapshotInfo describes a snapshot.
+type SnapshotInfo struct {
+	ID      string
+	State   State
+	Members []MemberInfo
+	Storage StorageInfo
+}
+
+// MemberInfo is one original device of a snapshot and its image.
+type MemberInfo struct {
+	Device       string        // the filtered device's node
+	Image        string        // the image's node once taken
+	ChunkSize    int64         // bytes, once taken
+	ChunksCopied int64         // chunks no longer New
+	Errno        syscall.Errno // what corrupted the member, or 0
+}
+
+// StorageInfo is a difference storage's accounting, in bytes.
+type StorageInfo struct {
+	Capacity int64
+	Used     int64
+	Limit    int64
+}
+
+// DeviceState answers "which snapshot holds this device, and how is it".
+type DeviceState struct {
+	Device   string
+	Snapshot string
+	State    State
+	Image    string
+	Errno    syscall.Errno
+}
+
+// Status is the whole state.
+type Status struct {
+	Devices   []DeviceInfo
+	Snapshots []SnapshotInfo
+}
+
+// deviceLocked finds a filtered device by its node or name.
+func (m *Manager) deviceLocked(ref string) (*device, error) {
+	if ref == "" {
+		return nil, fmt.Errorf("%w: no device given", ErrInvalid)
+	}
+	if d, ok := m.devices[ref]; ok {
+		return d, nil
+	}
+	for _, d := range m.devices {
+		if d.name == ref {
+			return d, nil
+		}
+	}
+	return nil, fmt.Errorf("%w: unknown device %s (see ublksnap status)", ErrNotFound, ref)
+}
+
+// snapshotLocked finds a snapshot by UUID.
+func (m *Manager) snapshotLocked(id string) (*snapshot, error) {
+	if s, ok := m.snapshots[id]; ok {
+		return s, nil
+	}
+	return nil, fmt.Errorf("%w: snapshot %s not found (see ublksnap snapshot collect)", ErrNotFound, id)
+}
+
+// checkOffServedLocked refuses a path that is one of the served devices or
+// lives on a filesystem of one: storage or a backing there would write
+// through the COW path of the device it serves (the difference storage
+// into its own snapshot) and can deadlock under writeback.
+func (m *Manager) checkOffServedLocked(what string, p userPath, id identity) error {
+	for _, d := range m.devices {
+		if id.on(d.blk.DevNum()) {
+			return fmt.Errorf("%w: %s %s is on the filtered device %s; put it on a device ublksnap does not serve", ErrInvalid, what, p.name, d.path())
+		}
+	}
+	for _, s := range m.snapshots {
+		for _, mb := range s.members {
+			if mb.image != nil && id.on(mb.image.DevNum()) {
+				return fmt.Errorf("%w: %s %s is on the snapshot image %s; put it on a device ublksnap does not serve", ErrInvalid, what, p.name, mb.image.Path())
+			}
+		}
+	}
+	return nil
+}
+
+// Snapshots lists the snapshot UUIDs in order.
+func (m *Manager) Snapshots(context.Context) []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	ids := make([]string, 0, len(m.snapshots))
+	for id := range m.snapshots {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	return ids
+}
+
+// Status returns every device and snapshot, in order.
+func (m *Manager) Status(context.Context) Status {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	st := Status{Devices: []DeviceInfo{}, Snapshots: []SnapshotInfo{}}
+	for _, d := range m.devices {
+		st.Devices = append(st.Devices, d.info())
+	}
+	sort.Slice(st.Devices, func(i, j int) bool { return st.Devices[i].Path < st.Devices[j].Path })
+	for _, s := range m.snapshots {
+		st.Snapshots = append(st.Snapshots, s.info())
+	}
+	sort.Slice(st.Snapshots, func(i, j int) bool { return st.Snapshots[i].ID < st.Snapshots[j].ID })
+	return st
+}
+
+// Close stops everything: the snapshots first, then the filtered devices,
+// flushing every backing device.
+func (m *Manager) Close() error {
+	m.mu.Lock()
+	snaps := make([]*snapshot, 0, len(m.snapshots))
+	for id, s := range m.snapshots {
+		snaps = append(snaps, s)
+		s.destroying = true
+		delete(m.snapshots, id)
+	}
+	m.mu.Unlock()
+	var errs []error
+	for _, s := range snaps {
+		errs = append(errs, m.teardown(s))
+	}
+	m.mu.Lock()
+	devs := make([]*device, 0, len(m.devices))
+	for p, d := range m.devices {
+		devs = append(devs, d)
+		delete(m.devices, p)
+	}
+	m.mu.Unlock()
+	for _, d := range devs {
+		errs = append(errs, d.close())
+	}
+	return errors.Join(errs...)
+}
+
+// storageSectors converts a byte count to whole sectors.
+func storageSectors(bytes int64) int64 { return bytes >> storage.SectorShift }

@@ -1,0 +1,548 @@
+package snapshot
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/google/uuid"
+	"golang.org/x/sys/unix"
+
+	"github.com/ublksnap/ublksnap/cow"
+	"github.com/ublksnap/ublksnap/storage"
+	"github.com/ublksnap/ublksnap/ublk"
+)
+
+// snapshot is one snapshot (blksnap's struct snapshot) and its difference
+// storage.
+type snapshot struct {
+	id           string               // UUID; immutable
+	storage      *storage.DiffStorage // shared by all members; immutable
+	storagePath  userPath             // where the storage was created; immutable
+	storageIdent identity             // where the storage lives; immutable
+	created      *createdFile         // a storage file the manager created, or nil; immutable
+	limit        int64                // bytes; immutable
+	taken        bool                 // the members are in COW and have images; guarded by Manager.mu
+	destroying   bool                 // removed from the manager, being torn down; guarded by Manager.mu
+	members      []*member            // in the order added; guarded by Manager.mu
+}
+
+// member is an original device in a snapshot and, once taken, its image
+// (blksnap's snapimage).
+type member struct {
+	dev   *device       // immutable
+	area  *cow.DiffArea // set by take, before the switch to COW
+	image BlockDevice   // set by take, after the switch to COW
+}
+
+// CreateOptions describe a new snapshot.
+type CreateOptions struct {
+	Devices []string // nodes or names of filtered devices
+	// Storage is an absolute path: a regular file (created if missing,
+	// grown up to Limit), a directory (an unnamed temporary file in it)
+	// or a block device (used up to Limit).
+	Storage string
+	Limit   int64 // bytes
+	// Force allows an existing, non-empty regular file as Storage.
+	Force bool
+}
+
+// CreateSnapshot creates a snapshot with its difference storage and adds
+// the given devices. Nothing is left behind when it fails.
+func (m *Manager) CreateSnapshot(ctx context.Context, opt CreateOptions) (SnapshotInfo, error) {
+	if opt.Limit < minLimit {
+		return SnapshotInfo{}, fmt.Errorf("%w: limit %d bytes is too small: give at least 1 MiB", ErrInvalid, opt.Limit)
+	}
+	p, err := resolve(ctx, "storage", opt.Storage)
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	id, err := identify(p.open)
+	if err != nil {
+		return SnapshotInfo{}, fmt.Errorf("difference storage %s: %w", p.name, err)
+	}
+	if err := checkStorageFile(p, id, opt.Force); err != nil {
+		return SnapshotInfo{}, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.checkStorageLocked(p, id, nil); err != nil {
+		return SnapshotInfo{}, err
+	}
+	s := &snapshot{id: uuid.NewString(), storagePath: p, storageIdent: id, limit: opt.Limit}
+	for _, ref := range opt.Devices {
+		d, err := m.deviceLocked(ref)
+		if err != nil {
+			return SnapshotInfo{}, err
+		}
+		if err := s.checkMember(d); err != nil {
+			return SnapshotInfo{}, err
+		}
+		s.members = append(s.members, &member{dev: d})
+	}
+	if !id.exists {
+		if s.created, err = createFile(p.open); err != nil {
+			return SnapshotInfo{}, fmt.Errorf("difference storage: %w", err)
+		}
+	}
+	s.storage, err = storage.NewFile(p.open, storageSectors(opt.Limit),
+		storage.Options{MinimumSectors: m.params.DiffStorageMinimum, Logger: m.log})
+	if err != nil {
+		if s.created != nil {
+			s.created.remove()
+		}
+		return SnapshotInfo{}, fmt.Errorf("difference storage %s: %w", p.name, err)
+	}
+	for _, mb := range s.members {
+		mb.dev.snap = s
+	}
+	m.snapshots[s.id] = s
+	m.log.Info("snapshot created", "id", s.id, "storage", p.name, "limit", opt.Limit, "devices", len(s.members))
+	return s.info(), nil
+}
+
+// checkStorageFile refuses, unless force, an existing regular file that
+// holds data: the difference storage would overwrite it. A file of holes
+// (made with truncate or fallocate, as storage files are prepared) is
+// taken as it is.
+func checkStorageFile(p userPath, id identity, force bool) error {
+	if !id.exists || id.rdev != 0 || force {
+		return nil
+	}
+	f, err := os.Open(p.open)
+	if err != nil {
+		return fmt.Errorf("difference storage %s: %w", p.name, err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || !fi.Mode().IsRegular() {
+		return err
+	}
+	at, err := unix.Seek(int(f.Fd()), 0, unix.SEEK_DATA)
+	if errors.Is(err, unix.ENXIO) {
+		return nil // no data at all
+	}
+	if err != nil {
+		return fmt.Errorf("difference storage %s: look for data: %w", p.name, err)
+	}
+	return fmt.Errorf("%w: %s holds data (at byte %d of %d) that the difference storage would overwrite; remove it, name a new file or a directory, or use --force", ErrConflict, p.name, at, fi.Size())
+}
+
+// checkStorageLocked refuses difference storage on a served device or a
+// member's backing (s nil: a new snapshot).
+func (m *Manager) checkStorageLocked(p userPath, id identity, s *snapshot) error {
+	if err := m.checkOffServedLocked("difference storage", p, id); err != nil {
+		return err
+	}
+	for _, d := range m.devices {
+		if d.ident.sameFile(id) {
+			return fmt.Errorf("%w: %s is the backing of %s; the difference storage must be elsewhere", ErrInvalid, p.name, d.path())
+		}
+	}
+	return nil
+}
+
+// checkMember reports why d cannot join s.
+func (s *snapshot) checkMember(d *device) error {
+	switch {
+	case d.snap != nil && d.snap == s:
+		return fmt.Errorf("%w: %s is already in snapshot %s", ErrConflict, d.path(), s.id)
+	case d.snap != nil:
+		return fmt.Errorf("%w: %s is in snapshot %s; a device is in one snapshot at a time", ErrConflict, d.path(), d.snap.id)
+	case d.ident.sameFile(s.storageIdent):
+		return fmt.Errorf("%w: %s holds the difference storage and cannot be a member", ErrInvalid, d.path())
+	}
+	for _, mb := range s.members {
+		if mb.dev == d {
+			return fmt.Errorf("%w: %s is given twice", ErrInvalid, d.path())
+		}
+	}
+	return nil
+}
+
+// SnapshotInfo describes one snapshot.
+func (m *Manager) Snapshot(_ context.Context, id string) (SnapshotInfo, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s, err := m.snapshotLocked(id)
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	return s.info(), nil
+}
+
+// AddDevice adds a filtered device to a snapshot not yet taken.
+func (m *Manager) AddDevice(_ context.Context, id, ref string) (SnapshotInfo, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s, err := m.snapshotLocked(id)
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	d, err := m.deviceLocked(ref)
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	if err := s.checkMember(d); err != nil {
+		return SnapshotInfo{}, err
+	}
+	if s.taken {
+		return SnapshotInfo{}, fmt.Errorf("%w: snapshot %s is already taken; devices are added before", ErrConflict, id)
+	}
+	s.members = append(s.members, &member{dev: d})
+	d.snap = s
+	return s.info(), nil
+}
+
+// Range is a run of 512-byte sectors, as a user gives it.
+type Range struct{ Start, Count uint64 }
+
+// AppendStorage adds a file or block device, or sector ranges of it, to a
+// snapshot's difference storage.
+func (m *Manager) AppendStorage(ctx context.Context, id, path string, ranges []Range) (SnapshotInfo, error) {
+	p, err := resolve(ctx, "storage", path)
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	ident, err := identify(p.open)
+	if err != nil {
+		return SnapshotInfo{}, fmt.Errorf("append storage %s: %w", p.name, err)
+	}
+	if !ident.exists {
+		return SnapshotInfo{}, fmt.Errorf("append storage %s: no such file or device: %w", p.name, syscall.ENOENT)
+	}
+	sr := make([]storage.Range, len(ranges))
+	for i, r := range ranges {
+		if r.Start > 1<<62 || r.Count > 1<<62 {
+			return SnapshotInfo{}, fmt.Errorf("%w: range %d:%d is outside any device", ErrInvalid, r.Start, r.Count)
+		}
+		sr[i] = storage.Range{Sector: int64(r.Start), Count: int64(r.Count)}
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s, err := m.snapshotLocked(id)
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	if err := m.checkStorageLocked(p, ident, s); err != nil {
+		return SnapshotInfo{}, err
+	}
+	if len(sr) == 0 {
+		dev, err := storage.Open(p.open)
+		if err != nil {
+			return SnapshotInfo{}, fmt.Errorf("append storage %s: %w", p.name, err)
+		}
+		whole := []storage.Range{{Sector: 0, Count: dev.Geometry().Sectors()}}
+		if err := s.storage.AppendDevice(dev, whole); err != nil {
+			dev.Close()
+			return SnapshotInfo{}, fmt.Errorf("append storage %s: %w", p.name, err)
+		}
+	} else if err := s.storage.Append(p.open, sr); err != nil {
+		return SnapshotInfo{}, fmt.Errorf("append storage %s: %w", p.name, err)
+	}
+	return s.info(), nil
+}
+
+// Take takes a snapshot (blksnap's snapshot_take): it creates the
+// difference areas, freezes the members' filesystems, pauses all members'
+// writes at once, switches every member to COW, resumes and thaws, and
+// only then creates the images, so that an image shows the snapshot
+// instant from the first byte anyone can read. Any failure undoes
+// everything and leaves the snapshot as it was.
+func (m *Manager) Take(ctx context.Context, id string) (SnapshotInfo, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s, err := m.snapshotLocked(id)
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	switch {
+	case s.taken:
+		return SnapshotInfo{}, fmt.Errorf("%w: snapshot %s is already taken", ErrConflict, id)
+	case len(s.members) == 0:
+		return SnapshotInfo{}, fmt.Errorf("%w: snapshot %s has no devices; add some with ublksnap snapshot add", ErrInvalid, id)
+	}
+	if err := m.take(ctx, s); err != nil {
+		if rerr := m.release(s); rerr != nil {
+			m.log.Error("undo failed take", "id", id, "err", rerr)
+		}
+		for _, mb := range s.members {
+			mb.area, mb.image = nil, nil
+		}
+		return SnapshotInfo{}, fmt.Errorf("take snapshot %s: %w", id, err)
+	}
+	s.taken = true
+	m.log.Info("snapshot taken", "id", id, "devices", len(s.members))
+	return s.info(), nil
+}
+
+func (m *Manager) take(ctx context.Context, s *snapshot) error {
+	for _, mb := range s.members {
+		area, err := cow.NewDiffArea(mb.dev.file, s.storage, m.params, m.log)
+		if err != nil {
+			return fmt.Errorf("%w: %v", ErrInvalid, err)
+		}
+		mb.area = area
+	}
+	if err := m.switchToCOW(ctx, s); err != nil {
+		return err
+	}
+	for _, mb := range s.members {
+		logical, physical := mb.area.BlockSizes()
+		cfg := ublk.DefaultConfig(mb.area.Size())
+		cfg.LogicalBlockSize, cfg.PhysicalBlockSize = logical, max(physical, logical)
+		cfg.Discard, cfg.WriteZeroes = true, true
+		cfg.Logger = m.log
+		// The image outlives the request: it ends with Destroy or Close.
+		img, err := m.server.Serve(context.WithoutCancel(ctx), cfg, newImageHandler(mb.area))
+		if err != nil {
+			return fmt.Errorf("image of %s: %w", mb.dev.path(), err)
+		}
+		mb.image = img
+	}
+	for _, mb := range s.members {
+		if corrupted, errno := mb.area.Corrupted(); corrupted {
+			return fmt.Errorf("%w: the difference area of %s failed: %w", ErrConflict, mb.dev.path(), errno)
+		}
+	}
+	return nil
+}
+
+// switchToCOW freezes the members' filesystems, pauses their writes, gives
+// every member its difference area at once, resumes and thaws.
+func (m *Manager) switchToCOW(ctx context.Context, s *snapshot) error {
+	var thaws []func() error
+	defer func() {
+		for _, thaw := range thaws {
+			if err := thaw(); err != nil {
+				m.log.Error("thaw after take", "id", s.id, "err", err)
+			}
+		}
+	}()
+	for _, mb := range s.members {
+		thaw, err := m.host.Freeze(ctx, mb.dev.blk.DevNum())
+		if err != nil {
+			return fmt.Errorf("freeze the filesystems of %s: %w", mb.dev.path(), err)
+		}
+		thaws = append(thaws, thaw)
+	}
+	pctx, cancel := context.WithTimeout(ctx, m.takeTimeout)
+	defer cancel()
+	paused := s.members[:0:0]
+	defer func() {
+		for _, mb := range paused {
+			mb.dev.gate.Resume()
+		}
+	}()
+	for _, mb := range s.members {
+		if err := mb.dev.gate.Pause(pctx); err != nil {
+			return fmt.Errorf("pause writes to %s: %w", mb.dev.path(), err)
+		}
+		paused = append(paused, mb)
+	}
+	for _, mb := range s.members {
+		mb.dev.orig.SetDiffArea(mb.area)
+	}
+	return nil
+}
+
+// release undoes a take, fully or in part: it closes the difference
+// areas first (requests waiting in them give up, and after the area's
+// bound even those stuck in the difference storage are failed), switches
+// the members off COW and stops the images. It waits for I/O; the caller
+// decides whether to hold Manager.mu meanwhile.
+func (m *Manager) release(s *snapshot) error {
+	var errs []error
+	for _, mb := range s.members {
+		if mb.area != nil {
+			errs = append(errs, mb.area.Close())
+		}
+	}
+	for _, mb := range s.members {
+		if mb.area == nil {
+			continue
+		}
+		// A pause makes sure no write is between its COW and its write.
+		pctx, cancel := context.WithTimeout(context.Background(), m.destroyTimeout)
+		err := mb.dev.gate.Pause(pctx)
+		cancel()
+		mb.dev.orig.SetDiffArea(nil)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("pause writes to %s: %w", mb.dev.path(), err))
+		} else {
+			mb.dev.gate.Resume()
+		}
+	}
+	for _, mb := range s.members {
+		if mb.image != nil {
+			errs = append(errs, mb.image.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// WaitEvent waits up to timeout for the snapshot's next event; it returns
+// storage.ErrTimeout when none came.
+func (m *Manager) WaitEvent(ctx context.Context, id string, timeout time.Duration) (storage.Event, error) {
+	m.mu.Lock()
+	s, err := m.snapshotLocked(id)
+	m.mu.Unlock()
+	if err != nil {
+		return storage.Event{}, err
+	}
+	e, err := s.storage.Events().Wait(ctx, int(timeout.Milliseconds()))
+	if errors.Is(err, storage.ErrEventQueueClosed) {
+		return storage.Event{}, fmt.Errorf("%w: snapshot %s was destroyed", ErrNotFound, id)
+	}
+	if err != nil {
+		return storage.Event{}, err
+	}
+	if e.Code == storage.EventCorrupted {
+		m.mu.Lock()
+		for _, mb := range s.members {
+			if mb.dev.file.Name() == e.Device {
+				e.Device = mb.dev.path()
+			}
+		}
+		m.mu.Unlock()
+	}
+	return e, nil
+}
+
+// Destroy removes a snapshot's images and releases its storage (blksnap's
+// snapshot_destroy). Without force it refuses while an image is mounted or
+// open. The snapshot leaves the manager at once; its teardown runs without
+// the manager's lock (the members keep their closed areas and images
+// for reports until they are free) and is waited for up to the destroy timeout: if the
+// difference storage hangs, the areas are corrupted (their requests fail
+// with EIO) and what still waits for the storage finishes in the
+// background.
+func (m *Manager) Destroy(ctx context.Context, id string, force bool) error {
+	m.mu.Lock()
+	s, err := m.snapshotLocked(id)
+	if err != nil {
+		m.mu.Unlock()
+		return err
+	}
+	if !force {
+		for _, mb := range s.members {
+			if mb.image == nil {
+				continue
+			}
+			if err := m.checkUnusedLocked(ctx, mb.image); err != nil {
+				m.mu.Unlock()
+				return fmt.Errorf("destroy snapshot %s: image %w", id, err)
+			}
+		}
+	}
+	s.destroying = true
+	delete(m.snapshots, id)
+	m.mu.Unlock()
+	err = m.teardown(s)
+	m.log.Info("snapshot destroyed", "id", id, "err", err)
+	return err
+}
+
+// teardown releases a snapshot that left the manager, waiting at most the
+// destroy timeout, then frees its members for other snapshots.
+func (m *Manager) teardown(s *snapshot) error {
+	done := make(chan error, 1)
+	go func() {
+		err := m.release(s)
+		m.mu.Lock()
+		for _, mb := range s.members {
+			mb.dev.snap = nil
+		}
+		m.mu.Unlock()
+		err = errors.Join(err, s.storage.Close())
+		if s.created != nil {
+			err = errors.Join(err, s.created.remove())
+		}
+		done <- err
+	}()
+	timer := time.NewTimer(m.destroyTimeout)
+	defer timer.Stop()
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("destroy snapshot %s: %w", s.id, err)
+		}
+		return nil
+	case <-timer.C:
+		m.log.Error("snapshot teardown still waits for I/O; it goes on in the background", "id", s.id, "after", m.destroyTimeout)
+		return nil
+	}
+}
+
+// DeviceState reports which snapshot holds a device and its state.
+func (m *Manager) DeviceState(_ context.Context, ref string) (DeviceState, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	d, err := m.deviceLocked(ref)
+	if err != nil {
+		return DeviceState{}, err
+	}
+	st := DeviceState{Device: d.path(), State: StateNone}
+	if d.snap == nil {
+		return st, nil
+	}
+	st.Snapshot, st.State = d.snap.id, d.snap.state()
+	for _, mb := range d.snap.members {
+		if mb.dev == d {
+			mi := mb.info()
+			st.Image, st.Errno = mi.Image, mi.Errno
+			if mi.Errno != 0 {
+				st.State = StateCorrupted
+			}
+		}
+	}
+	return st, nil
+}
+
+// state is the snapshot's state for reports.
+func (s *snapshot) state() State {
+	if !s.taken {
+		return StateCreated
+	}
+	for _, mb := range s.members {
+		if mb.area != nil {
+			if corrupted, _ := mb.area.Corrupted(); corrupted {
+				return StateCorrupted
+			}
+		}
+	}
+	return StateTaken
+}
+
+func (s *snapshot) info() SnapshotInfo {
+	st := s.storage.Stats()
+	out := SnapshotInfo{ID: s.id, State: s.state(), Members: []MemberInfo{},
+		Storage: StorageInfo{
+			Capacity: st.Capacity << storage.SectorShift,
+			Used:     st.Filled << storage.SectorShift,
+			Limit:    s.limit,
+		}}
+	for _, mb := range s.members {
+		out.Members = append(out.Members, mb.info())
+	}
+	return out
+}
+
+func (mb *member) info() MemberInfo {
+	out := MemberInfo{Device: mb.dev.path()}
+	if mb.image != nil {
+		out.Image = mb.image.Path()
+	}
+	if mb.area != nil {
+		st := mb.area.Stats()
+		out.ChunkSize = st.ChunkSize
+		out.ChunksCopied = int64(st.Chunks - st.ChunksInState[cow.ChunkNew])
+		if corrupted, errno := mb.area.Corrupted(); corrupted {
+			out.Errno = errno
+		}
+	}
+	return out
+}
