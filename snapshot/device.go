@@ -146,7 +146,7 @@ func (m *Manager) checkUnusedLocked(ctx context.Context, blk BlockDevice) error 
 		return fmt.Errorf("find who holds %s: %w", blk.Path(), err)
 	}
 	if len(holders) > 0 {
-		return fmt.Errorf("%w: %s is %s; unmount or close it, or use --force", ErrBusy, blk.Path(), strings.Join(holders, ", "))
+		return fmt.Errorf("%w: %s is open or mounted (%s); unmount or close it, or use --force", ErrBusy, blk.Path(), strings.Join(holders, ", "))
 	}
 	return nil
 }

@@ -434,7 +434,7 @@ func (m *Manager) Destroy(ctx context.Context, id string, force bool) error {
 			}
 			if err := m.checkUnusedLocked(ctx, mb.image); err != nil {
 				m.mu.Unlock()
-				return fmt.Errorf("destroy snapshot %s: image %w", id, err)
+				return fmt.Errorf("image of %s: %w", mb.dev.path(), err)
 			}
 		}
 	}

@@ -45,11 +45,10 @@ func ReexecInPrivateNamespace(ctx context.Context) (int, error) {
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sigs)
-	if err := startAsIOFlusher(cmd); err != nil {
+	done, err := startAsIOFlusher(cmd)
+	if err != nil {
 		return 1, fmt.Errorf("start daemon in a private mount namespace: %w", err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
 	for {
 		select {
 		case sig := <-sigs:
@@ -70,20 +69,31 @@ func ReexecInPrivateNamespace(ctx context.Context) (int, error) {
 	}
 }
 
-// startAsIOFlusher starts cmd from a thread marked PR_SET_IO_FLUSHER.
-// The thread stays locked, and so is never reused for other goroutines
-// with the mark; it ends with the goroutine.
-func startAsIOFlusher(cmd *exec.Cmd) error {
-	errc := make(chan error, 1)
+// startAsIOFlusher starts cmd from a thread marked PR_SET_IO_FLUSHER and
+// waits for it on that same thread, whose result arrives on done. The
+// thread must outlive the child: the child's parent-death signal fires
+// when the thread that forked it exits. The thread stays locked, so no
+// other goroutine runs on it with the mark, and ends with the goroutine.
+func startAsIOFlusher(cmd *exec.Cmd) (done <-chan error, err error) {
+	started := make(chan error, 1)
+	waited := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread() // never unlocked: the thread exits with the goroutine
 		if err := unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0); err != nil {
-			errc <- fmt.Errorf("PR_SET_IO_FLUSHER: %w", err)
+			started <- fmt.Errorf("PR_SET_IO_FLUSHER: %w", err)
 			return
 		}
-		errc <- cmd.Start()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		waited <- cmd.Wait()
 	}()
-	return <-errc
+	if err := <-started; err != nil {
+		return nil, err
+	}
+	return waited, nil
 }
 
 // HardenProcess makes the daemon a poor OOM victim and checks that it runs
