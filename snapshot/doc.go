@@ -1,0 +1,60 @@
+// Package snapshot is the core of ublksnap: what blksnap's tracker.c,
+// snapshot.c and snapimage.c do. It owns the filtered devices, the
+// snapshots and their images, and builds on package ublk (block devices),
+// storage (backing devices, difference storage) and cow (the chunk engine).
+// It speaks its own types; the daemon maps them to the wire.
+//
+// # Objects and lifetimes
+//
+//	Manager    every device and snapshot of one daemon
+//	device     a filtered device, from Attach to Detach: an open backing
+//	           storage.File, its cow.Original, a gate, and the BlockDevice
+//	           (/dev/ublkbN) whose handler sends reads to the backing and
+//	           writes through the gate and the COW engine
+//	snapshot   from CreateSnapshot to Destroy: a storage.DiffStorage shared
+//	           by its members, and the members
+//	member     a device in a snapshot; from Take on, its cow.DiffArea and
+//	           its image (a second BlockDevice served from the area)
+//
+// A device is in at most one snapshot. A snapshot is created (storage and
+// members may be added), then taken once, then destroyed. Its image exists
+// only after the take has switched its original to COW, so it shows the
+// snapshot instant from the first byte anyone can read.
+//
+// # Locks
+//
+// Manager.mu guards the maps of devices and snapshots, device.snap and
+// every snapshot's members, taken and destroying flags. It is held for
+// the whole of Take (the switch to COW is one state change: freeze, pause,
+// switch, resume, thaw, then serving the images), and never while waiting
+// for a snapshot's teardown: Destroy removes the snapshot from the map
+// under the lock, then releases it without the lock, bounded by
+// Config.DestroyTimeout, and takes the lock again only to free the
+// members. WaitEvent waits without it.
+//
+// Each device's gate admits its data-changing requests: a take pauses the
+// gates of all members (new writes wait, admitted ones drain), switches
+// every member to COW at one instant, and resumes them. The pause is
+// bounded by Config.TakeTimeout; filesystems are frozen around it.
+//
+// # Where paths are resolved
+//
+// Paths in requests are absolute and resolved in the caller's view of the
+// filesystem (WithCaller): the daemon runs in a private mount namespace
+// and would not see filesystems mounted after it started. Difference
+// storage and backings are compared by device number and inode with every
+// device the manager serves, so that no storage is written through the COW
+// path of a device it serves.
+//
+// # Errors
+//
+// Every error carries an errno: that of the failed system call, or of its
+// kind (ErrInvalid EINVAL, ErrNotFound ENOENT, ErrConflict EALREADY,
+// ErrBusy EBUSY); Errno finds it.
+//
+// # Tests
+//
+// Host tests run the Manager over fakes of the BlockServer and the Host
+// (filesystem freezing, who holds a device) with real files for backings
+// and storage; test/integration runs it on ublk in a VM.
+package snapshot
