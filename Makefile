@@ -6,6 +6,8 @@ GO         ?= go
 VERSION    ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 VM         := test/vm/run
 VM_TIMEOUT ?= 2700
+# KERNELS are the kernel lines the VM suite runs on, one boot each.
+KERNELS    ?= 6.12 7
 export PATH := $(PATH):/usr/local/go/bin
 
 .PHONY: all build test test-unit test-vm bench demo lint clean
@@ -23,11 +25,20 @@ test: test-unit test-vm
 test-unit:
 	$(GO) test -race -count=1 -timeout 20m ./...
 
-## test-vm: the harness's own tests on the host, then the integration suite inside one VM boot
+## test-vm: the harness's own tests on the host, then the integration suite in one VM boot per kernel line
 test-vm: build
 	$(GO) test -count=1 -tags vmtest -timeout 10m ./test/vm/
 	CGO_ENABLED=0 $(GO) test -c -tags vmtest -o bin/integration.test ./test/integration
-	$(VM) --timeout $(VM_TIMEOUT) -- bin/integration.test -test.v -test.timeout 40m
+	@failed=; for k in $(KERNELS); do \
+		echo "=== integration suite on the $$k kernel line ==="; \
+		if $(VM) --kernel $$k --timeout $(VM_TIMEOUT) -- bin/integration.test -test.v -test.timeout 40m; then \
+			echo "=== $$k kernel line: PASS ==="; \
+		else \
+			echo "=== $$k kernel line: FAIL ==="; failed="$$failed $$k"; \
+		fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "integration suite failed on kernel line(s):$$failed"; exit 1; fi; \
+	echo "integration suite passed on kernel lines: $(KERNELS)"
 
 ## bench: host COW engine benchmarks, then fio on loop vs ublk inside one VM boot
 bench: build

@@ -69,38 +69,46 @@ func attachCmd(g *globalFlags) *cobra.Command {
 
 func detachCmd(g *globalFlags) *cobra.Command {
 	var device string
+	var force bool
 	cmd := &cobra.Command{
-		Use:   "detach --device DEV",
+		Use:   "detach --device DEV [--force]",
 		Short: "Stop a filtered device (it must not be in a snapshot)",
+		Long: "Stops the device and flushes its backing. It is refused while the device\n" +
+			"is mounted or open (the error names who holds it) unless --force, which\n" +
+			"tears the disk out from under its users.",
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := required(cmd, "device"); err != nil {
 				return err
 			}
-			if err := g.client().Detach(cmd.Context(), device, false); err != nil {
+			if err := g.client().Detach(cmd.Context(), device, force); err != nil {
 				return fmt.Errorf("detach %s: %w", device, err)
 			}
 			return nil
 		},
 	}
 	cmd.Flags().StringVar(&device, "device", "", "filtered device, e.g. /dev/ublkb0 (required)")
+	cmd.Flags().BoolVar(&force, "force", false, "detach even while the device is mounted or open")
 	return cmd
 }
 
 func snapshotCreateCmd(g *globalFlags) *cobra.Command {
 	var devices []string
 	var storage, limit string
+	var force bool
 	cmd := &cobra.Command{
-		Use:   "create [--device DEV ...] --storage PATH --limit SIZE",
+		Use:   "create [--device DEV ...] --storage PATH --limit SIZE [--force]",
 		Short: "Create a snapshot and its difference storage; prints its UUID",
-		Long: "PATH is a file (grown up to SIZE), a directory (an unnamed temporary file\n" +
-			"in it, gone with the snapshot) or a block device.",
+		Long: "PATH is a file (grown up to SIZE; one that does not exist is created and\n" +
+			"removed with the snapshot), a directory (an unnamed temporary file in it,\n" +
+			"gone with the snapshot) or a block device (used up to SIZE). An existing\n" +
+			"file that holds data is refused unless --force: it would be overwritten.",
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := required(cmd, "storage", "limit"); err != nil {
 				return err
 			}
-			req := api.CreateSnapshotRequest{Devices: devices}
+			req := api.CreateSnapshotRequest{Devices: devices, Force: force}
 			var err error
 			if req.Storage, err = absPath("storage", storage); err != nil {
 				return err
@@ -121,6 +129,7 @@ func snapshotCreateCmd(g *globalFlags) *cobra.Command {
 	cmd.Flags().StringArrayVar(&devices, "device", nil, "filtered device to include (repeatable)")
 	cmd.Flags().StringVar(&storage, "storage", "", "difference storage: file, directory or block device (required)")
 	cmd.Flags().StringVar(&limit, "limit", "", "most space the difference storage may take, e.g. 4GiB (required)")
+	cmd.Flags().BoolVar(&force, "force", false, "use an existing file that holds data as the storage, overwriting it")
 	return cmd
 }
 

@@ -13,8 +13,14 @@ import (
 
 func runVM(t *testing.T, args ...string) (int, time.Duration) {
 	t.Helper()
+	return runVMWith(t, nil, args...)
+}
+
+// runVMWith runs test/vm/run with options opts before the command.
+func runVMWith(t *testing.T, opts []string, args ...string) (int, time.Duration) {
+	t.Helper()
 	start := time.Now()
-	cmd := exec.Command("./run", append([]string{"--timeout", "300", "--"}, args...)...)
+	cmd := exec.Command("./run", append(append(append([]string{"--timeout", "300"}, opts...), "--"), args...)...)
 	out, err := cmd.CombinedOutput()
 	took := time.Since(start)
 	var exit *exec.ExitError
@@ -53,5 +59,19 @@ func TestRunExitStatus(t *testing.T) {
 func TestRunRejectsMissingCommand(t *testing.T) {
 	if got, _ := runVM(t); got != 2 {
 		t.Fatalf("test/vm/run with no command exited %d, want 2 (usage error)", got)
+	}
+}
+
+func TestRunKernelLines(t *testing.T) {
+	for line, prefix := range map[string]string{"6.12": "6.12.", "7": "7."} {
+		check := `case "$(uname -r)" in ` + prefix + `*) test -e /dev/ublk-control ;; *) exit 9 ;; esac`
+		if got, took := runVMWith(t, []string{"--kernel", line}, "sh", "-c", check); got != 0 {
+			t.Errorf("test/vm/run --kernel %s: exit %d, want 0 (a %s* kernel with ublk)", line, got, prefix)
+		} else {
+			t.Logf("--kernel %s booted and ran in %v", line, took.Round(100*time.Millisecond))
+		}
+	}
+	if got, _ := runVMWith(t, []string{"--kernel", "5.10"}, "true"); got != 2 {
+		t.Errorf("test/vm/run --kernel 5.10 exited %d, want 2 (usage error)", got)
 	}
 }
