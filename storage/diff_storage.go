@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 )
@@ -175,17 +176,20 @@ func newDiffStorage(opts Options) *DiffStorage {
 	}
 }
 
-// NewFile returns a difference storage kept in one growable file (blksnap
-// v6/v7). path is a directory (an unnamed O_TMPFILE is created in it and
-// vanishes on Close), a regular file, or a block device (fixed size: its
-// limit is its capacity). The file is grown with fallocate in steps of the
-// minimum and never beyond limitSectors.
+// NewFile returns a difference storage kept in one file or block device
+// (blksnap v6/v7). path is a directory (an unnamed O_TMPFILE is created in
+// it and vanishes on Close), a regular file, or a block device. A file is
+// grown with fallocate in steps of the minimum and never beyond
+// limitSectors; a file already larger than the limit is used as it is (the
+// limit bounds growth). A block device cannot grow: its first
+// min(capacity, limit) sectors are the storage, and low_free_space asks
+// for more before they are used up, as for storage made of ranges.
 func NewFile(path string, limitSectors int64, opts Options) (*DiffStorage, error) {
 	st, err := os.Stat(path)
 	if err != nil {
 		return nil, fmt.Errorf("difference storage: %w", err)
 	}
-	var dev Device
+	var dev *File
 	if st.IsDir() {
 		dev, err = OpenTemp(path)
 	} else {
@@ -202,22 +206,41 @@ func NewFile(path string, limitSectors int64, opts Options) (*DiffStorage, error
 	return ds, nil
 }
 
+// growable reports whether dev can grow: a Grower that is not a block
+// device.
+func growable(dev Device) bool {
+	if f, ok := dev.(*File); ok && f.block {
+		return false
+	}
+	_, ok := dev.(Grower)
+	return ok
+}
+
 // NewFileDevice is NewFile for an open device, which the storage owns from
-// then on (also on error it is the caller's to close). A device that is not
-// a Grower keeps its size: its limit is its capacity.
+// then on (on error it is the caller's to close).
 func NewFileDevice(dev Device, limitSectors int64, opts Options) (*DiffStorage, error) {
+	if limitSectors <= 0 {
+		return nil, fmt.Errorf("difference storage %s: limit of %d sectors: %w", dev.Name(), limitSectors, syscall.EINVAL)
+	}
 	ds := newDiffStorage(opts)
 	capacity := dev.Geometry().Sectors()
-	grower, canGrow := dev.(Grower)
-	if !canGrow {
-		limitSectors = capacity
+	if !growable(dev) {
+		usable := min(capacity, limitSectors)
+		if usable <= 0 {
+			return nil, fmt.Errorf("difference storage %s: the device is empty: %w", dev.Name(), syscall.ENOSPC)
+		}
+		ds.devs = append(ds.devs, dev)
+		ds.emptyBlocks = append(ds.emptyBlocks, &storageBlock{dev: dev, count: usable})
+		ds.capacity, ds.blockSectors = usable, usable
+		ds.mu.Lock()
+		ds.checkLowSpaceLocked()
+		ds.mu.Unlock()
+		return ds, nil
 	}
-	if capacity > limitSectors {
-		return nil, fmt.Errorf("difference storage %s: %d sectors exceed the limit of %d: %w", dev.Name(), capacity, limitSectors, syscall.ENOSPC)
-	}
-	if canGrow && capacity <= ds.lowWater {
+	limitSectors = max(limitSectors, capacity)
+	if capacity <= ds.lowWater && capacity < limitSectors {
 		size := capacity + min(ds.minimum, limitSectors-capacity)
-		if err := grower.Grow(size << SectorShift); err != nil {
+		if err := dev.(Grower).Grow(size << SectorShift); err != nil {
 			return nil, fmt.Errorf("difference storage: %w", err)
 		}
 		capacity = size
@@ -252,56 +275,61 @@ func (ds *DiffStorage) Stats() Stats {
 
 // Append opens the file or block device at path (once per path: later calls
 // reuse it) and adds ranges of it as storage blocks. It may be called at any
-// time, also while chunks are being stored.
+// time, also while chunks are being stored. Nothing changes when it fails.
 func (ds *DiffStorage) Append(path string, ranges []Range) error {
 	ds.mu.Lock()
+	if ds.closed {
+		ds.mu.Unlock()
+		return ErrClosed
+	}
 	dev := ds.paths[path]
 	ds.mu.Unlock()
-	if dev == nil {
-		d, err := Open(path)
-		if err != nil {
-			return fmt.Errorf("append to difference storage: %w", err)
-		}
-		ds.mu.Lock()
-		if prev := ds.paths[path]; prev != nil {
-			dev = prev // lost a race with another Append of the same path
-			d.Close()
-		} else {
-			ds.paths[path] = d
-			ds.devs = append(ds.devs, d)
-			dev = d
-		}
-		ds.mu.Unlock()
+	if dev != nil {
+		return ds.appendRanges(dev, ranges, "")
 	}
-	return ds.appendRanges(dev, ranges)
+	d, err := Open(path)
+	if err != nil {
+		return fmt.Errorf("append to difference storage: %w", err)
+	}
+	if err := ds.appendRanges(d, ranges, path); err != nil {
+		d.Close()
+		return err
+	}
+	return nil
 }
 
 // AppendDevice adds ranges of an open device as storage blocks. The storage
-// owns dev from then on and closes it on Close.
+// owns dev from then on and closes it on Close; if it fails, dev stays the
+// caller's.
 func (ds *DiffStorage) AppendDevice(dev Device, ranges []Range) error {
-	ds.mu.Lock()
-	known := false
-	for _, d := range ds.devs {
-		known = known || d == dev
-	}
-	if !known {
-		ds.devs = append(ds.devs, dev)
-	}
-	ds.mu.Unlock()
-	return ds.appendRanges(dev, ranges)
+	return ds.appendRanges(dev, ranges, "")
 }
 
-// appendRanges validates all ranges (reporting every bad one) and adds them.
-func (ds *DiffStorage) appendRanges(dev Device, ranges []Range) error {
+// appendRanges validates all ranges (reporting every bad one) and adds
+// them; a device not known yet is registered then, under path if given.
+// A range must lie inside the device, be aligned to its logical blocks and
+// overlap no range of the same device already in the storage (nor another
+// range of the request).
+func (ds *DiffStorage) appendRanges(dev Device, ranges []Range, path string) error {
 	geo := dev.Geometry()
 	align := int64(geo.LogicalBlockSize >> SectorShift)
 	var errs []error
+	var valid []int // indexes of the ranges inside the device and aligned
 	for i, r := range ranges {
-		if r.Sector < 0 || r.Count <= 0 || r.Sector+r.Count > geo.Sectors() {
+		switch {
+		case r.Sector < 0 || r.Count <= 0 || r.Sector > geo.Sectors() || r.Count > geo.Sectors()-r.Sector:
 			errs = append(errs, fmt.Errorf("range %d (%d+%d) outside %s (%d sectors): %w", i, r.Sector, r.Count, dev.Name(), geo.Sectors(), syscall.EINVAL))
-		} else if r.Sector%align != 0 || r.Count%align != 0 {
+			continue
+		case r.Sector%align != 0 || r.Count%align != 0:
 			errs = append(errs, fmt.Errorf("range %d (%d+%d) not aligned to the %d-byte blocks of %s: %w", i, r.Sector, r.Count, geo.LogicalBlockSize, dev.Name(), syscall.EINVAL))
+			continue
 		}
+		for _, j := range valid {
+			if o := ranges[j]; overlap(r.Sector, r.Count, o.Sector, o.Count) {
+				errs = append(errs, fmt.Errorf("range %d (%d+%d) overlaps range %d (%d+%d): %w", i, r.Sector, r.Count, j, o.Sector, o.Count, syscall.EINVAL))
+			}
+		}
+		valid = append(valid, i)
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("append to difference storage: %w", errors.Join(errs...))
@@ -310,6 +338,22 @@ func (ds *DiffStorage) appendRanges(dev Device, ranges []Range) error {
 	defer ds.mu.Unlock()
 	if ds.closed {
 		return ErrClosed
+	}
+	for i, r := range ranges {
+		for _, b := range ds.blocksOfLocked(dev) {
+			if overlap(r.Sector, r.Count, b.sector, b.count) {
+				errs = append(errs, fmt.Errorf("range %d (%d+%d) of %s overlaps sectors %d+%d already in the difference storage: %w", i, r.Sector, r.Count, dev.Name(), b.sector, b.count, syscall.EINVAL))
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("append to difference storage: %w", errors.Join(errs...))
+	}
+	if !slices.Contains(ds.devs, dev) {
+		ds.devs = append(ds.devs, dev)
+		if path != "" {
+			ds.paths[path] = dev
+		}
 	}
 	for _, r := range ranges {
 		ds.emptyBlocks = append(ds.emptyBlocks, &storageBlock{dev: dev, sector: r.Sector, count: r.Count})
@@ -320,6 +364,22 @@ func (ds *DiffStorage) appendRanges(dev Device, ranges []Range) error {
 	ds.rearmLowSpaceLocked()
 	return nil
 }
+
+// blocksOfLocked returns the storage blocks on dev; ds.mu must be held.
+func (ds *DiffStorage) blocksOfLocked(dev Device) []*storageBlock {
+	var out []*storageBlock
+	for _, list := range [][]*storageBlock{ds.emptyBlocks, ds.filledBlocks} {
+		for _, b := range list {
+			if b.dev == dev {
+				out = append(out, b)
+			}
+		}
+	}
+	return out
+}
+
+// overlap reports whether the sector runs a+n and b+m share a sector.
+func overlap(a, n, b, m int64) bool { return a < b+m && b < a+n }
 
 // Alloc hands out a region of count sectors for a chunk of an original
 // device whose logical block is logicalBlockSize bytes. It fails with

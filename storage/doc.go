@@ -23,7 +23,13 @@
 //     block device, at any time, also while the snapshot is held;
 //   - a growable file (blksnap v6/v7): NewFile takes a path or a directory (an
 //     unnamed O_TMPFILE that disappears when the storage is closed) and grows
-//     it with fallocate in steps of the minimum, up to a limit.
+//     it with fallocate in steps of the minimum, up to a limit (a file already
+//     larger is used as it is). A block device given to NewFile never grows:
+//     its first min(capacity, limit) sectors are one range.
+//
+// Ranges are checked without integer overflow and may not overlap each
+// other or any range of the same device already in the storage: two chunks
+// never share a region.
 //
 // Both end up as storage blocks; a growable file is one block whose end moves
 // as the file grows. Alloc carves chunk-sized regions first fit from the first
@@ -51,6 +57,7 @@
 // reached its limit, which also posts no_space the first time. A growable
 // file below its limit grows silently. Package cow posts corrupted when a
 // device's difference area fails. Events are consumed by exactly one waiter.
+// Close closes the queue: waiters get ErrEventQueueClosed at once.
 //
 // # Overflow
 //

@@ -1,0 +1,177 @@
+package storage
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+// fakeBlockDevice is a File that says it is a block device: a regular
+// file stands in for the disk, which the host tests cannot have.
+func fakeBlockDevice(t *testing.T, sectors int64) *File {
+	t.Helper()
+	f, err := os.Create(filepath.Join(t.TempDir(), "disk"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(sectors << SectorShift); err != nil {
+		t.Fatal(err)
+	}
+	return &File{f: f, block: true, geo: Geometry{Size: sectors << SectorShift, LogicalBlockSize: SectorSize, PhysicalBlockSize: 4096, MinIOSize: 4096}}
+}
+
+// A block device as storage never grows: its usable size is
+// min(capacity, limit), and low_free_space comes before it is full.
+func TestBlockDeviceStorageIsFixed(t *testing.T) {
+	const minimum, capacity, chunk = 1024, 4096, 128
+	for _, limit := range []int64{2 * capacity, capacity / 2} {
+		dev := fakeBlockDevice(t, capacity)
+		ds, err := NewFileDevice(dev, limit, Options{MinimumSectors: minimum, Logger: quiet})
+		if err != nil {
+			t.Fatalf("limit %d: %v", limit, err)
+		}
+		usable := min(int64(capacity), limit)
+		takeEvents(ds.Events())
+		var lowBeforeFull bool
+		var n int64
+		for {
+			r, err := ds.Alloc(chunk, SectorSize)
+			if err != nil {
+				if !errors.Is(err, ErrNoSpace) {
+					t.Fatalf("limit %d: %v", limit, err)
+				}
+				break
+			}
+			if r.Sector+r.Count > usable {
+				t.Fatalf("limit %d: region %d+%d beyond the usable %d sectors", limit, r.Sector, r.Count, usable)
+			}
+			n++
+			for _, e := range takeEvents(ds.Events()) {
+				if e.Code == EventLowFreeSpace && n*chunk < usable {
+					lowBeforeFull = true
+				}
+			}
+		}
+		if n != usable/chunk {
+			t.Errorf("limit %d: %d regions, want %d", limit, n, usable/chunk)
+		}
+		if !lowBeforeFull {
+			t.Errorf("limit %d: no low_free_space event before the device was full", limit)
+		}
+		if st := ds.Stats(); st.Capacity != usable {
+			t.Errorf("limit %d: capacity %d, want %d", limit, st.Capacity, usable)
+		}
+		ds.Close()
+	}
+}
+
+// A file already larger than the limit is used as it is.
+func TestFileLargerThanLimit(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "diff")
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, 4096<<SectorShift); err != nil {
+		t.Fatal(err)
+	}
+	ds, err := NewFile(path, 1024, Options{MinimumSectors: 256, Logger: quiet})
+	if err != nil {
+		t.Fatalf("a storage file larger than the limit: %v", err)
+	}
+	defer ds.Close()
+	if st := ds.Stats(); st.Capacity != 4096 {
+		t.Errorf("capacity %d sectors, want the file's 4096", st.Capacity)
+	}
+	for i := 0; i < 4096/128; i++ {
+		if _, err := ds.Alloc(128, SectorSize); err != nil {
+			t.Fatalf("region %d: %v", i, err)
+		}
+	}
+	if fi, _ := os.Stat(path); fi.Size() != 4096<<SectorShift {
+		t.Errorf("the file changed size to %d", fi.Size())
+	}
+}
+
+// Ranges are checked without overflow and may not overlap.
+func TestRangesNoOverflowNoOverlap(t *testing.T) {
+	ds := New(Options{MinimumSectors: 1024, Logger: quiet})
+	defer ds.Close()
+	dev := NewMemDevice("m", Geometry{Size: 1 << 20, LogicalBlockSize: SectorSize})
+	for _, bad := range [][]Range{
+		{{Sector: 1 << 62, Count: 1 << 62}},               // the sum wraps negative
+		{{Sector: 8, Count: 1<<63 - 1}},                   // likewise
+		{{Sector: 0, Count: 64}, {Sector: 32, Count: 64}}, // overlap inside one request
+	} {
+		if err := ds.AppendDevice(dev, bad); !errors.Is(err, syscall.EINVAL) {
+			t.Errorf("AppendDevice(%v) = %v, want EINVAL", bad, err)
+		}
+	}
+	if st := ds.Stats(); st.Capacity != 0 {
+		t.Fatalf("refused ranges were added: %+v", st)
+	}
+	if err := ds.AppendDevice(dev, []Range{{Sector: 0, Count: 256}}); err != nil {
+		t.Fatal(err)
+	}
+	err := ds.AppendDevice(dev, []Range{{Sector: 128, Count: 256}})
+	if !errors.Is(err, syscall.EINVAL) || !strings.Contains(err.Error(), "already in the difference storage") {
+		t.Errorf("a range overlapping one already added: %v, want EINVAL", err)
+	}
+	if err := ds.AppendDevice(dev, []Range{{Sector: 256, Count: 256}}); err != nil {
+		t.Errorf("an adjacent range: %v", err)
+	}
+	// Two chunks never share a region.
+	seen := map[int64]bool{}
+	for {
+		r, err := ds.Alloc(64, SectorSize)
+		if err != nil {
+			break
+		}
+		if seen[r.Sector] {
+			t.Fatalf("sector %d handed out twice", r.Sector)
+		}
+		seen[r.Sector] = true
+	}
+	if len(seen) != 512/64 {
+		t.Errorf("%d regions, want %d", len(seen), 512/64)
+	}
+}
+
+func TestAfterClose(t *testing.T) {
+	ds := New(Options{MinimumSectors: 1024, Logger: quiet})
+	path := filepath.Join(t.TempDir(), "extra")
+	if err := os.WriteFile(path, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	woke := make(chan error, 1)
+	takeEvents(ds.Events())
+	go func() {
+		_, err := ds.Events().Wait(context.Background(), 3600_000)
+		woke <- err
+	}()
+	time.Sleep(20 * time.Millisecond)
+	ds.Close()
+	select {
+	case err := <-woke:
+		if !errors.Is(err, ErrEventQueueClosed) {
+			t.Errorf("waiter woke with %v, want ErrEventQueueClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a waiter still sleeps after Close")
+	}
+	if err := ds.Append(path, []Range{{Sector: 0, Count: 8}}); !errors.Is(err, ErrClosed) {
+		t.Errorf("Append after Close: %v, want ErrClosed", err)
+	}
+	ds.Events().Post(Event{Code: EventCorrupted})
+	if _, err := ds.Events().Wait(context.Background(), 0); !errors.Is(err, ErrEventQueueClosed) {
+		t.Errorf("Wait after Close: %v, want ErrEventQueueClosed", err)
+	}
+}
