@@ -90,7 +90,7 @@ func (s *benchSnapshot) take(b *testing.B) {
 
 func (s *benchSnapshot) release() {
 	s.orig.SetDiffArea(nil)
-	s.da.Close()
+	s.da.Close(context.Background())
 	s.ds.Close()
 }
 

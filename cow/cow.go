@@ -85,7 +85,7 @@ func (da *DiffArea) loadPending(pending []*Chunk) []*Chunk {
 			da.abandon(pending[i:])
 			break
 		}
-		c.setState(ChunkNew, ChunkInMemory)
+		da.setChunkState(c, ChunkNew, ChunkInMemory)
 		da.scheduleStoring(c)
 		c.lock.release()
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -27,6 +28,9 @@ var (
 	ErrPending = errors.New("cow: request pending")
 	// ErrClosed is returned by a DiffArea after Close.
 	ErrClosed = errors.New("cow: difference area closed")
+	// ErrCloseTimeout is wrapped by Close when requests or the store
+	// worker did not come back in time.
+	ErrCloseTimeout = errors.New("cow: requests still in I/O when the close timed out")
 )
 
 // storeRetryDelay is how long the store worker pauses when every queued
@@ -62,6 +66,12 @@ type DiffArea struct {
 	storeProcessing bool
 
 	buffers *diffBufferPool // the chunk buffers, bounded
+
+	// inMemory counts the chunks in state InMemory, each holding a buffer;
+	// inMemoryPeak is its highest value. Both change with the state, under
+	// the chunk's lock.
+	inMemory     atomic.Int64
+	inMemoryPeak atomic.Int64
 
 	// corrupted is set once, by setCorrupted; errorCode is the errno that
 	// caused it, written before corrupted is set.
@@ -158,6 +168,7 @@ type Stats struct {
 	BuffersLive   int // chunk buffers allocated (in use and free)
 	BuffersPeak   int // highest BuffersLive so far
 	BuffersLimit  int // the bound on BuffersLive
+	InMemoryPeak  int // most chunks InMemory at one instant, counted exactly
 	ChunkSize     int64
 	ChunksInState [4]int // chunks per ChunkState (counted under each chunk's lock-free state)
 }
@@ -176,6 +187,7 @@ func (da *DiffArea) Stats() Stats {
 	da.storeMu.Unlock()
 	s.BuffersLive, s.BuffersPeak = da.buffers.stats()
 	s.BuffersLimit = da.buffers.limit
+	s.InMemoryPeak = int(da.inMemoryPeak.Load())
 	s.ChunkSize = da.ChunkSize()
 	return s
 }
@@ -306,8 +318,22 @@ func (da *DiffArea) storeWorker() {
 			time.Sleep(storeRetryDelay)
 			continue
 		}
-		da.storeChunk(c)
+		da.storeChunkSafely(c)
 	}
+}
+
+// storeChunkSafely is storeChunk, surviving a panic (a bug, or a device
+// that panics): the area is corrupted and the chunk failed, and the worker
+// goes on freeing the queue; every other device keeps being served.
+func (da *DiffArea) storeChunkSafely(c *Chunk) {
+	defer func() {
+		if r := recover(); r != nil {
+			da.log.Error("panic while storing a chunk", "chunk", c.number, "panic", r, "stack", string(debug.Stack()))
+			da.setCorrupted(fmt.Errorf("panic while storing chunk #%d: %v: %w", c.number, r, syscall.EIO))
+			da.failChunk(c)
+		}
+	}()
+	da.storeChunk(c)
 }
 
 // storeTakeLocked removes and returns the first queued chunk whose lock it
@@ -353,21 +379,48 @@ func (da *DiffArea) storeChunk(c *Chunk) {
 		da.failChunk(c)
 		return
 	}
-	c.setState(ChunkInMemory, ChunkStored)
+	da.setChunkState(c, ChunkInMemory, ChunkStored)
 	da.buffers.release(c.buf)
 	c.buf = nil
 	c.lock.release()
 }
 
+// setChunkState moves c from one state to another and keeps the count of
+// InMemory chunks; c.lock must be held.
+func (da *DiffArea) setChunkState(c *Chunk, from, to ChunkState) {
+	c.setState(from, to)
+	switch {
+	case to == ChunkInMemory:
+		n := da.inMemory.Add(1)
+		for {
+			peak := da.inMemoryPeak.Load()
+			if n <= peak || da.inMemoryPeak.CompareAndSwap(peak, n) {
+				break
+			}
+		}
+	case from == ChunkInMemory:
+		da.inMemory.Add(-1)
+	}
+}
+
 // failChunk marks a chunk Failed, frees its buffer and releases c.lock.
 func (da *DiffArea) failChunk(c *Chunk) {
-	c.state.Store(uint32(ChunkFailed)) // any state may fail
+	if ChunkState(c.state.Swap(uint32(ChunkFailed))) == ChunkInMemory { // any state may fail
+		da.inMemory.Add(-1)
+	}
 	if c.buf != nil {
 		da.buffers.release(c.buf)
 		c.buf = nil
 	}
 	c.lock.release()
 }
+
+// Corrupt marks the area corrupted, as any failure of the COW machinery
+// does: once, with err's errno (EIO if it carries none), one corrupted
+// event, COW off for the device and image I/O failing from then on. It is
+// for callers that caught a failure outside the engine, such as a panic
+// while serving a request.
+func (da *DiffArea) Corrupt(err error) { da.setCorrupted(err) }
 
 // setCorrupted marks the area corrupted, once: it records the errno of err
 // (EIO if it carries none), posts one corrupted event and stops COW for the
@@ -395,7 +448,13 @@ func (da *DiffArea) setCorrupted(err error) {
 // on a chunk or a buffer give up without COW), stops the store worker and
 // frees the chunks. It does not close the original or the difference
 // storage. Queued chunks are not stored: the snapshot is going away.
-func (da *DiffArea) Close() error {
+//
+// If ctx ends first (requests or the store worker are stuck in I/O on a
+// hung device), the area is corrupted with ETIMEDOUT, so that every
+// request that can still move fails with EIO and COW is off, and Close
+// returns an error wrapping ErrCloseTimeout; the chunks are freed in the
+// background once the stuck goroutines come back, never under them.
+func (da *DiffArea) Close(ctx context.Context) error {
 	da.opsMu.Lock()
 	if da.closed {
 		da.opsMu.Unlock()
@@ -404,8 +463,29 @@ func (da *DiffArea) Close() error {
 	da.closed = true
 	da.opsMu.Unlock()
 	da.cancel()
-	da.ops.Wait()
-	da.worker.Wait()
+	idle := make(chan struct{})
+	go func() {
+		da.ops.Wait()
+		da.worker.Wait()
+		close(idle)
+	}()
+	select {
+	case <-idle:
+		da.free()
+		return nil
+	case <-ctx.Done():
+	}
+	da.setCorrupted(fmt.Errorf("close with requests stuck in I/O: %w", syscall.ETIMEDOUT))
+	go func() {
+		<-idle
+		da.free()
+	}()
+	return fmt.Errorf("close difference area of %s: %w (%w)", da.name, ErrCloseTimeout, context.Cause(ctx))
+}
+
+// free drops the store queue and the chunks' buffers once no request and
+// no store worker runs.
+func (da *DiffArea) free() {
 	da.storeMu.Lock()
 	clear(da.storeQueue)
 	da.storeQueue = nil
@@ -420,5 +500,4 @@ func (da *DiffArea) Close() error {
 	da.chunkMap = nil
 	da.mapMu.Unlock()
 	da.buffers.cleanup()
-	return nil
 }

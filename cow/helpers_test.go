@@ -41,7 +41,7 @@ func newTestEnv(t testing.TB, dev storage.Device, ds *storage.DiffStorage, p Par
 	e.orig.SetDiffArea(da)
 	t.Cleanup(func() {
 		e.orig.SetDiffArea(nil)
-		da.Close()
+		da.Close(context.Background())
 		ds.Close()
 	})
 	return e

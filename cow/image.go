@@ -225,7 +225,7 @@ func (da *DiffArea) writeImageChunk(ctx context.Context, nr uint64, src []byte, 
 			return fmt.Errorf("write image %s: %w: %w", da.name, ErrCorrupted, err)
 		}
 		fill(c.buf.data[coff:coff+l], src)
-		c.setState(ChunkNew, ChunkInMemory)
+		da.setChunkState(c, ChunkNew, ChunkInMemory)
 		da.scheduleStoring(c)
 	case ChunkInMemory:
 		fill(c.buf.data[coff:coff+l], src)

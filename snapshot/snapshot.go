@@ -356,9 +356,11 @@ func (m *Manager) switchToCOW(ctx context.Context, s *snapshot) error {
 // decides whether to hold Manager.mu meanwhile.
 func (m *Manager) release(s *snapshot) error {
 	var errs []error
+	ctx, cancel := context.WithTimeout(context.Background(), m.destroyTimeout)
+	defer cancel()
 	for _, mb := range s.members {
 		if mb.area != nil {
-			errs = append(errs, mb.area.Close())
+			errs = append(errs, mb.area.Close(ctx))
 		}
 	}
 	for _, mb := range s.members {

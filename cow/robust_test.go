@@ -1,0 +1,129 @@
+package cow
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ublksnap/ublksnap/storage"
+)
+
+// panicDevice panics on every write: a bug under the store worker.
+type panicDevice struct{ storage.Device }
+
+func (panicDevice) WriteAt([]byte, int64) (int, error) { panic("storage device bug") }
+
+// hangDevice blocks every write until release is closed: a hung disk.
+type hangDevice struct {
+	storage.Device
+	entered chan struct{} // gets a token when a write starts
+	release chan struct{}
+}
+
+func (d hangDevice) WriteAt(p []byte, off int64) (int, error) {
+	select {
+	case d.entered <- struct{}{}:
+	default:
+	}
+	<-d.release
+	return d.Device.WriteAt(p, off)
+}
+
+// A panic in the store worker corrupts the snapshot, not the process, and
+// never the original.
+func TestStoreWorkerPanic(t *testing.T) {
+	p := testParams()
+	p.ChunkMaximumInQueue = 0 // store at once
+	dev := storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})
+	ds := memStorage(t, 4096, p, func(d storage.Device) storage.Device { return panicDevice{d} })
+	e := newTestEnv(t, dev, ds, p)
+	data := bytes.Repeat([]byte{7}, 8192)
+	if err := e.orig.Write(context.Background(), 0, data, false); err != nil {
+		t.Fatalf("write to the original: %v", err)
+	}
+	ev, err := ds.Events().Wait(context.Background(), 5000)
+	if err != nil || ev.Code != storage.EventCorrupted || ev.Errno != syscall.EIO {
+		t.Fatalf("event %+v, %v; want corrupted with EIO", ev, err)
+	}
+	if corrupted, errno := e.da.Corrupted(); !corrupted || errno != syscall.EIO {
+		t.Fatalf("Corrupted() = %v, %v", corrupted, errno)
+	}
+	if err := e.da.ReadImage(context.Background(), make([]byte, 4096), 0, false); !errors.Is(err, ErrCorrupted) {
+		t.Errorf("image read after the panic: %v, want ErrCorrupted", err)
+	}
+	got := make([]byte, len(data))
+	dev.ReadAt(got, 0)
+	if !bytes.Equal(got, data) {
+		t.Error("the original lost the write")
+	}
+	if err := e.orig.Write(context.Background(), 1<<19, data, false); err != nil {
+		t.Errorf("a later write to the original: %v", err)
+	}
+}
+
+// Close of an area whose difference storage hangs returns within its
+// bound; the stuck store frees nothing under anyone when it comes back.
+func TestCloseWithHungStorage(t *testing.T) {
+	p := testParams()
+	p.ChunkMaximumInQueue = 0
+	dev := storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})
+	hang := hangDevice{entered: make(chan struct{}, 1), release: make(chan struct{})}
+	ds := memStorage(t, 4096, p, func(d storage.Device) storage.Device { hang.Device = d; return hang })
+	da, err := NewDiffArea(dev, ds, p, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig := NewOriginal(dev)
+	orig.SetDiffArea(da)
+	if err := orig.Write(context.Background(), 0, make([]byte, 4096), false); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-hang.entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the store never started")
+	}
+	// An image reader waits for the chunk the stuck store holds.
+	read := make(chan error, 1)
+	go func() { read <- da.ReadImage(context.Background(), make([]byte, 4096), 0, false) }()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err = da.Close(ctx)
+	if !errors.Is(err, ErrCloseTimeout) {
+		t.Fatalf("Close with a hung storage: %v, want ErrCloseTimeout", err)
+	}
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("Close took %v with a 200ms bound", took)
+	}
+	if corrupted, errno := da.Corrupted(); !corrupted || errno != syscall.ETIMEDOUT {
+		t.Errorf("after the timed-out close: corrupted %v errno %v, want ETIMEDOUT", corrupted, errno)
+	}
+	select {
+	case err := <-read:
+		if err == nil {
+			t.Error("the image read waiting on the hung chunk succeeded")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the image reader still waits after Close")
+	}
+	// The original no longer waits for the snapshot.
+	orig.SetDiffArea(nil)
+	if err := orig.Write(context.Background(), 8192, make([]byte, 4096), false); err != nil {
+		t.Error(err)
+	}
+	close(hang.release) // the disk comes back; the area frees itself
+	deadline := time.Now().Add(5 * time.Second)
+	live := func() int { n, _ := da.buffers.stats(); return n }
+	for live() > 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if n := live(); n != 0 {
+		t.Errorf("%d buffers still live after the stuck store came back", n)
+	}
+	ds.Close()
+}
