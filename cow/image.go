@@ -24,8 +24,9 @@ var zeros [64 << 10]byte
 // grow the chunk map.
 //
 // With nowait set, ReadImage answers ErrWouldBlock instead of waiting for a
-// chunk's lock; the caller then retries with nowait false (p may have been
-// partly filled).
+// chunk's lock or for data that is not in memory (RWF_NOWAIT reads of the
+// original and the difference storage); the caller then retries with
+// nowait false (p may have been partly filled).
 func (da *DiffArea) ReadImage(ctx context.Context, p []byte, off int64, nowait bool) error {
 	if err := da.checkRange("read image", off, int64(len(p))); err != nil {
 		return err
@@ -59,7 +60,9 @@ func (da *DiffArea) forEachChunk(off, n int64, fn func(nr uint64, coff, pos, l i
 // isNew reports whether chunk c (nil: never touched) holds no copy.
 func isNew(c *Chunk) bool { return c == nil || c.State() == ChunkNew }
 
-// readImageChunk reads one segment of chunk nr at coff into seg.
+// readImageChunk reads one segment of chunk nr at coff into seg. With
+// nowait it reads only what needs no waiting (memory, the page cache) and
+// answers ErrWouldBlock otherwise.
 func (da *DiffArea) readImageChunk(ctx context.Context, nr uint64, seg []byte, coff int64, nowait bool) error {
 	if da.corrupted.Load() {
 		return ErrCorrupted
@@ -67,8 +70,8 @@ func (da *DiffArea) readImageChunk(ctx context.Context, nr uint64, seg []byte, c
 	at := int64(nr)<<da.chunkShift + coff
 	c := da.lookup(nr)
 	if isNew(c) {
-		if _, err := da.orig.ReadAt(seg, at); err != nil {
-			return fmt.Errorf("read image %s at %d from the original: %w", da.name, at, err)
+		if err := da.readOriginal(seg, at, nowait); err != nil {
+			return err
 		}
 		if c = da.lookup(nr); isNew(c) {
 			return da.checkCorrupted()
@@ -78,17 +81,25 @@ func (da *DiffArea) readImageChunk(ctx context.Context, nr uint64, seg []byte, c
 		return err
 	}
 	defer c.lock.release()
-	var err error
 	switch c.State() {
 	case ChunkNew:
 		// Locked and New: no writer can change the original here now.
-		if _, err = da.orig.ReadAt(seg, at); err != nil {
-			return fmt.Errorf("read image %s at %d from the original: %w", da.name, at, err)
+		if err := da.readOriginal(seg, at, nowait); err != nil {
+			return err
 		}
 	case ChunkInMemory:
 		copy(seg, c.buf.data[coff:])
 	case ChunkStored:
-		if err = c.region.ReadAt(seg, coff); err != nil {
+		var err error
+		if nowait {
+			err = c.region.ReadAtNoWait(seg, coff)
+		} else {
+			err = c.region.ReadAt(seg, coff)
+		}
+		if errors.Is(err, storage.ErrWouldBlock) {
+			return ErrWouldBlock
+		}
+		if err != nil {
 			da.setCorrupted(err)
 			return fmt.Errorf("read image %s chunk #%d: %w: %w", da.name, nr, ErrCorrupted, err)
 		}
@@ -96,6 +107,23 @@ func (da *DiffArea) readImageChunk(ctx context.Context, nr uint64, seg []byte, c
 		return ErrCorrupted
 	}
 	return da.checkCorrupted()
+}
+
+// readOriginal reads seg at byte at of the original for the image.
+func (da *DiffArea) readOriginal(seg []byte, at int64, nowait bool) error {
+	var err error
+	if nowait {
+		err = storage.ReadNoWait(da.orig, seg, at)
+		if errors.Is(err, storage.ErrWouldBlock) {
+			return ErrWouldBlock
+		}
+	} else {
+		_, err = da.orig.ReadAt(seg, at)
+	}
+	if err != nil {
+		return fmt.Errorf("read image %s at %d from the original: %w", da.name, at, err)
+	}
+	return nil
 }
 
 // checkCorrupted returns ErrCorrupted once the area is corrupted: COW is
@@ -132,10 +160,11 @@ func (da *DiffArea) lockChunk(ctx context.Context, c *Chunk, nowait bool) error 
 // schedule"); an InMemory chunk is changed in memory; a Stored chunk is
 // written in its region.
 //
-// With nowait set, WriteImage answers ErrWouldBlock if a chunk is New or
-// busy. It checks all chunks first, but a chunk may become busy after
-// earlier segments were written; the retry without nowait writes the same
-// data again.
+// With nowait set, WriteImage changes only chunks held in memory: it
+// answers ErrWouldBlock if a chunk is not InMemory (it would need a load or
+// a write to the difference storage) or is busy. It checks all chunks
+// first, but a chunk may become busy after earlier segments were written;
+// the retry without nowait writes the same data again.
 func (da *DiffArea) WriteImage(ctx context.Context, p []byte, off int64, nowait bool) error {
 	return da.writeImage(ctx, p, off, int64(len(p)), nowait)
 }
@@ -170,9 +199,12 @@ func (da *DiffArea) writeImage(ctx context.Context, p []byte, off, n int64, nowa
 		return err
 	}
 	if nowait {
-		// Fail before writing anything when a chunk needs loading.
-		if err := da.cowNoWait(off, n); err != nil {
-			return err
+		// Fail before writing anything unless every chunk is in memory.
+		first, last := da.chunkSpan(off, n)
+		for nr := first; nr <= last; nr++ {
+			if c := da.lookup(nr); c == nil || c.State() != ChunkInMemory {
+				return ErrWouldBlock
+			}
 		}
 	}
 	return da.forEachChunk(off, n, func(nr uint64, coff, pos, l int64) error {

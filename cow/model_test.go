@@ -133,7 +133,7 @@ func (m *modelRun) worker(seed uint64, ops int, failed func(string, ...any)) {
 		default: // read the original
 			p := buf[:n]
 			m.origMu.lock(off, n)
-			if err := m.e.orig.Read(p, off); err != nil {
+			if err := m.e.orig.Read(p, off, false); err != nil {
 				failed("read original [%d+%d]: %v", off, n, err)
 			} else if !bytes.Equal(p, m.origMod[off:off+n]) {
 				failed("read original [%d+%d]: differs from the model at byte %d", off, n, firstDiff(p, m.origMod[off:]))
@@ -226,7 +226,7 @@ func TestModel(t *testing.T) {
 				if i := firstDiff(got, m.imgMod); i >= 0 {
 					t.Errorf("image differs from the model at byte %d (chunk %d)", i, int64(i)/m.chunk)
 				}
-				if err := e.orig.Read(got, 0); err != nil {
+				if err := e.orig.Read(got, 0, false); err != nil {
 					t.Fatalf("read whole original: %v", err)
 				}
 				if i := firstDiff(got, m.origMod); i >= 0 {

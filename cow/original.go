@@ -15,12 +15,13 @@ type writeOp uint8
 
 const (
 	opWrite       writeOp = iota // write a buffer
+	opWriteFUA                   // write a buffer durably (forced unit access)
 	opDiscard                    // discard a range
 	opWriteZeroes                // zero a range
 )
 
 func (op writeOp) String() string {
-	return [...]string{"write", "discard", "write zeroes"}[op]
+	return [...]string{"write", "FUA write", "discard", "write zeroes"}[op]
 }
 
 // Original is an original device seen through the chunk engine: every
@@ -62,9 +63,16 @@ func (o *Original) DiffArea() *DiffArea { return o.area.Load() }
 func (o *Original) SetDiffArea(da *DiffArea) *DiffArea { return o.area.Swap(da) }
 
 // Read reads len(p) bytes at off; reads of the original never involve the
-// snapshot.
-func (o *Original) Read(p []byte, off int64) error {
-	if _, err := o.dev.ReadAt(p, off); err != nil {
+// snapshot. With nowait set it reads only what needs no waiting (the page
+// cache) and answers storage.ErrWouldBlock (syscall.EAGAIN) otherwise.
+func (o *Original) Read(p []byte, off int64, nowait bool) error {
+	var err error
+	if nowait {
+		err = storage.ReadNoWait(o.dev, p, off)
+	} else {
+		_, err = o.dev.ReadAt(p, off)
+	}
+	if err != nil {
 		return fmt.Errorf("read %s at %d: %w", o.dev.Name(), off, err)
 	}
 	return nil
@@ -80,6 +88,12 @@ func (o *Original) Flush() error { return storage.Flush(o.dev) }
 // with ctx.Err() without writing when ctx ends while it waits.
 func (o *Original) Write(ctx context.Context, off int64, p []byte, nowait bool) error {
 	return o.submit(ctx, opWrite, off, int64(len(p)), p, nowait)
+}
+
+// WriteFUA is Write made durable by itself when it returns (forced unit
+// access): only this write, not everything written before.
+func (o *Original) WriteFUA(ctx context.Context, off int64, p []byte, nowait bool) error {
+	return o.submit(ctx, opWriteFUA, off, int64(len(p)), p, nowait)
 }
 
 // Discard discards n bytes at off, like Write: the chunks are copied first.
@@ -119,8 +133,24 @@ func (o *Original) async(op writeOp, off, n int64, p []byte, done func(error)) e
 	if !errors.Is(err, ErrWouldBlock) {
 		return err
 	}
-	go func() { done(o.submit(context.Background(), op, off, n, p, false)) }()
+	go o.finish(op, off, n, p, done)
 	return ErrPending
+}
+
+// finish does a request handed off by async and calls done. A panic fails
+// only this request (EIO) and corrupts the snapshot, if there is one: the
+// process and every other device go on.
+func (o *Original) finish(op writeOp, off, n int64, p []byte, done func(error)) {
+	defer func() {
+		if r := recover(); r != nil {
+			err := fmt.Errorf("%v %s [%d+%d]: panic: %v: %w", op, o.dev.Name(), off, n, r, syscall.EIO)
+			if da := o.area.Load(); da != nil {
+				da.Corrupt(err)
+			}
+			done(err)
+		}
+	}()
+	done(o.submit(context.Background(), op, off, n, p, false))
 }
 
 // submit does the COW for a data-changing request and then the request.
@@ -147,6 +177,8 @@ func (o *Original) submit(ctx context.Context, op writeOp, off, n int64, p []byt
 	switch op {
 	case opWrite:
 		_, err = o.dev.WriteAt(p, off)
+	case opWriteFUA:
+		err = storage.WriteFUA(o.dev, p, off)
 	case opDiscard:
 		err = storage.Discard(o.dev, off, n)
 	case opWriteZeroes:

@@ -10,7 +10,6 @@ import (
 
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/storage"
-	"github.com/ublksnap/ublksnap/ublk"
 )
 
 // device is a filtered original device (blksnap's tracker): a backing
@@ -84,10 +83,7 @@ func (m *Manager) Attach(ctx context.Context, opt AttachOptions) (DeviceInfo, er
 		return DeviceInfo{}, fmt.Errorf("attach %s: %w", backing.name, err)
 	}
 	geo := file.Geometry()
-	cfg := ublk.DefaultConfig(geo.Size)
-	cfg.LogicalBlockSize, cfg.PhysicalBlockSize = geo.LogicalBlockSize, max(geo.PhysicalBlockSize, geo.LogicalBlockSize)
-	cfg.Discard, cfg.WriteZeroes = true, true
-	cfg.Logger = m.log
+	cfg := DeviceConfig(geo, m.log)
 	if opt.Queues > 0 {
 		cfg.Queues = opt.Queues
 	}
@@ -103,7 +99,7 @@ func (m *Manager) Attach(ctx context.Context, opt AttachOptions) (DeviceInfo, er
 		d.name = filepath.Base(backing.name)
 	}
 	// The device outlives the request: it ends with Detach or Close.
-	d.blk, err = m.server.Serve(context.WithoutCancel(ctx), cfg, newOriginalHandler(d.orig, d.gate))
+	d.blk, err = m.server.Serve(context.WithoutCancel(ctx), cfg, newOriginalHandler(d.orig, d.gate, m.log))
 	if err != nil {
 		file.Close()
 		return DeviceInfo{}, fmt.Errorf("attach %s: %w", backing.name, err)

@@ -3,48 +3,100 @@ package snapshot
 import (
 	"context"
 	"errors"
+	"fmt"
+	"log/slog"
+	"runtime/debug"
 	"syscall"
 
 	"github.com/ublksnap/ublksnap/cow"
+	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/ublk"
 )
+
+// The handlers follow ublk's contract: on the queue thread (NoWait) they
+// never block. What may wait answers ublk.ErrWouldBlock there and runs
+// again on a worker: reads not in the page cache (tried with RWF_NOWAIT
+// first), flushes, FUA writes, COW loads, and image I/O that needs the
+// difference storage. A panic while serving a request fails only that
+// request with EIO and corrupts the snapshot involved; every other device
+// goes on.
 
 // originalHandler serves a filtered device: reads and flushes go straight
 // to the backing device; writes, discards and write-zeroes pass the gate
 // (so that a take can pause them) and then the COW engine, which copies the
 // chunks they touch into the snapshot before they change the original.
 type originalHandler struct {
-	orig *cow.Original // the backing device and its current diff area
-	gate *gate         // admits the data-changing requests
+	orig *cow.Original // the backing device and its current diff area; immutable
+	gate *gate         // admits the data-changing requests; immutable
+	log  *slog.Logger  // immutable
 }
 
-func (h *originalHandler) Handle(req *ublk.Request) error {
+// newOriginalHandler returns the handler of a filtered device.
+func newOriginalHandler(orig *cow.Original, g *gate, log *slog.Logger) ublk.Handler {
+	return &originalHandler{orig: orig, gate: g, log: log}
+}
+
+// NewPassthrough returns the handler of a plain pass-through device over
+// dev: a filtered device that is in no snapshot (ublksnap dev serve).
+func NewPassthrough(dev *storage.File, log *slog.Logger) ublk.Handler {
+	return newOriginalHandler(cow.NewOriginal(dev), newGate(), log)
+}
+
+// DeviceConfig returns the ublk configuration of a device presenting a
+// backing of geometry geo: its size and block sizes, with discard and
+// write-zeroes.
+func DeviceConfig(geo storage.Geometry, log *slog.Logger) ublk.Config {
+	cfg := ublk.DefaultConfig(geo.Size)
+	cfg.LogicalBlockSize = max(geo.LogicalBlockSize, storage.SectorSize)
+	cfg.PhysicalBlockSize = max(geo.PhysicalBlockSize, cfg.LogicalBlockSize)
+	cfg.Discard, cfg.WriteZeroes = true, true
+	cfg.Logger = log
+	return cfg
+}
+
+func (h *originalHandler) Handle(req *ublk.Request) (err error) {
+	entered := false
+	defer func() {
+		if r := recover(); r != nil {
+			if entered {
+				h.gate.Leave()
+			}
+			err = h.panicked(req, r)
+		}
+	}()
+	nowait := req.NoWait()
 	switch req.Op {
 	case ublk.OpRead:
-		return h.orig.Read(req.Buf, req.Offset)
+		return h.orig.Read(req.Buf, req.Offset, nowait)
 	case ublk.OpFlush:
+		if nowait {
+			return ublk.ErrWouldBlock
+		}
 		return h.orig.Flush()
 	case ublk.OpWrite, ublk.OpDiscard, ublk.OpWriteZeroes:
 	default:
 		return syscall.EOPNOTSUPP
 	}
-	if req.NoWait() {
+	fua := req.Op == ublk.OpWrite && req.Flags&ublk.FlagFUA != 0
+	if fua && nowait {
+		return ublk.ErrWouldBlock // a durable write waits for the disk
+	}
+	if nowait {
 		if !h.gate.TryEnter() {
 			return ublk.ErrWouldBlock
 		}
 	} else if err := h.gate.Enter(context.Background()); err != nil {
 		return err
 	}
-	fua := req.Flags&ublk.FlagFUA != 0
-	finish := func(err error) error {
-		h.gate.Leave()
-		if err == nil && fua {
-			err = h.orig.Flush()
-		}
-		return err
+	entered = true
+	if fua {
+		defer h.gate.Leave()
+		return h.orig.WriteFUA(context.Background(), req.Offset, req.Buf, false)
 	}
-	done := func(err error) { req.Complete(finish(err)) }
-	var err error
+	done := func(err error) {
+		h.gate.Leave()
+		req.Complete(err)
+	}
 	switch req.Op {
 	case ublk.OpWrite:
 		err = h.orig.WriteAsync(req.Offset, req.Buf, done)
@@ -56,26 +108,43 @@ func (h *originalHandler) Handle(req *ublk.Request) error {
 	if errors.Is(err, cow.ErrPending) {
 		return ublk.ErrInProgress
 	}
-	return finish(err)
+	h.gate.Leave()
+	return err
 }
 
-// newOriginalHandler returns the handler of a filtered device.
-func newOriginalHandler(orig *cow.Original, g *gate) ublk.Handler {
-	return &originalHandler{orig: orig, gate: g}
+// panicked logs a panic while serving req, corrupts the snapshot of the
+// device if there is one, and returns the request's EIO.
+func (h *originalHandler) panicked(req *ublk.Request, r any) error {
+	err := fmt.Errorf("panic serving %v: %v: %w", req, r, syscall.EIO)
+	h.log.Error("request panicked; failing it with EIO", "req", req.String(), "panic", r, "stack", string(debug.Stack()))
+	if da := h.orig.DiffArea(); da != nil {
+		da.Corrupt(err)
+	}
+	return err
 }
-
-// newImageHandler returns the handler of a snapshot image.
-func newImageHandler(area *cow.DiffArea) ublk.Handler { return &imageHandler{area: area} }
 
 // imageHandler serves a snapshot image from its difference area. Writes to
 // the image change only the difference storage. The engine answers
 // ErrWouldBlock (EAGAIN) on the queue goroutine whenever it would wait, and
 // the ublk package then retries on a worker.
 type imageHandler struct {
-	area *cow.DiffArea
+	area *cow.DiffArea // immutable
+	log  *slog.Logger  // immutable
 }
 
-func (h *imageHandler) Handle(req *ublk.Request) error {
+// newImageHandler returns the handler of a snapshot image.
+func newImageHandler(area *cow.DiffArea, log *slog.Logger) ublk.Handler {
+	return &imageHandler{area: area, log: log}
+}
+
+func (h *imageHandler) Handle(req *ublk.Request) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("panic serving %v: %v: %w", req, r, syscall.EIO)
+			h.log.Error("image request panicked; the snapshot is corrupted", "req", req.String(), "panic", r, "stack", string(debug.Stack()))
+			h.area.Corrupt(err)
+		}
+	}()
 	ctx, nowait := context.Background(), req.NoWait()
 	switch req.Op {
 	case ublk.OpRead:

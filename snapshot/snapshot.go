@@ -13,7 +13,6 @@ import (
 
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/storage"
-	"github.com/ublksnap/ublksnap/ublk"
 )
 
 // snapshot is one snapshot (blksnap's struct snapshot) and its difference
@@ -292,12 +291,9 @@ func (m *Manager) take(ctx context.Context, s *snapshot) error {
 	}
 	for _, mb := range s.members {
 		logical, physical := mb.area.BlockSizes()
-		cfg := ublk.DefaultConfig(mb.area.Size())
-		cfg.LogicalBlockSize, cfg.PhysicalBlockSize = logical, max(physical, logical)
-		cfg.Discard, cfg.WriteZeroes = true, true
-		cfg.Logger = m.log
+		cfg := DeviceConfig(storage.Geometry{Size: mb.area.Size(), LogicalBlockSize: logical, PhysicalBlockSize: physical}, m.log)
 		// The image outlives the request: it ends with Destroy or Close.
-		img, err := m.server.Serve(context.WithoutCancel(ctx), cfg, newImageHandler(mb.area))
+		img, err := m.server.Serve(context.WithoutCancel(ctx), cfg, newImageHandler(mb.area, m.log))
 		if err != nil {
 			return fmt.Errorf("image of %s: %w", mb.dev.path(), err)
 		}

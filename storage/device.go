@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/debug"
 	"sync"
+	"syscall"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -69,6 +71,50 @@ type Grower interface {
 	Grow(size int64) error
 }
 
+// FUAWriter is a Device that can make a single write durable by itself
+// (forced unit access) instead of flushing everything written before.
+type FUAWriter interface {
+	// WriteAtFUA writes p at off and returns once it is durable.
+	WriteAtFUA(p []byte, off int64) (int, error)
+}
+
+// NoWaitReader is a Device that can try a read without blocking.
+type NoWaitReader interface {
+	// ReadAtNoWait reads p at off if that needs no waiting (the data is
+	// in memory), and fails with ErrWouldBlock otherwise, maybe having
+	// filled part of p.
+	ReadAtNoWait(p []byte, off int64) (int, error)
+}
+
+// ErrWouldBlock is returned by a no-wait read that would have to wait. It
+// matches syscall.EAGAIN.
+var ErrWouldBlock = fmt.Errorf("storage: read would block: %w", syscall.EAGAIN)
+
+// WriteFUA writes p at off of dev durably: with FUAWriter when dev has it,
+// else with a write and a flush.
+func WriteFUA(dev Device, p []byte, off int64) error {
+	if w, ok := dev.(FUAWriter); ok {
+		_, err := w.WriteAtFUA(p, off)
+		return err
+	}
+	if _, err := dev.WriteAt(p, off); err != nil {
+		return err
+	}
+	return Flush(dev)
+}
+
+// ReadNoWait reads p at off of dev if that needs no waiting: with
+// NoWaitReader when dev has it; a device without it always answers
+// ErrWouldBlock.
+func ReadNoWait(dev Device, p []byte, off int64) error {
+	r, ok := dev.(NoWaitReader)
+	if !ok {
+		return ErrWouldBlock
+	}
+	_, err := r.ReadAtNoWait(p, off)
+	return err
+}
+
 // Flush flushes dev if it is a Flusher, and does nothing otherwise.
 func Flush(dev Device) error {
 	if f, ok := dev.(Flusher); ok {
@@ -117,31 +163,59 @@ func writeZeroBlocks(dev io.WriterAt, off, n int64) error {
 // A block device is opened with O_EXCL (the kernel refuses it while it is
 // mounted or held by another exclusive opener); a regular file is locked
 // with flock(LOCK_EX|LOCK_NB), which other ublksnap processes respect.
+//
+// Reads and writes are pread and pwrite (retried on EINTR and short
+// transfers, as os.File does), or copies through a shared mapping of a
+// regular file with OpenOptions.Mmap. A FUA write is pwritev2 with
+// RWF_DSYNC (only that write is made durable), a no-wait read preadv2 with
+// RWF_NOWAIT.
 type File struct {
-	f     *os.File   // the open file; immutable
-	block bool       // a block device rather than a regular file; immutable
-	mu    sync.Mutex // guards geo.Size and serialises Grow
-	geo   Geometry   // the geometry; only Size changes, by Grow, under mu
+	f      *os.File   // the open file; immutable
+	fd     int        // f's descriptor; immutable
+	block  bool       // a block device rather than a regular file; immutable
+	mapped []byte     // MAP_SHARED view of the file with OpenOptions.Mmap; immutable
+	mu     sync.Mutex // guards geo.Size and serialises Grow
+	geo    Geometry   // the geometry; only Size changes, by Grow, under mu
 }
 
 var (
-	_ Device     = (*File)(nil)
-	_ Flusher    = (*File)(nil)
-	_ Discarder  = (*File)(nil)
-	_ ZeroWriter = (*File)(nil)
-	_ Grower     = (*File)(nil)
+	_ Device       = (*File)(nil)
+	_ Flusher      = (*File)(nil)
+	_ Discarder    = (*File)(nil)
+	_ ZeroWriter   = (*File)(nil)
+	_ Grower       = (*File)(nil)
+	_ FUAWriter    = (*File)(nil)
+	_ NoWaitReader = (*File)(nil)
 )
+
+// OpenOptions tune how Open reaches the data.
+type OpenOptions struct {
+	// Mmap copies reads and writes of a regular file through a shared
+	// mapping of it instead of pread and pwrite: no system call per
+	// request. A fault on the mapping (an I/O error under it, a file
+	// truncated behind our back) fails the request with EIO instead of
+	// crashing. A mapped file cannot grow. It fits files whose data is in
+	// memory (tmpfs): a first touch of a page may wait in a page fault.
+	Mmap bool
+}
 
 // Open opens a regular file or a block device for reading and writing,
 // exclusively. A regular file reports 512-byte logical blocks and its file
 // system's block size as physical block and minimum I/O size.
-func Open(path string) (*File, error) {
+func Open(path string) (*File, error) { return OpenWith(path, OpenOptions{}) }
+
+// OpenWith is Open with options.
+func OpenWith(path string, opts OpenOptions) (*File, error) {
 	st, err := os.Stat(path)
 	if err != nil {
 		return nil, fmt.Errorf("open backing device: %w", err)
 	}
+	var d *File
 	switch {
 	case st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0:
+		if opts.Mmap {
+			return nil, fmt.Errorf("open backing device %s: mmap needs a regular file: %w", path, unix.EINVAL)
+		}
 		f, err := os.OpenFile(path, os.O_RDWR|unix.O_EXCL|unix.O_CLOEXEC, 0)
 		if err != nil {
 			return nil, fmt.Errorf("open backing device: %w", err)
@@ -160,10 +234,23 @@ func Open(path string) (*File, error) {
 			f.Close()
 			return nil, fmt.Errorf("open backing device: lock %s: %w", path, err)
 		}
-		return newFile(f, false)
+		if d, err = newFile(f, false); err != nil {
+			return nil, err
+		}
 	default:
 		return nil, fmt.Errorf("open backing device %s: not a regular file or block device: %w", path, unix.EINVAL)
 	}
+	if opts.Mmap {
+		if d.geo.Size == 0 {
+			d.Close()
+			return nil, fmt.Errorf("open backing device %s: mmap needs a non-empty file: %w", path, unix.EINVAL)
+		}
+		if d.mapped, err = unix.Mmap(d.fd, 0, int(d.geo.Size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); err != nil {
+			d.Close()
+			return nil, fmt.Errorf("open backing device %s: mmap: %w", path, err)
+		}
+	}
+	return d, nil
 }
 
 // OpenTemp creates an unnamed regular file (O_TMPFILE) in dir. It has no
@@ -178,7 +265,7 @@ func OpenTemp(dir string) (*File, error) {
 
 // newFile probes the geometry of an open file; it closes f on failure.
 func newFile(f *os.File, block bool) (*File, error) {
-	d := &File{f: f, block: block}
+	d := &File{f: f, fd: int(f.Fd()), block: block}
 	var err error
 	if block {
 		d.geo, err = blockGeometry(int(f.Fd()))
@@ -228,14 +315,102 @@ func (d *File) Geometry() Geometry {
 }
 
 // ReadAt reads len(p) bytes at off.
-func (d *File) ReadAt(p []byte, off int64) (int, error) { return d.f.ReadAt(p, off) }
+func (d *File) ReadAt(p []byte, off int64) (int, error) {
+	if d.mapped != nil {
+		return d.copyMapped(p, off, false)
+	}
+	return d.f.ReadAt(p, off)
+}
 
 // WriteAt writes len(p) bytes at off.
-func (d *File) WriteAt(p []byte, off int64) (int, error) { return d.f.WriteAt(p, off) }
+func (d *File) WriteAt(p []byte, off int64) (int, error) {
+	if d.mapped != nil {
+		return d.copyMapped(p, off, true)
+	}
+	return d.f.WriteAt(p, off)
+}
+
+// ReadAtNoWait reads len(p) bytes at off with RWF_NOWAIT: only what is in
+// the page cache; ErrWouldBlock otherwise. Through a mapping it copies (a
+// page fault may wait).
+func (d *File) ReadAtNoWait(p []byte, off int64) (int, error) {
+	if d.mapped != nil {
+		return d.copyMapped(p, off, false)
+	}
+	done := 0
+	for done < len(p) {
+		n, err := unix.Preadv2(d.fd, [][]byte{p[done:]}, off+int64(done), unix.RWF_NOWAIT)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN || err == unix.EOPNOTSUPP || (err == nil && n == 0):
+			return done, ErrWouldBlock
+		case err != nil:
+			return done, fmt.Errorf("read %s at %d: %w", d.Name(), off, err)
+		}
+		done += n
+	}
+	return done, nil
+}
+
+// WriteAtFUA writes p at off and makes that write durable with RWF_DSYNC
+// (msync of its pages through a mapping); where RWF_DSYNC is not
+// supported, with a write and fdatasync.
+func (d *File) WriteAtFUA(p []byte, off int64) (int, error) {
+	if d.mapped != nil {
+		n, err := d.copyMapped(p, off, true)
+		if err != nil {
+			return n, err
+		}
+		start := off &^ (int64(os.Getpagesize()) - 1)
+		if err := unix.Msync(d.mapped[start:off+int64(n)], unix.MS_SYNC); err != nil {
+			return n, fmt.Errorf("msync %s [%d+%d]: %w", d.Name(), off, n, err)
+		}
+		return n, nil
+	}
+	done := 0
+	for done < len(p) {
+		n, err := unix.Pwritev2(d.fd, [][]byte{p[done:]}, off+int64(done), unix.RWF_DSYNC)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EOPNOTSUPP:
+			if _, err := d.f.WriteAt(p[done:], off+int64(done)); err != nil {
+				return done, err
+			}
+			return len(p), d.Flush()
+		case err != nil:
+			return done, fmt.Errorf("write %s at %d: %w", d.Name(), off, err)
+		case n == 0:
+			return done, fmt.Errorf("write %s at %d: %w", d.Name(), off, io.ErrShortWrite)
+		}
+		done += n
+	}
+	return done, nil
+}
+
+// copyMapped copies between p and the mapping at off, turning a fault on
+// the mapping into EIO.
+func (d *File) copyMapped(p []byte, off int64, toFile bool) (n int, err error) {
+	if off < 0 || off > int64(len(d.mapped)) || int64(len(p)) > int64(len(d.mapped))-off {
+		return 0, fmt.Errorf("%s: %d bytes at %d beyond the mapped %d bytes: %w", d.Name(), len(p), off, len(d.mapped), unix.EIO)
+	}
+	old := debug.SetPanicOnFault(true)
+	defer func() {
+		debug.SetPanicOnFault(old)
+		if r := recover(); r != nil {
+			n, err = 0, fmt.Errorf("%s: fault on the mapping at %d: %v: %w", d.Name(), off, r, unix.EIO)
+		}
+	}()
+	if toFile {
+		return copy(d.mapped[off:], p), nil
+	}
+	return copy(p, d.mapped[off:]), nil
+}
 
 // Flush waits until written data is durable (fdatasync).
 func (d *File) Flush() error {
-	if err := unix.Fdatasync(int(d.f.Fd())); err != nil {
+	if err := unix.Fdatasync(d.fd); err != nil {
 		return fmt.Errorf("flush %s: %w", d.Name(), err)
 	}
 	return nil
@@ -285,8 +460,8 @@ func (d *File) WriteZeroes(off, n int64) error {
 // Grow allocates a regular file up to size bytes with fallocate. A block
 // device cannot grow.
 func (d *File) Grow(size int64) error {
-	if d.block {
-		return fmt.Errorf("grow %s: block device: %w", d.Name(), unix.EINVAL)
+	if d.block || d.mapped != nil {
+		return fmt.Errorf("grow %s: a block device or a mapped file cannot grow: %w", d.Name(), unix.EINVAL)
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -300,5 +475,12 @@ func (d *File) Grow(size int64) error {
 	return nil
 }
 
-// Close closes the file; an O_TMPFILE file disappears.
-func (d *File) Close() error { return d.f.Close() }
+// Close unmaps and closes the file; an O_TMPFILE file disappears.
+func (d *File) Close() error {
+	var err error
+	if d.mapped != nil {
+		err = unix.Munmap(d.mapped)
+		d.mapped = nil
+	}
+	return errors.Join(err, d.f.Close())
+}

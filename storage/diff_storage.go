@@ -55,6 +55,18 @@ func (r *DiffRegion) ReadAt(p []byte, off int64) error {
 	return nil
 }
 
+// ReadAtNoWait is ReadAt if that needs no waiting; ErrWouldBlock
+// otherwise (see ReadNoWait).
+func (r *DiffRegion) ReadAtNoWait(p []byte, off int64) error {
+	if off < 0 || off+int64(len(p)) > r.Count<<SectorShift {
+		return fmt.Errorf("read diff region %s@%d+%d [%d+%d]: %w", r.Dev.Name(), r.Sector, r.Count, off, len(p), syscall.EINVAL)
+	}
+	if err := ReadNoWait(r.Dev, p, r.Sector<<SectorShift+off); err != nil {
+		return fmt.Errorf("read diff region %s@%d: %w", r.Dev.Name(), r.Sector, err)
+	}
+	return nil
+}
+
 // WriteAt writes p at byte offset off inside the region.
 func (r *DiffRegion) WriteAt(p []byte, off int64) error {
 	if off < 0 || off+int64(len(p)) > r.Count<<SectorShift {

@@ -23,10 +23,11 @@ type MemDevice struct {
 }
 
 var (
-	_ Device     = (*MemDevice)(nil)
-	_ Discarder  = (*MemDevice)(nil)
-	_ ZeroWriter = (*MemDevice)(nil)
-	_ Grower     = (*MemDevice)(nil)
+	_ Device       = (*MemDevice)(nil)
+	_ Discarder    = (*MemDevice)(nil)
+	_ ZeroWriter   = (*MemDevice)(nil)
+	_ Grower       = (*MemDevice)(nil)
+	_ NoWaitReader = (*MemDevice)(nil)
 )
 
 // NewMemDevice returns an empty MemDevice with the given geometry. Zero
@@ -130,6 +131,9 @@ func (d *MemDevice) WriteZeroes(off, n int64) error {
 	}
 	return nil
 }
+
+// ReadAtNoWait is ReadAt: memory never waits.
+func (d *MemDevice) ReadAtNoWait(p []byte, off int64) (int, error) { return d.ReadAt(p, off) }
 
 // Grow raises the size to size bytes.
 func (d *MemDevice) Grow(size int64) error {

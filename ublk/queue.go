@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -367,7 +368,7 @@ func (q *queue) dispatch(tag uint16) {
 	}
 	r.noWait = true
 	r.state.Store(reqBusy)
-	err := q.h.Handle(r)
+	err := q.handle(r)
 	switch {
 	case errors.Is(err, ErrInProgress):
 		q.busy++
@@ -386,6 +387,18 @@ func (q *queue) dispatch(tag uint16) {
 	}
 }
 
+// handle runs the Handler on r. A panic fails only that request, with
+// EIO, and is logged: the queue and every other request go on.
+func (q *queue) handle(r *Request) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			q.log.Error("ublk: handler panicked; failing the request with EIO", "req", r.String(), "panic", p, "stack", string(debug.Stack()))
+			err = syscall.EIO
+		}
+	}()
+	return q.h.Handle(r)
+}
+
 // commit queues COMMIT_AND_FETCH for tag with result.
 func (q *queue) commit(tag uint16, result int32) {
 	q.reqs[tag].Buf = nil
@@ -400,7 +413,7 @@ func (q *queue) worker() {
 	defer q.wg.Done()
 	for r := range q.work {
 		r.noWait = false
-		err := q.h.Handle(r)
+		err := q.handle(r)
 		if errors.Is(err, ErrInProgress) {
 			continue
 		}

@@ -303,6 +303,33 @@ func TestQueueErrorMapping(t *testing.T) {
 	}
 }
 
+// A panicking handler fails its request with EIO, on the queue thread and
+// on a worker; the queue keeps serving.
+func TestQueueHandlerPanic(t *testing.T) {
+	h := HandlerFunc(func(r *Request) error {
+		switch {
+		case r.Offset == 0:
+			panic("handler bug on the queue thread")
+		case r.Offset == 512 && r.NoWait():
+			return ErrWouldBlock
+		case r.Offset == 512:
+			panic("handler bug on a worker")
+		}
+		return nil
+	})
+	_, k := newFakeQueue(t, 2, 4096, h)
+	for _, off := range []int64{0, 512, 1024} {
+		k.inject <- fakeReq{tag: 0, desc: desc(descOpWrite, 0, off, 512), data: make([]byte, 512)}
+		want := -int32(syscall.EIO)
+		if off == 1024 {
+			want = 512
+		}
+		if c := k.waitCommit(t); c.result != want {
+			t.Errorf("offset %d: result %d, want %d", off, c.result, want)
+		}
+	}
+}
+
 func TestQueueAsyncAndWouldBlock(t *testing.T) {
 	var blocking atomic.Int32
 	h := HandlerFunc(func(r *Request) error {

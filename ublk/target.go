@@ -103,8 +103,9 @@ type Request struct {
 	// OpWrite and is nil otherwise. It is valid only until completion.
 	Buf []byte
 
-	q      *queue        // owning queue; immutable
+	q      *queue        // owning queue; nil for a request of NewRequest
 	tag    uint16        // ublk tag; immutable
+	done   func(error)   // Complete's callback for a request of NewRequest
 	noWait bool          // set by the dispatcher before each Handle call
 	state  atomic.Uint32 // reqIdle, reqBusy (taken by the handler), reqDone
 }
@@ -121,10 +122,19 @@ const (
 func (r *Request) NoWait() bool { return r.noWait }
 
 // Tag returns the request's ublk queue and tag (for logging and tests).
-func (r *Request) Tag() (queueID, tag int) { return int(r.q.id), int(r.tag) }
+func (r *Request) Tag() (queueID, tag int) {
+	if r.q == nil {
+		return -1, int(r.tag)
+	}
+	return int(r.q.id), int(r.tag)
+}
 
 func (r *Request) String() string {
-	return fmt.Sprintf("%s off=%d len=%d flags=%#x (q%d tag %d)", r.Op, r.Offset, r.Length, uint32(r.Flags), r.q.id, r.tag)
+	q := -1
+	if r.q != nil {
+		q = int(r.q.id)
+	}
+	return fmt.Sprintf("%s off=%d len=%d flags=%#x (q%d tag %d)", r.Op, r.Offset, r.Length, uint32(r.Flags), q, r.tag)
 }
 
 // Complete finishes a request whose Handle returned ErrInProgress. It may
@@ -133,10 +143,25 @@ func (r *Request) String() string {
 // which Complete wakes up.
 func (r *Request) Complete(err error) {
 	if !r.state.CompareAndSwap(reqBusy, reqDone) {
-		r.q.log.Error("ublk: Complete called on a request that is not in progress", "req", r.String())
+		if r.q != nil {
+			r.q.log.Error("ublk: Complete called on a request that is not in progress", "req", r.String())
+		}
+		return
+	}
+	if r.q == nil {
+		r.done(err)
 		return
 	}
 	r.q.complete(r.tag, r.result(err))
+}
+
+// NewRequest returns a request that belongs to no device, to run a Handler
+// outside a queue (in tests): Handle it as the queue would, with NoWait as
+// given; Complete calls done. Buf is used as the request's data.
+func NewRequest(op Op, flags Flags, off int64, length int, buf []byte, noWait bool, done func(error)) *Request {
+	r := &Request{Op: op, Flags: flags, Offset: off, Length: length, Buf: buf, noWait: noWait, done: done}
+	r.state.Store(reqBusy)
+	return r
 }
 
 // result maps a Handler outcome to the COMMIT result: bytes for READ/WRITE,

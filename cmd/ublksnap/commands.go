@@ -76,7 +76,7 @@ func detachCmd(g *globalFlags) *cobra.Command {
 		Long: "Stops the device and flushes its backing. It is refused while the device\n" +
 			"is mounted or open (the error names who holds it) unless --force, which\n" +
 			"tears the disk out from under its users.",
-		Args:  noArgs,
+		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := required(cmd, "device"); err != nil {
 				return err

@@ -3,11 +3,14 @@ package main
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os/signal"
 	"syscall"
 
 	"github.com/dustin/go-humanize"
 	"github.com/spf13/cobra"
+	"github.com/ublksnap/ublksnap/snapshot"
+	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/ublk"
 )
 
@@ -17,7 +20,6 @@ type devServeOptions struct {
 	queues  int    // 0: default
 	depth   int    // 0: default
 	maxIO   int    // bytes, 0: default
-	offload bool   // run blocking backend work on worker goroutines
 	mmap    bool   // copy through a mapping of the backing file
 	pin     bool   // pin queue threads to their CPUs
 }
@@ -36,7 +38,8 @@ func newDevCmd() *cobra.Command {
 		Use:   "serve --backing FILE",
 		Short: "Serve a backing file or block device as /dev/ublkbN until interrupted",
 		Long: `Serve a backing file or block device as a ublk block device, passing
-every request through at the same offset. The device node is printed on
+every request through at the same offset: a filtered device that is in no
+snapshot, without the daemon (for benchmarks). The device node is printed on
 stdout once the device is ready; SIGINT or SIGTERM stops and deletes it.
 
 EXIT STATUS
@@ -64,7 +67,6 @@ EXIT STATUS
 	f.IntVar(&o.queues, "queues", 0, "number of queues (default min(CPUs, 4))")
 	f.IntVar(&o.depth, "depth", 0, "queue depth (default 128)")
 	f.IntVar(&o.maxIO, "max-io", 0, "largest request in bytes (default 1 MiB)")
-	f.BoolVar(&o.offload, "offload", false, "serve requests that may block on worker goroutines")
 	f.BoolVar(&o.pin, "pin", false, "pin each queue thread to the CPUs its queue serves")
 	f.BoolVar(&o.mmap, "mmap", false, "copy data through a shared mapping of the backing file (regular files)")
 	dev.AddCommand(serve)
@@ -72,12 +74,13 @@ EXIT STATUS
 }
 
 func runDevServe(ctx context.Context, cmd *cobra.Command, o devServeOptions) error {
-	b, err := ublk.OpenFileBackend(o.backing, ublk.FileOptions{Offload: o.offload, Mmap: o.mmap})
+	b, err := storage.OpenWith(o.backing, storage.OpenOptions{Mmap: o.mmap})
 	if err != nil {
 		return err
 	}
 	defer b.Close()
-	cfg := b.Config()
+	log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
+	cfg := snapshot.DeviceConfig(b.Geometry(), log)
 	if o.queues > 0 {
 		cfg.Queues = o.queues
 	}
@@ -91,7 +94,7 @@ func runDevServe(ctx context.Context, cmd *cobra.Command, o devServeOptions) err
 	if err := cfg.Validate(); err != nil {
 		return usageError{err}
 	}
-	d, err := ublk.New(ctx, cfg, b)
+	d, err := ublk.New(ctx, cfg, snapshot.NewPassthrough(b, log))
 	if err != nil {
 		return err
 	}

@@ -30,7 +30,7 @@ func TestUblkExt4(t *testing.T) {
 // flushCounter counts FLUSH requests and remembers whether one arrived
 // after the marked write.
 type flushCounter struct {
-	*ublk.FileBackend
+	ublk.Handler
 	flushes atomic.Int64
 }
 
@@ -38,7 +38,7 @@ func (f *flushCounter) Handle(r *ublk.Request) error {
 	if r.Op == ublk.OpFlush {
 		f.flushes.Add(1)
 	}
-	return f.FileBackend.Handle(r)
+	return f.Handler.Handle(r)
 }
 
 // TestUblkFlush: data written with O_DIRECT and then fsync'ed reaches the
@@ -46,8 +46,8 @@ func (f *flushCounter) Handle(r *ublk.Request) error {
 // a FLUSH (the device announces a volatile cache).
 func TestUblkFlush(t *testing.T) {
 	var fc *flushCounter
-	d, file, _ := ublkDevice(t, 16<<20, 1, 32, func(b *ublk.FileBackend) ublk.Handler {
-		fc = &flushCounter{FileBackend: b}
+	d, file, _ := ublkDevice(t, 16<<20, 1, 32, func(b ublk.Handler) ublk.Handler {
+		fc = &flushCounter{Handler: b}
 		return fc
 	})
 	f, err := os.OpenFile(d.Path(), os.O_RDWR|unix.O_DIRECT, 0)

@@ -8,13 +8,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/ublk"
 )
 
 // asyncHandler takes every request and completes it from another goroutine
 // after a short random delay.
 type asyncHandler struct {
-	inner *ublk.FileBackend
+	inner ublk.Handler
 	taken atomic.Int64
 }
 
@@ -31,7 +32,7 @@ func (a *asyncHandler) Handle(r *ublk.Request) error {
 // wouldBlockHandler refuses every request on the queue thread, so all of
 // them run on the blocking workers.
 type wouldBlockHandler struct {
-	inner   *ublk.FileBackend
+	inner   ublk.Handler
 	refused atomic.Int64
 	served  atomic.Int64
 }
@@ -46,7 +47,7 @@ func (w *wouldBlockHandler) Handle(r *ublk.Request) error {
 }
 
 // mixedHandler picks one of the three paths at random per request.
-type mixedHandler struct{ inner *ublk.FileBackend }
+type mixedHandler struct{ inner ublk.Handler }
 
 func (m mixedHandler) Handle(r *ublk.Request) error {
 	switch rand.Intn(3) {
@@ -65,7 +66,7 @@ func (m mixedHandler) Handle(r *ublk.Request) error {
 
 func TestUblkAsyncHandler(t *testing.T) {
 	var h *asyncHandler
-	fioVerifyWith(t, ublk.FileOptions{}, func(b *ublk.FileBackend) ublk.Handler { h = &asyncHandler{inner: b}; return h })
+	fioVerifyWith(t, storage.OpenOptions{}, func(b ublk.Handler) ublk.Handler { h = &asyncHandler{inner: b}; return h })
 	if h.taken.Load() == 0 {
 		t.Fatal("the async handler saw no request")
 	}
@@ -73,7 +74,7 @@ func TestUblkAsyncHandler(t *testing.T) {
 
 func TestUblkWouldBlockHandler(t *testing.T) {
 	var h *wouldBlockHandler
-	fioVerifyWith(t, ublk.FileOptions{}, func(b *ublk.FileBackend) ublk.Handler { h = &wouldBlockHandler{inner: b}; return h })
+	fioVerifyWith(t, storage.OpenOptions{}, func(b ublk.Handler) ublk.Handler { h = &wouldBlockHandler{inner: b}; return h })
 	if h.refused.Load() == 0 || h.served.Load() != h.refused.Load() {
 		t.Fatalf("refused %d requests on the queue thread, served %d on workers; want equal and > 0",
 			h.refused.Load(), h.served.Load())
@@ -81,16 +82,27 @@ func TestUblkWouldBlockHandler(t *testing.T) {
 }
 
 func TestUblkMixedHandler(t *testing.T) {
-	fioVerifyWith(t, ublk.FileOptions{}, func(b *ublk.FileBackend) ublk.Handler { return mixedHandler{b} })
+	fioVerifyWith(t, storage.OpenOptions{}, func(b ublk.Handler) ublk.Handler { return mixedHandler{b} })
 }
 
-// TestUblkOffloadBackend runs the FileBackend in offload mode (RWF_NOWAIT
+// offloadHandler sends large reads and writes to the blocking workers, as
+// a server that copies on its workers in parallel with the queue thread.
+type offloadHandler struct{ inner ublk.Handler }
+
+func (o offloadHandler) Handle(r *ublk.Request) error {
+	if r.NoWait() && r.Length >= 64<<10 && (r.Op == ublk.OpRead || r.Op == ublk.OpWrite) {
+		return ublk.ErrWouldBlock
+	}
+	return o.inner.Handle(r)
+}
+
+// TestUblkOffloadBackend runs the pass-through in offload mode (RWF_NOWAIT
 // reads on the queue thread, the rest on workers).
 func TestUblkOffloadBackend(t *testing.T) {
-	fioVerifyWith(t, ublk.FileOptions{Offload: true}, nil)
+	fioVerifyWith(t, storage.OpenOptions{}, func(b ublk.Handler) ublk.Handler { return offloadHandler{b} })
 }
 
-// TestUblkMmapBackend runs the FileBackend copying through a file mapping.
+// TestUblkMmapBackend runs the pass-through copying through a file mapping.
 func TestUblkMmapBackend(t *testing.T) {
-	fioVerifyWith(t, ublk.FileOptions{Mmap: true}, nil)
+	fioVerifyWith(t, storage.OpenOptions{Mmap: true}, nil)
 }

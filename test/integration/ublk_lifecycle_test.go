@@ -19,12 +19,7 @@ func TestUblkLifecycle(t *testing.T) {
 	requireNoUblkDevices(t, "before the test")
 	for _, queues := range []int{1, 2} {
 		t.Run(fmt.Sprintf("queues=%d", queues), func(t *testing.T) {
-			b, err := ublk.OpenFileBackend(tempFile(t, 16<<20), ublk.FileOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer b.Close()
-			cfg := b.Config()
+			b, cfg := passthrough(t, tempFile(t, 16<<20))
 			cfg.Queues, cfg.Depth = queues, 64
 			start := time.Now()
 			for i := 0; i < 50; i++ {
@@ -62,13 +57,9 @@ func TestUblkLifecycle(t *testing.T) {
 
 // TestUblkContextCancel: cancelling New's context stops and deletes the device.
 func TestUblkContextCancel(t *testing.T) {
-	b, err := ublk.OpenFileBackend(tempFile(t, 16<<20), ublk.FileOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	b, cfg := passthrough(t, tempFile(t, 16<<20))
 	ctx, cancel := context.WithCancel(context.Background())
-	d, err := ublk.New(ctx, b.Config(), b)
+	d, err := ublk.New(ctx, cfg, b)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,37 +4,41 @@ package integration
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/ublksnap/ublksnap/snapshot"
+	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/ublk"
 )
 
 // ublkDevice starts a ublk device of size bytes over a fresh tmpfs backing
-// file, served by wrap(backend) (the backend itself when wrap is nil). The
-// device is closed at cleanup if the test has not closed it.
-func ublkDevice(t testing.TB, size int64, queues, depth int, wrap func(*ublk.FileBackend) ublk.Handler) (*ublk.Device, string, *ublk.FileBackend) {
+// file, served by wrap(the pass-through handler) (the pass-through itself
+// when wrap is nil). The device is closed at cleanup if the test has not
+// closed it.
+func ublkDevice(t testing.TB, size int64, queues, depth int, wrap func(ublk.Handler) ublk.Handler) (*ublk.Device, string, *storage.File) {
 	t.Helper()
-	return ublkDeviceOpts(t, size, queues, depth, ublk.FileOptions{}, wrap)
+	return ublkDeviceOpts(t, size, queues, depth, storage.OpenOptions{}, wrap)
 }
 
-// ublkDeviceOpts is ublkDevice with FileBackend options.
-func ublkDeviceOpts(t testing.TB, size int64, queues, depth int, opts ublk.FileOptions, wrap func(*ublk.FileBackend) ublk.Handler) (*ublk.Device, string, *ublk.FileBackend) {
+// ublkDeviceOpts is ublkDevice with options for the backing file.
+func ublkDeviceOpts(t testing.TB, size int64, queues, depth int, opts storage.OpenOptions, wrap func(ublk.Handler) ublk.Handler) (*ublk.Device, string, *storage.File) {
 	t.Helper()
 	file := tempFile(t, size)
-	b, err := ublk.OpenFileBackend(file, opts)
+	b, err := storage.OpenWith(file, opts)
 	if err != nil {
 		t.Fatalf("open backing file: %v", err)
 	}
 	t.Cleanup(func() { b.Close() })
-	cfg := b.Config()
+	cfg := snapshot.DeviceConfig(b.Geometry(), nil)
 	cfg.Queues, cfg.Depth = queues, depth
-	var h ublk.Handler = b
+	h := snapshot.NewPassthrough(b, slog.Default())
 	if wrap != nil {
-		h = wrap(b)
+		h = wrap(h)
 	}
 	d, err := ublk.New(context.Background(), cfg, h)
 	if err != nil {
@@ -45,6 +49,18 @@ func ublkDeviceOpts(t testing.TB, size int64, queues, depth int, opts ublk.FileO
 		t.Fatalf("device started but %s is missing: %v", d.Path(), err)
 	}
 	return d, file, b
+}
+
+// passthrough opens a backing file and returns the pass-through handler
+// over it and its device configuration.
+func passthrough(t testing.TB, file string) (ublk.Handler, ublk.Config) {
+	t.Helper()
+	b, err := storage.Open(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	return snapshot.NewPassthrough(b, slog.Default()), snapshot.DeviceConfig(b.Geometry(), nil)
 }
 
 // closeDevice closes d within a minute or fails the test.

@@ -1,0 +1,189 @@
+package snapshot
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ublksnap/ublksnap/cow"
+	"github.com/ublksnap/ublksnap/storage"
+	"github.com/ublksnap/ublksnap/ublk"
+)
+
+// countingDevice counts the calls that may block, and can panic on
+// writes. It has no no-wait read: like a disk whose data is not cached.
+type countingDevice struct {
+	storage.Device
+	reads, writes, fuaWrites, flushes atomic.Int32
+	panicOnWrite                      bool
+}
+
+func (d *countingDevice) ReadAt(p []byte, off int64) (int, error) {
+	d.reads.Add(1)
+	return d.Device.ReadAt(p, off)
+}
+
+func (d *countingDevice) WriteAt(p []byte, off int64) (int, error) {
+	if d.panicOnWrite {
+		panic("device driver bug")
+	}
+	d.writes.Add(1)
+	return d.Device.WriteAt(p, off)
+}
+
+func (d *countingDevice) WriteAtFUA(p []byte, off int64) (int, error) {
+	d.fuaWrites.Add(1)
+	return d.Device.WriteAt(p, off)
+}
+
+func (d *countingDevice) Flush() error {
+	d.flushes.Add(1)
+	return nil
+}
+
+func req(op ublk.Op, flags ublk.Flags, off int64, buf []byte, nowait bool) *ublk.Request {
+	return ublk.NewRequest(op, flags, off, len(buf), buf, nowait, func(error) {})
+}
+
+// wouldBlock reports whether ublk would retry err on a worker.
+func wouldBlock(err error) bool {
+	return errors.Is(err, ublk.ErrWouldBlock) || errors.Is(err, syscall.EAGAIN)
+}
+
+var quietLog = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+// Defect 6: nothing that may block runs on the queue thread; FUA makes
+// only its own write durable.
+func TestOriginalHandlerNeverBlocksTheQueue(t *testing.T) {
+	dev := &countingDevice{Device: storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})}
+	h := newOriginalHandler(cow.NewOriginal(dev), newGate(), quietLog)
+	buf := make([]byte, 4096)
+	for _, tc := range []struct {
+		name string
+		r    *ublk.Request
+	}{
+		{"read", req(ublk.OpRead, 0, 0, buf, true)},
+		{"flush", req(ublk.OpFlush, 0, 0, nil, true)},
+		{"FUA write", req(ublk.OpWrite, ublk.FlagFUA, 0, buf, true)},
+	} {
+		if err := h.Handle(tc.r); !wouldBlock(err) {
+			t.Errorf("%s on the queue thread: %v, want ErrWouldBlock", tc.name, err)
+		}
+	}
+	if n := dev.reads.Load() + dev.writes.Load() + dev.fuaWrites.Load() + dev.flushes.Load(); n != 0 {
+		t.Fatalf("%d calls that may block ran on the queue thread", n)
+	}
+	// On a worker: the FUA write is one durable write, no flush of the file.
+	if err := h.Handle(req(ublk.OpWrite, ublk.FlagFUA, 0, buf, false)); err != nil {
+		t.Fatal(err)
+	}
+	if dev.fuaWrites.Load() != 1 || dev.flushes.Load() != 0 {
+		t.Errorf("FUA write: %d FUA writes and %d flushes, want 1 and 0", dev.fuaWrites.Load(), dev.flushes.Load())
+	}
+	if err := h.Handle(req(ublk.OpRead, 0, 0, buf, false)); err != nil || dev.reads.Load() != 1 {
+		t.Errorf("read on a worker: %v, %d reads", err, dev.reads.Load())
+	}
+	// A device with a no-wait read serves cached reads on the queue thread.
+	mem := storage.NewMemDevice("mem", storage.Geometry{Size: 1 << 20})
+	if err := newOriginalHandler(cow.NewOriginal(mem), newGate(), quietLog).Handle(req(ublk.OpRead, 0, 0, buf, true)); err != nil {
+		t.Errorf("no-wait read of a memory device: %v", err)
+	}
+}
+
+// snapshotOf takes a snapshot of dev into an in-memory storage wrapped by
+// wrap and returns the original and its area.
+func snapshotOf(t *testing.T, dev storage.Device, wrap func(storage.Device) storage.Device) (*cow.Original, *cow.DiffArea, *storage.DiffStorage) {
+	t.Helper()
+	ds := storage.New(storage.Options{MinimumSectors: 2048, Logger: quietLog})
+	var sdev storage.Device = storage.NewMemDevice("diff", storage.Geometry{Size: 4 << 20})
+	if wrap != nil {
+		sdev = wrap(sdev)
+	}
+	if err := ds.AppendDevice(sdev, []storage.Range{{Sector: 0, Count: 8192}}); err != nil {
+		t.Fatal(err)
+	}
+	ds.Events().Wait(context.Background(), 0) // the creation's low_free_space
+	p := testParams()
+	p.ChunkMaximumInQueue = 0
+	da, err := cow.NewDiffArea(dev, ds, p, quietLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig := cow.NewOriginal(dev)
+	orig.SetDiffArea(da)
+	t.Cleanup(func() {
+		orig.SetDiffArea(nil)
+		da.Close(context.Background())
+		ds.Close()
+	})
+	return orig, da, ds
+}
+
+// Defect 6 for images: an image read that needs the difference storage
+// or the original from disk waits on a worker, not on the queue thread.
+func TestImageHandlerNeverBlocksTheQueue(t *testing.T) {
+	dev := &countingDevice{Device: storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})}
+	var diff *countingDevice
+	orig, da, _ := snapshotOf(t, dev, func(d storage.Device) storage.Device { diff = &countingDevice{Device: d}; return diff })
+	if err := orig.Write(context.Background(), 0, make([]byte, 64<<10), false); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for da.Stats().ChunksInState[cow.ChunkStored] == 0 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	h := newImageHandler(da, quietLog)
+	reads := dev.reads.Load() + diff.reads.Load()
+	buf := make([]byte, 4096)
+	for _, off := range []int64{0, 512 << 10} { // a stored chunk, an untouched one
+		if err := h.Handle(req(ublk.OpRead, 0, off, buf, true)); !wouldBlock(err) {
+			t.Errorf("image read at %d on the queue thread: %v, want would-block", off, err)
+		}
+	}
+	if n := dev.reads.Load() + diff.reads.Load() - reads; n != 0 {
+		t.Errorf("%d device reads on the queue thread", n)
+	}
+	if err := h.Handle(req(ublk.OpRead, 0, 0, buf, false)); err != nil || !bytes.Equal(buf, make([]byte, 4096)) {
+		t.Errorf("image read on a worker: %v", err)
+	}
+}
+
+// Defect 9: a panic while serving a request fails that request with EIO
+// and corrupts its snapshot; the device goes on.
+func TestHandlerPanicCorruptsOnlyTheSnapshot(t *testing.T) {
+	dev := &countingDevice{Device: storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})}
+	orig, da, ds := snapshotOf(t, dev, nil)
+	g := newGate()
+	h := newOriginalHandler(orig, g, quietLog)
+	// Copy chunk 0 first, so the write below runs synchronously.
+	if err := orig.Write(context.Background(), 0, make([]byte, 4096), false); err != nil {
+		t.Fatal(err)
+	}
+	dev.panicOnWrite = true
+	err := h.Handle(req(ublk.OpWrite, 0, 0, make([]byte, 4096), true))
+	if !errors.Is(err, syscall.EIO) {
+		t.Fatalf("a panicking request: %v, want EIO", err)
+	}
+	if corrupted, errno := da.Corrupted(); !corrupted || errno != syscall.EIO {
+		t.Errorf("after the panic: corrupted %v errno %v", corrupted, errno)
+	}
+	if ev, err := ds.Events().Wait(context.Background(), 1000); err != nil || ev.Code != storage.EventCorrupted {
+		t.Errorf("event %+v %v, want corrupted", ev, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if err := g.Pause(ctx); err != nil {
+		t.Fatalf("the panicking request stayed in the gate: %v", err)
+	}
+	g.Resume()
+	dev.panicOnWrite = false
+	if err := h.Handle(req(ublk.OpWrite, 0, 8192, make([]byte, 4096), false)); err != nil {
+		t.Errorf("a later write: %v", err)
+	}
+}
