@@ -1,0 +1,60 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
+)
+
+func statusCmd(g *globalFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:   "status",
+		Short: "Show devices and snapshots",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			s, err := g.client().Status(cmd.Context())
+			if err != nil {
+				return fmt.Errorf("status: %w", err)
+			}
+			return g.output(cmd, s, func(w io.Writer) error { return statusText(w, s) })
+		},
+	}
+}
+
+// statusText prints the daemon's state as two readable tables.
+func statusText(w io.Writer, s api.Status) error {
+	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "DEVICE\tNAME\tSIZE\tBACKING\tSNAPSHOT\n")
+	for _, d := range s.Devices {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", d.Path, d.Name, bytesText(d.Size), d.Backing, orDash(d.Snapshot))
+	}
+	fmt.Fprintln(tw)
+	fmt.Fprintf(tw, "SNAPSHOT\tSTATE\tSTORAGE USED/CAPACITY/LIMIT\tDEVICE\tIMAGE\tCHUNK\tCOPIED\tERROR\n")
+	for _, sn := range s.Snapshots {
+		storage := strings.Join([]string{bytesText(sn.Storage.Used), bytesText(sn.Storage.Capacity), bytesText(sn.Storage.Limit)}, " / ")
+		if len(sn.Devices) == 0 {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t-\t-\t-\t-\t-\n", sn.ID, sn.State, storage)
+		}
+		for i, m := range sn.Devices {
+			id, state := sn.ID, sn.State
+			if i > 0 {
+				id, state, storage = "", "", ""
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\n", id, state, storage, m.Device, orDash(m.Image),
+				bytesText(m.ChunkSize), m.ChunksCopied, m.ErrorCode)
+		}
+	}
+	return tw.Flush()
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
