@@ -82,6 +82,41 @@ func (p *Params) paramFields() map[string]any {
 	}
 }
 
+// Unit is what a parameter's value counts.
+type Unit int
+
+// Units of parameters.
+const (
+	UnitCount   Unit = iota // a plain number: a count or a shift
+	UnitBytes               // bytes
+	UnitSectors             // 512-byte sectors
+)
+
+// ParamUnit returns what the named parameter counts.
+func ParamUnit(name string) Unit {
+	switch name {
+	case "diff_storage_minimum":
+		return UnitSectors
+	case "diff_buffer_memory_limit":
+		return UnitBytes
+	}
+	return UnitCount
+}
+
+// Get returns the value of the parameter with blksnap's name, in its
+// unit, and whether the name is known.
+func (p *Params) Get(name string) (int64, bool) {
+	switch f := p.paramFields()[name].(type) {
+	case *uint:
+		return int64(*f), true
+	case *int:
+		return int64(*f), true
+	case *int64:
+		return *f, true
+	}
+	return 0, false
+}
+
 // ParamNames returns the names Set accepts, sorted.
 func ParamNames() []string {
 	var p Params

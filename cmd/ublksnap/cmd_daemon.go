@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -25,22 +24,15 @@ func (e silentExit) Error() string { return fmt.Sprintf("exit status %d", int(e)
 
 func daemonCmd(g *globalFlags) *cobra.Command {
 	var verbose bool
-	values := map[string]*int64{}
+	params := cow.DefaultParams()
 	cmd := &cobra.Command{
 		Use:   "daemon [--socket PATH] [--PARAMETER VALUE ...]",
 		Short: "Run the daemon that owns the devices and snapshots (root)",
 		Long: "The daemon serves the CLI on a unix socket, in its own mount namespace.\n" +
-			"The parameters are blksnap's, with dashes for underscores; see cow.Params.",
+			"The parameters are blksnap's, with dashes for underscores (see cow.Params);\n" +
+			"sizes take units (64MiB, 1GiB; a bare number is bytes).",
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			params := cow.DefaultParams()
-			for name, v := range values {
-				if cmd.Flags().Changed(flagName(name)) {
-					if err := params.Set(name, *v); err != nil {
-						return usageError{err}
-					}
-				}
-			}
 			if err := params.Validate(); err != nil {
 				return usageError{err}
 			}
@@ -67,14 +59,11 @@ func daemonCmd(g *globalFlags) *cobra.Command {
 		},
 	}
 	for _, name := range cow.ParamNames() {
-		values[name] = cmd.Flags().Int64(flagName(name), 0, "blksnap's "+name+" (default: blksnap's)")
+		cmd.Flags().Var(paramFlag{&params, name}, flagName(name), paramUsage(name))
 	}
 	cmd.Flags().BoolVarP(&verbose, "verbose", "v", false, "log debug messages")
 	return cmd
 }
-
-// flagName turns blksnap's chunk_minimum_shift into chunk-minimum-shift.
-func flagName(param string) string { return strings.ReplaceAll(param, "_", "-") }
 
 // serveDaemon runs the daemon until ctx ends, then stops the images, the
 // filtered devices and the server, in that order.

@@ -18,9 +18,9 @@ import (
 func snapshotWatchCmd(g *globalFlags) *cobra.Command {
 	var growDir, growLimit string
 	cmd := idCmd("watch --id UUID [--grow-dir DIR --grow-limit SIZE]",
-		"Print the snapshot's events until it ends; with --grow-dir, answer low_free_space by adding storage files",
+		"Print the snapshot's events until it ends; with --grow-dir, answer low_free_space by adding storage files (removed when the watch ends)",
 		func(cmd *cobra.Command, id string) error {
-			var st stretcher
+			st := stretcher{id: id}
 			if growDir != "" {
 				if err := required(cmd, "grow-limit"); err != nil {
 					return err
@@ -42,12 +42,21 @@ func snapshotWatchCmd(g *globalFlags) *cobra.Command {
 
 // stretcher answers low_free_space events by adding files to the difference
 // storage, as blksnap's stretch_snapshot did; dir empty means it does not.
+// Its files are named after the snapshot and numbered, created exclusively
+// (a name taken by anything else is skipped), and removed by removeAll when
+// the watch ends: the daemon keeps the files it was given open until the
+// snapshot is destroyed, so their space comes back then.
 type stretcher struct {
-	dir   string // where new files go
-	limit uint64 // bytes all new files may take
-	used  uint64 // bytes taken so far
-	n     int    // files made so far
+	id    string   // the snapshot's UUID, part of every file name
+	dir   string   // where new files go
+	limit uint64   // bytes all new files may take
+	used  uint64   // bytes taken so far
+	n     int      // the last number tried
+	files []string // the files made so far
 }
+
+// maxNameTries bounds the names grow tries before it gives up.
+const maxNameTries = 1000
 
 // grow makes a file of at least want bytes and returns its path, or "" when
 // the limit is reached.
@@ -60,11 +69,19 @@ func (s *stretcher) grow(want uint64) (string, error) {
 	if size == 0 {
 		return "", nil
 	}
-	s.n++
-	path := filepath.Join(s.dir, fmt.Sprintf("diff_storage#%d", s.n))
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return "", fmt.Errorf("grow storage: %w", err)
+	var f *os.File
+	var path string
+	for tries := 0; f == nil; tries++ {
+		if tries == maxNameTries {
+			return "", fmt.Errorf("grow storage: %d names in %s are taken", maxNameTries, s.dir)
+		}
+		s.n++
+		path = filepath.Join(s.dir, fmt.Sprintf("ublksnap-%s-%d.diff", s.id, s.n))
+		var err error
+		f, err = os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil && !errors.Is(err, os.ErrExist) {
+			return "", fmt.Errorf("grow storage: %w", err)
+		}
 	}
 	defer f.Close()
 	if err := unix.Fallocate(int(f.Fd()), 0, 0, int64(size)); err != nil {
@@ -72,10 +89,30 @@ func (s *stretcher) grow(want uint64) (string, error) {
 		return "", fmt.Errorf("grow storage: fallocate %s of %s: %w", bytesText(size), path, err)
 	}
 	s.used += size
+	s.files = append(s.files, path)
 	return path, nil
 }
 
-func (g *globalFlags) watch(cmd *cobra.Command, id string, st *stretcher) error {
+// removeAll removes the files grow made.
+func (s *stretcher) removeAll() error {
+	var errs []error
+	for _, p := range s.files {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	s.files = nil
+	return errors.Join(errs...)
+}
+
+// watch prints events until the snapshot ends (or the command is
+// interrupted), growing the storage with st, and then removes st's files.
+func (g *globalFlags) watch(cmd *cobra.Command, id string, st *stretcher) (err error) {
+	defer func() {
+		if rerr := st.removeAll(); rerr != nil && err == nil {
+			err = fmt.Errorf("remove the storage files of snapshot %s: %w", id, rerr)
+		}
+	}()
 	c := g.client()
 	ctx := cmd.Context()
 	w := cmd.OutOrStdout()

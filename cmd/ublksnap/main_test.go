@@ -3,8 +3,12 @@ package main
 import (
 	"bytes"
 	"context"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/ublksnap/ublksnap/cow"
 )
 
 func TestExitCodes(t *testing.T) {
@@ -92,5 +96,74 @@ func TestStretcherHonoursLimit(t *testing.T) {
 	}
 	if len(paths) != 2 || s.used != 3<<20 {
 		t.Fatalf("grew %d files, %d bytes; want 2 files and exactly the 3 MiB limit", len(paths), s.used)
+	}
+}
+
+// Two watches over one directory, or a watch run again, never reuse a
+// name, and each removes the files it made when it ends.
+func TestStretcherNamesAndCleanup(t *testing.T) {
+	dir := t.TempDir()
+	const id = "0b0c3f53-5a47-4a50-8e0e-3e6bd0e3bd1a"
+	first := &stretcher{id: id, dir: dir, limit: 8 << 20}
+	p1, err := first.grow(1 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A second run for the same snapshot while the first's file exists.
+	again := &stretcher{id: id, dir: dir, limit: 8 << 20}
+	p2, err := again.grow(1 << 20)
+	if err != nil || p2 == p1 {
+		t.Fatalf("second run: %q, %v; want a new name beside %q", p2, err, p1)
+	}
+	other := &stretcher{id: "11111111-2222-3333-4444-555555555555", dir: dir, limit: 8 << 20}
+	p3, err := other.grow(1 << 20)
+	if err != nil || p3 == p1 || p3 == p2 {
+		t.Fatalf("another snapshot: %q, %v", p3, err)
+	}
+	keep := filepath.Join(dir, "user-file")
+	os.WriteFile(keep, []byte("mine"), 0o600)
+	for _, s := range []*stretcher{first, again, other} {
+		if err := s.removeAll(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	left, _ := os.ReadDir(dir)
+	if len(left) != 1 || left[0].Name() != "user-file" {
+		t.Errorf("left in the directory: %v, want only the user's file", left)
+	}
+}
+
+// The daemon's blksnap parameters take human sizes and show the real
+// defaults.
+func TestDaemonParameterFlags(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	if code := run(context.Background(), []string{"daemon", "--help"}, &stdout, &stderr); code != 0 {
+		t.Fatalf("daemon --help: exit %d", code)
+	}
+	for _, want := range []string{"--diff-storage-minimum size", "(default 1.0 GiB)", "--chunk-minimum-shift int", "(default 18)", "(default 64 MiB)"} {
+		if !strings.Contains(stdout.String(), want) {
+			t.Errorf("daemon --help lacks %q:\n%s", want, stdout.String())
+		}
+	}
+	for _, bad := range [][]string{
+		{"--diff-storage-minimum", "lots"},
+		{"--diff-storage-minimum", "1000"}, // not whole sectors
+		{"--chunk-minimum-shift", "1.5"},
+		{"--chunk-minimum-shift", "-3"},
+		{"--diff-buffer-memory-limit", "16EiB"},
+	} {
+		stderr.Reset()
+		code := run(context.Background(), append([]string{"daemon"}, bad...), &stdout, &stderr)
+		if code != 2 || !strings.Contains(stderr.String(), bad[0]) {
+			t.Errorf("daemon %q: exit %d, %q; want 2 naming the flag", bad, code, stderr.String())
+		}
+	}
+	p := cow.DefaultParams()
+	f := paramFlag{&p, "diff_storage_minimum"}
+	if err := f.Set("64MiB"); err != nil || p.DiffStorageMinimum != 64<<11 {
+		t.Errorf("64MiB: %v, %d sectors", err, p.DiffStorageMinimum)
+	}
+	if err := (paramFlag{&p, "diff_buffer_memory_limit"}).Set("32MiB"); err != nil || p.DiffBufferMemoryLimit != 32<<20 {
+		t.Errorf("32MiB: %v, %d bytes", err, p.DiffBufferMemoryLimit)
 	}
 }

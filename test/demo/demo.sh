@@ -31,7 +31,7 @@ trap cleanup EXIT
 
 say "kernel $(uname -r) has ublk: $(ls /dev/ublk-control)"
 say "starting the ublksnap daemon (log: $work/daemon.log)"
-"$bin" daemon --socket "$sock" --diff-storage-minimum 65536 2>"$work/daemon.log" &
+"$bin" daemon --socket "$sock" --diff-storage-minimum 32MiB 2>"$work/daemon.log" &
 daemon_pid=$!
 for _ in $(seq 100); do u status >/dev/null 2>&1 && break; sleep 0.2; done
 

@@ -26,7 +26,7 @@ import (
 
 // smallStorage are daemon flags that make the difference storage grow in
 // small steps, so tests need little memory on the guest's tmpfs.
-var smallStorage = []string{"--diff-storage-minimum", "16384"} // 8 MiB in sectors
+var smallStorage = []string{"--diff-storage-minimum", "8MiB"}
 
 // deviceMD5 returns the md5 of a whole block device, read with O_DIRECT.
 func deviceMD5(t testing.TB, dev string) string {

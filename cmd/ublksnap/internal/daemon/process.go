@@ -69,7 +69,8 @@ func ReexecInPrivateNamespace(ctx context.Context) (int, error) {
 	}
 }
 
-// startAsIOFlusher starts cmd from a thread marked PR_SET_IO_FLUSHER and
+// startAsIOFlusher starts cmd from a thread marked PR_SET_IO_FLUSHER (if
+// the process may set it) and
 // waits for it on that same thread, whose result arrives on done. The
 // thread must outlive the child: the child's parent-death signal fires
 // when the thread that forked it exits. The thread stays locked, so no
@@ -79,10 +80,9 @@ func startAsIOFlusher(cmd *exec.Cmd) (done <-chan error, err error) {
 	waited := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread() // never unlocked: the thread exits with the goroutine
-		if err := unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0); err != nil {
-			started <- fmt.Errorf("PR_SET_IO_FLUSHER: %w", err)
-			return
-		}
+		// Without CAP_SYS_RESOURCE this fails; the daemon then runs
+		// without the mark, and HardenProcess says so in its log.
+		_ = unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0)
 		if err := cmd.Start(); err != nil {
 			started <- err
 			return
