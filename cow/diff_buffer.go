@@ -3,6 +3,8 @@ package cow
 import (
 	"context"
 	"sync"
+
+	"github.com/ublksnap/ublksnap/internal/broadcast"
 )
 
 // DiffBuffer holds one chunk's data in memory (blksnap's struct
@@ -25,12 +27,12 @@ type diffBufferPool struct {
 	free     []*DiffBuffer // free buffers; guarded by mu
 	live     int           // buffers allocated and not dropped; guarded by mu
 	peak     int           // highest live seen; guarded by mu
-	waiters  int           // goroutines in take waiting; guarded by mu
-	released chan struct{} // closed and replaced by release; guarded by mu
+	waiters  int              // goroutines in take waiting; guarded by mu
+	released broadcast.Signal // wakes the waiters when a buffer comes back; guarded by mu
 }
 
 func newDiffBufferPool(size, limit, keep int) *diffBufferPool {
-	return &diffBufferPool{size: size, limit: max(limit, 1), keep: keep, released: make(chan struct{})}
+	return &diffBufferPool{size: size, limit: max(limit, 1), keep: keep}
 }
 
 // tryTake returns a buffer without waiting, or nil when the limit is
@@ -76,7 +78,7 @@ func (p *diffBufferPool) take(ctx context.Context, stop <-chan struct{}, starved
 		p.mu.Unlock()
 	}()
 	for {
-		released := p.released
+		released := p.released.Wait()
 		p.mu.Unlock()
 		starved()
 		select {
@@ -104,10 +106,7 @@ func (p *diffBufferPool) release(b *DiffBuffer) {
 	} else {
 		p.live--
 	}
-	if p.waiters > 0 {
-		close(p.released)
-		p.released = make(chan struct{})
-	}
+	p.released.Broadcast()
 }
 
 // starving reports whether a taker waits for a buffer.

@@ -3,6 +3,8 @@ package snapshot
 import (
 	"context"
 	"sync"
+
+	"github.com/ublksnap/ublksnap/internal/broadcast"
 )
 
 // gate admits a filtered device's requests and lets a snapshot take pause
@@ -17,17 +19,13 @@ import (
 // completes it.
 type gate struct {
 	mu       sync.Mutex
-	inflight int           // requests admitted and not yet left; guarded by mu
-	paused   bool          // Pause has closed the gate; guarded by mu
-	resumed  chan struct{} // closed by Resume; replaced by Pause; guarded by mu
-	drained  chan struct{} // closed when inflight reaches 0 while paused; guarded by mu
+	inflight int              // requests admitted and not yet left; guarded by mu
+	paused   bool             // Pause has closed the gate; guarded by mu
+	resumed  broadcast.Signal // wakes Enter when the gate reopens; guarded by mu
+	drained  broadcast.Signal // wakes Pause when inflight reaches 0; guarded by mu
 }
 
-func newGate() *gate {
-	g := &gate{resumed: make(chan struct{})}
-	close(g.resumed)
-	return g
-}
+func newGate() *gate { return &gate{} }
 
 // TryEnter admits a request unless the gate is paused. It never blocks.
 func (g *gate) TryEnter() bool {
@@ -42,21 +40,21 @@ func (g *gate) TryEnter() bool {
 
 // Enter admits a request, waiting while the gate is paused.
 func (g *gate) Enter(ctx context.Context) error {
-	for {
-		g.mu.Lock()
-		if !g.paused {
-			g.inflight++
-			g.mu.Unlock()
-			return nil
-		}
-		resumed := g.resumed
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for g.paused {
+		resumed := g.resumed.Wait()
 		g.mu.Unlock()
 		select {
 		case <-resumed:
 		case <-ctx.Done():
+			g.mu.Lock()
 			return ctx.Err()
 		}
+		g.mu.Lock()
 	}
+	g.inflight++
+	return nil
 }
 
 // Leave ends an admitted request.
@@ -64,9 +62,8 @@ func (g *gate) Leave() {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.inflight--
-	if g.inflight == 0 && g.drained != nil {
-		close(g.drained)
-		g.drained = nil
+	if g.inflight == 0 {
+		g.drained.Broadcast()
 	}
 }
 
@@ -74,34 +71,31 @@ func (g *gate) Leave() {
 // ends first the gate is reopened and ctx's error returned.
 func (g *gate) Pause(ctx context.Context) error {
 	g.mu.Lock()
+	defer g.mu.Unlock()
 	g.paused = true
-	g.resumed = make(chan struct{})
-	var drained chan struct{}
-	if g.inflight > 0 {
-		drained = make(chan struct{})
-		g.drained = drained
+	for g.inflight > 0 {
+		drained := g.drained.Wait()
+		g.mu.Unlock()
+		select {
+		case <-drained:
+		case <-ctx.Done():
+			g.mu.Lock()
+			g.resumeLocked()
+			return ctx.Err()
+		}
+		g.mu.Lock()
 	}
-	g.mu.Unlock()
-	if drained == nil {
-		return nil
-	}
-	select {
-	case <-drained:
-		return nil
-	case <-ctx.Done():
-		g.Resume()
-		return ctx.Err()
-	}
+	return nil
 }
 
 // Resume reopens a paused gate and wakes the requests waiting in Enter.
 func (g *gate) Resume() {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if !g.paused {
-		return
-	}
+	g.resumeLocked()
+}
+
+func (g *gate) resumeLocked() {
 	g.paused = false
-	g.drained = nil
-	close(g.resumed)
+	g.resumed.Broadcast()
 }

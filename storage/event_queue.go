@@ -7,6 +7,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/ublksnap/ublksnap/internal/broadcast"
 )
 
 // EventCode is the kind of an Event. blksnap numbered its codes differently
@@ -62,14 +64,14 @@ var ErrEventQueueClosed = errors.New("storage: snapshot destroyed")
 // concurrent use.
 type EventQueue struct {
 	mu     sync.Mutex
-	events []Event       // posted and not yet taken; guarded by mu
-	posted chan struct{} // closed and replaced by Post; guarded by mu
-	closed bool          // set by Close; guarded by mu
+	events []Event          // posted and not yet taken; guarded by mu
+	posted broadcast.Signal // wakes the waiters on Post and Close; guarded by mu
+	closed bool             // set by Close; guarded by mu
 }
 
 // NewEventQueue returns an empty queue.
 func NewEventQueue() *EventQueue {
-	return &EventQueue{posted: make(chan struct{})}
+	return &EventQueue{}
 }
 
 // Post appends an event (stamping Time if it is zero) and wakes the waiters.
@@ -83,8 +85,7 @@ func (q *EventQueue) Post(e Event) {
 		return
 	}
 	q.events = append(q.events, e)
-	close(q.posted)
-	q.posted = make(chan struct{})
+	q.posted.Broadcast()
 	q.mu.Unlock()
 }
 
@@ -107,7 +108,7 @@ func (q *EventQueue) Wait(ctx context.Context, timeoutMs int) (Event, error) {
 			q.mu.Unlock()
 			return Event{}, ErrEventQueueClosed
 		}
-		posted := q.posted
+		posted := q.posted.Wait()
 		q.mu.Unlock()
 		select {
 		case <-posted:
@@ -129,7 +130,7 @@ func (q *EventQueue) Close() {
 	}
 	q.closed = true
 	q.events = nil
-	close(q.posted)
+	q.posted.Broadcast()
 }
 
 // Len returns the number of events waiting to be taken.

@@ -3,9 +3,11 @@
 package integration
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -231,4 +233,52 @@ func TestDestroyedSnapshotAndStorageSafety(t *testing.T) {
 		t.Errorf("append-storage after destroy: exit %d, %q; want 1 and not found", exitCode(err), errOut)
 	}
 	d.cli("status") // the daemon still serves
+}
+
+// Defect 10: watch --grow-dir run for two snapshots, one after the other,
+// in one directory: the second never collides with the first's names (and
+// overflows), and each watch removes its files when its snapshot ends.
+func TestWatchGrowDirTwice(t *testing.T) {
+	d := startDaemon(t, smallStorage...)
+	_, dev := d.attach(64 << 20)
+	growDir := t.TempDir()
+	for round := 1; round <= 2; round++ {
+		fillRandom(t, dev, 0, 64<<20)
+		before := deviceMD5(t, dev)
+		id, images := d.snapshot(filepath.Join(t.TempDir(), "first.img"), "8MiB", dev)
+		var out bytes.Buffer
+		watch := exec.Command(d.bin, "--socket", d.socket, "snapshot", "watch", "--id", id, "--grow-dir", growDir, "--grow-limit", "128MiB")
+		watch.Stdout, watch.Stderr = &out, &out
+		if err := watch.Start(); err != nil {
+			t.Fatal(err)
+		}
+		for off := int64(0); off < 64<<20; off += 2 << 20 {
+			fillRandom(t, dev, off, 2<<20)
+			time.Sleep(200 * time.Millisecond)
+		}
+		if got, err := deviceMD5Err(images[0]); err != nil || got != before {
+			t.Fatalf("round %d: image md5 %s, %v; want %s; watch printed:\n%s", round, got, err, before, out.String())
+		}
+		if files, _ := os.ReadDir(growDir); len(files) < 2 {
+			t.Fatalf("round %d: %d storage files, want several; watch printed:\n%s", round, len(files), out.String())
+		}
+		d.cli("snapshot", "destroy", "--id", id)
+		done := make(chan error, 1)
+		go func() { done <- watch.Wait() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("round %d: watch: %v\n%s", round, err, out.String())
+			}
+		case <-time.After(30 * time.Second):
+			watch.Process.Kill()
+			t.Fatalf("round %d: watch did not end after its snapshot was destroyed", round)
+		}
+		if strings.Contains(out.String(), "corrupted") {
+			t.Fatalf("round %d: the snapshot overflowed:\n%s", round, out.String())
+		}
+		if files, _ := os.ReadDir(growDir); len(files) != 0 {
+			t.Fatalf("round %d: watch left %d files in %s", round, len(files), growDir)
+		}
+	}
 }
