@@ -24,9 +24,9 @@ type diffBufferPool struct {
 	keep  int // maximum free buffers kept; immutable
 
 	mu       sync.Mutex
-	free     []*DiffBuffer // free buffers; guarded by mu
-	live     int           // buffers allocated and not dropped; guarded by mu
-	peak     int           // highest live seen; guarded by mu
+	free     []*DiffBuffer    // free buffers; guarded by mu
+	live     int              // buffers allocated and not dropped; guarded by mu
+	peak     int              // highest live seen; guarded by mu
 	waiters  int              // goroutines in take waiting; guarded by mu
 	released broadcast.Signal // wakes the waiters when a buffer comes back; guarded by mu
 }
