@@ -282,3 +282,89 @@ func TestWatchGrowDirTwice(t *testing.T) {
 		}
 	}
 }
+
+// Defects 3, 4 and 12 through the CLI: a block device as storage is used
+// up to min(capacity, limit) and asks for more before it is full; a storage
+// file larger than the limit is used as it is; overlapping or overflowing
+// sector ranges are refused.
+func TestStorageSizesAndRanges(t *testing.T) {
+	d := startDaemon(t, smallStorage...)
+	_, dev := d.attach(64 << 20)
+	waitFor := func(id, code string) bool {
+		deadline := time.Now().Add(20 * time.Second)
+		for time.Now().Before(deadline) {
+			var ev struct {
+				Code string `json:"code"`
+			}
+			d.cliJSON(&ev, "snapshot", "wait-event", "--id", id, "--timeout", "1s")
+			if ev.Code == code {
+				return true
+			}
+			if ev.Code == "corrupted" {
+				t.Fatalf("snapshot %s corrupted while waiting for %s", id, code)
+			}
+		}
+		return false
+	}
+	state := func() (string, int) {
+		var info struct {
+			State     string `json:"state"`
+			ErrorCode int    `json:"error_code"`
+		}
+		d.cliJSON(&info, "snapshot", "info", "--device", dev)
+		return info.State, info.ErrorCode
+	}
+
+	// A 32 MiB disk with a limit of 1 GiB: 29 MiB of changes fit, and
+	// low_free_space comes before the disk is full.
+	disk := loopDevice(t, tempFile(t, 32<<20))
+	fillRandom(t, dev, 0, 64<<20)
+	before := deviceMD5(t, dev)
+	id, images := d.snapshot(disk, "1GiB", dev)
+	fillRandom(t, dev, 0, 29<<20) // free space 3 MiB: below half the 8 MiB minimum
+	if !waitFor(id, "low_free_space") {
+		t.Error("no low_free_space from a block device storage filling up")
+	}
+	if st, code := state(); st != "taken" || code != 0 {
+		t.Fatalf("block device storage: state %s error %d", st, code)
+	}
+	if deviceMD5(t, images[0]) != before {
+		t.Fatal("image changed")
+	}
+	// Overlapping ranges and ranges that overflow are refused.
+	extra := tempFile(t, 16<<20)
+	for _, ranges := range [][]string{
+		{"0:8192", "4096:8192"},
+		{"4611686018427387904:4611686018427387904"},
+	} {
+		args := []string{"snapshot", "append-storage", "--id", id, "--storage", extra}
+		for _, r := range ranges {
+			args = append(args, "--ranges", r)
+		}
+		if _, errOut, err := d.try(args...); exitCode(err) != 1 {
+			t.Errorf("append-storage --ranges %v: exit %d %q, want 1", ranges, exitCode(err), errOut)
+		}
+	}
+	d.cli("snapshot", "append-storage", "--id", id, "--storage", extra, "--ranges", "0:16384")
+	if _, errOut, err := d.try("snapshot", "append-storage", "--id", id, "--storage", extra, "--ranges", "8192:8192"); exitCode(err) != 1 || !strings.Contains(errOut, "overlaps") {
+		t.Errorf("append-storage of sectors already in the storage: exit %d %q, want 1 and overlaps", exitCode(err), errOut)
+	}
+	d.cli("snapshot", "destroy", "--id", id)
+
+	// A 64 MiB preallocated file with a 16 MiB limit is used whole.
+	file := filepath.Join(t.TempDir(), "diff.img")
+	run(t, "fallocate", "-l", "64M", file)
+	before = deviceMD5(t, dev)
+	id, images = d.snapshot(file, "16MiB", dev)
+	fillRandom(t, dev, 0, 48<<20)
+	if st, code := state(); st != "taken" || code != 0 {
+		t.Fatalf("storage file larger than its limit: state %s error %d", st, code)
+	}
+	if deviceMD5(t, images[0]) != before {
+		t.Fatal("image changed")
+	}
+	d.cli("snapshot", "destroy", "--id", id)
+	if fi, err := os.Stat(file); err != nil || fi.Size() != 64<<20 {
+		t.Errorf("the user's storage file after destroy: %v, %v", fi, err)
+	}
+}
