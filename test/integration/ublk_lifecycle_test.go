@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/ublksnap/ublksnap/ublk"
 )
 
@@ -104,5 +106,25 @@ func TestUblkBadConfig(t *testing.T) {
 	}
 	if after := ublkCharDevs(t); len(after) != len(before) {
 		t.Fatalf("bad configs created kernel devices: before %v after %v", before, after)
+	}
+}
+
+// TestUblkKernelFeatures reports what the running kernel's ublk offers
+// (GET_FEATURES): features are detected, never assumed from a version.
+func TestUblkKernelFeatures(t *testing.T) {
+	c, err := ublk.OpenCtrl()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	feats, err := c.Features()
+	if err != nil {
+		t.Fatalf("GET_FEATURES: %v", err)
+	}
+	var uts unix.Utsname
+	unix.Uname(&uts)
+	t.Logf("kernel %s: ublk features %#x", unix.ByteSliceToString(uts.Release[:]), feats)
+	if feats == 0 {
+		t.Error("GET_FEATURES answered no feature at all")
 	}
 }
