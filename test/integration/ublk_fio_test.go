@@ -55,7 +55,7 @@ func TestUblkFioVerify(t *testing.T) {
 
 // fioVerifyWith runs a 4 KiB and a 64 KiB fio verify on a device served by
 // the handler that wrap builds.
-func fioVerifyWith(t *testing.T, opts storage.OpenOptions, wrap func(ublk.Handler) ublk.Handler) {
+func fioVerifyWith(t *testing.T, opts storage.OpenOptions, wrap func(ublk.Handler, *storage.File) ublk.Handler) {
 	d, _, _ := ublkDeviceOpts(t, 32<<20, 2, 64, opts, wrap)
 	for _, j := range []fioVerifyJob{{4 << 10, 32, 0, 8 << 20}, {64 << 10, 16, 8 << 20, 16 << 20}} {
 		fio(t, append(j.args(d.Path()), "--direct=1")...)

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/ublk"
 	"golang.org/x/sys/unix"
 )
@@ -46,7 +47,7 @@ func (f *flushCounter) Handle(r *ublk.Request) error {
 // a FLUSH (the device announces a volatile cache).
 func TestUblkFlush(t *testing.T) {
 	var fc *flushCounter
-	d, file, _ := ublkDevice(t, 16<<20, 1, 32, func(b ublk.Handler) ublk.Handler {
+	d, file, _ := ublkDevice(t, 16<<20, 1, 32, func(b ublk.Handler, _ *storage.File) ublk.Handler {
 		fc = &flushCounter{Handler: b}
 		return fc
 	})

@@ -66,7 +66,7 @@ func (m mixedHandler) Handle(r *ublk.Request) error {
 
 func TestUblkAsyncHandler(t *testing.T) {
 	var h *asyncHandler
-	fioVerifyWith(t, storage.OpenOptions{}, func(b ublk.Handler) ublk.Handler { h = &asyncHandler{inner: b}; return h })
+	fioVerifyWith(t, storage.OpenOptions{}, func(_ ublk.Handler, f *storage.File) ublk.Handler { h = &asyncHandler{inner: syncFile{f}}; return h })
 	if h.taken.Load() == 0 {
 		t.Fatal("the async handler saw no request")
 	}
@@ -74,7 +74,7 @@ func TestUblkAsyncHandler(t *testing.T) {
 
 func TestUblkWouldBlockHandler(t *testing.T) {
 	var h *wouldBlockHandler
-	fioVerifyWith(t, storage.OpenOptions{}, func(b ublk.Handler) ublk.Handler { h = &wouldBlockHandler{inner: b}; return h })
+	fioVerifyWith(t, storage.OpenOptions{}, func(_ ublk.Handler, f *storage.File) ublk.Handler { h = &wouldBlockHandler{inner: syncFile{f}}; return h })
 	if h.refused.Load() == 0 || h.served.Load() != h.refused.Load() {
 		t.Fatalf("refused %d requests on the queue thread, served %d on workers; want equal and > 0",
 			h.refused.Load(), h.served.Load())
@@ -82,7 +82,7 @@ func TestUblkWouldBlockHandler(t *testing.T) {
 }
 
 func TestUblkMixedHandler(t *testing.T) {
-	fioVerifyWith(t, storage.OpenOptions{}, func(b ublk.Handler) ublk.Handler { return mixedHandler{b} })
+	fioVerifyWith(t, storage.OpenOptions{}, func(_ ublk.Handler, f *storage.File) ublk.Handler { return mixedHandler{syncFile{f}} })
 }
 
 // offloadHandler sends large reads and writes to the blocking workers, as
@@ -99,7 +99,7 @@ func (o offloadHandler) Handle(r *ublk.Request) error {
 // TestUblkOffloadBackend runs the pass-through in offload mode (RWF_NOWAIT
 // reads on the queue thread, the rest on workers).
 func TestUblkOffloadBackend(t *testing.T) {
-	fioVerifyWith(t, storage.OpenOptions{}, func(b ublk.Handler) ublk.Handler { return offloadHandler{b} })
+	fioVerifyWith(t, storage.OpenOptions{}, func(b ublk.Handler, _ *storage.File) ublk.Handler { return offloadHandler{b} })
 }
 
 // TestUblkMmapBackend runs the pass-through copying through a file mapping.

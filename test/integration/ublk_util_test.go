@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -17,16 +18,16 @@ import (
 )
 
 // ublkDevice starts a ublk device of size bytes over a fresh tmpfs backing
-// file, served by wrap(the pass-through handler) (the pass-through itself
-// when wrap is nil). The device is closed at cleanup if the test has not
+// file, served by wrap(the pass-through handler, the backing) (the
+// pass-through itself when wrap is nil). The device is closed at cleanup if the test has not
 // closed it.
-func ublkDevice(t testing.TB, size int64, queues, depth int, wrap func(ublk.Handler) ublk.Handler) (*ublk.Device, string, *storage.File) {
+func ublkDevice(t testing.TB, size int64, queues, depth int, wrap func(ublk.Handler, *storage.File) ublk.Handler) (*ublk.Device, string, *storage.File) {
 	t.Helper()
 	return ublkDeviceOpts(t, size, queues, depth, storage.OpenOptions{}, wrap)
 }
 
 // ublkDeviceOpts is ublkDevice with options for the backing file.
-func ublkDeviceOpts(t testing.TB, size int64, queues, depth int, opts storage.OpenOptions, wrap func(ublk.Handler) ublk.Handler) (*ublk.Device, string, *storage.File) {
+func ublkDeviceOpts(t testing.TB, size int64, queues, depth int, opts storage.OpenOptions, wrap func(ublk.Handler, *storage.File) ublk.Handler) (*ublk.Device, string, *storage.File) {
 	t.Helper()
 	file := tempFile(t, size)
 	b, err := storage.OpenWith(file, opts)
@@ -38,7 +39,7 @@ func ublkDeviceOpts(t testing.TB, size int64, queues, depth int, opts storage.Op
 	cfg.Queues, cfg.Depth = queues, depth
 	h := snapshot.NewPassthrough(b, slog.Default())
 	if wrap != nil {
-		h = wrap(h)
+		h = wrap(h, b)
 	}
 	d, err := ublk.New(context.Background(), cfg, h)
 	if err != nil {
@@ -49,6 +50,29 @@ func ublkDeviceOpts(t testing.TB, size int64, queues, depth int, opts storage.Op
 		t.Fatalf("device started but %s is missing: %v", d.Path(), err)
 	}
 	return d, file, b
+}
+
+// syncFile serves requests synchronously from a storage.File, whatever
+// NoWait says: the plain backend of the tests of ublk's handler contract.
+type syncFile struct{ f *storage.File }
+
+func (s syncFile) Handle(r *ublk.Request) error {
+	var err error
+	switch r.Op {
+	case ublk.OpRead:
+		_, err = s.f.ReadAt(r.Buf, r.Offset)
+	case ublk.OpWrite:
+		_, err = s.f.WriteAt(r.Buf, r.Offset)
+	case ublk.OpFlush:
+		err = s.f.Flush()
+	case ublk.OpDiscard:
+		err = s.f.Discard(r.Offset, int64(r.Length))
+	case ublk.OpWriteZeroes:
+		err = s.f.WriteZeroes(r.Offset, int64(r.Length))
+	default:
+		err = syscall.EOPNOTSUPP
+	}
+	return err
 }
 
 // passthrough opens a backing file and returns the pass-through handler
