@@ -229,17 +229,7 @@ func (m *Manager) AppendStorage(ctx context.Context, id, path string, ranges []R
 	if err := m.checkStorageLocked(p, ident, s); err != nil {
 		return SnapshotInfo{}, err
 	}
-	if len(sr) == 0 {
-		dev, err := storage.Open(p.open)
-		if err != nil {
-			return SnapshotInfo{}, fmt.Errorf("append storage %s: %w", p.name, err)
-		}
-		whole := []storage.Range{{Sector: 0, Count: dev.Geometry().Sectors()}}
-		if err := s.storage.AppendDevice(dev, whole); err != nil {
-			dev.Close()
-			return SnapshotInfo{}, fmt.Errorf("append storage %s: %w", p.name, err)
-		}
-	} else if err := s.storage.Append(p.open, sr); err != nil {
+	if err := s.storage.Append(p.open, sr); err != nil {
 		return SnapshotInfo{}, fmt.Errorf("append storage %s: %w", p.name, err)
 	}
 	return s.info(), nil

@@ -408,6 +408,18 @@ func (d *File) copyMapped(p []byte, off int64, toFile bool) (n int, err error) {
 	return copy(p, d.mapped[off:]), nil
 }
 
+// same reports whether st (of a path) is this file or block device.
+func (d *File) same(st *unix.Stat_t) bool {
+	var own unix.Stat_t
+	if unix.Fstat(d.fd, &own) != nil {
+		return false
+	}
+	if d.block {
+		return st.Mode&unix.S_IFMT == unix.S_IFBLK && st.Rdev == own.Rdev
+	}
+	return st.Dev == own.Dev && st.Ino == own.Ino
+}
+
 // Flush waits until written data is durable (fdatasync).
 func (d *File) Flush() error {
 	if err := unix.Fdatasync(d.fd); err != nil {

@@ -8,6 +8,8 @@ import (
 	"slices"
 	"sync"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // DefaultMinimumSectors is blksnap's diff_storage_minimum: 1 GiB, the
@@ -121,9 +123,8 @@ type DiffStorage struct {
 	// mu guards everything below. It is never held during I/O.
 	mu sync.Mutex
 	// devs are the backing devices opened by or given to the storage; Close
-	// closes them. paths maps the path each was opened with to it.
-	devs  []Device
-	paths map[string]Device
+	// closes them.
+	devs []Device
 	// emptyBlocks lists the blocks with room left in order of arrival;
 	// filledBlocks the blocks used up. Alloc carves from emptyBlocks[0].
 	emptyBlocks  []*storageBlock
@@ -184,7 +185,6 @@ func newDiffStorage(opts Options) *DiffStorage {
 		lowWater: (minimum >> 1) &^ (pageSectors - 1),
 		log:      log.With("component", "diff-storage"),
 		events:   NewEventQueue(),
-		paths:    make(map[string]Device),
 	}
 }
 
@@ -285,44 +285,73 @@ func (ds *DiffStorage) Stats() Stats {
 	return s
 }
 
-// Append opens the file or block device at path (once per path: later calls
-// reuse it) and adds ranges of it as storage blocks. It may be called at any
-// time, also while chunks are being stored. Nothing changes when it fails.
+// Append opens the file or block device at path (once: a later call for
+// the same file, by any path, reuses it) and adds ranges of it as storage
+// blocks; no ranges means all of it. It may be called at any time, also
+// while chunks are being stored. Nothing changes when it fails.
 func (ds *DiffStorage) Append(path string, ranges []Range) error {
 	ds.mu.Lock()
 	if ds.closed {
 		ds.mu.Unlock()
 		return ErrClosed
 	}
-	dev := ds.paths[path]
 	ds.mu.Unlock()
+	dev, err := ds.deviceOf(path)
+	if err != nil {
+		return fmt.Errorf("append to difference storage: %w", err)
+	}
 	if dev != nil {
-		return ds.appendRanges(dev, ranges, "")
+		return ds.appendRanges(dev, wholeIfNone(dev, ranges))
 	}
 	d, err := Open(path)
 	if err != nil {
 		return fmt.Errorf("append to difference storage: %w", err)
 	}
-	if err := ds.appendRanges(d, ranges, path); err != nil {
+	if err := ds.appendRanges(d, wholeIfNone(d, ranges)); err != nil {
 		d.Close()
 		return err
 	}
 	return nil
 }
 
+// wholeIfNone returns ranges, or the whole of dev if there are none.
+func wholeIfNone(dev Device, ranges []Range) []Range {
+	if len(ranges) > 0 {
+		return ranges
+	}
+	return []Range{{Sector: 0, Count: dev.Geometry().Sectors()}}
+}
+
+// deviceOf returns the storage's open device that is the file or block
+// device at path (any path to it), or nil.
+func (ds *DiffStorage) deviceOf(path string) (Device, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return nil, fmt.Errorf("stat %s: %w", path, err)
+	}
+	ds.mu.Lock()
+	defer ds.mu.Unlock()
+	for _, d := range ds.devs {
+		if f, ok := d.(*File); ok && f.same(&st) {
+			return d, nil
+		}
+	}
+	return nil, nil
+}
+
 // AppendDevice adds ranges of an open device as storage blocks. The storage
 // owns dev from then on and closes it on Close; if it fails, dev stays the
 // caller's.
 func (ds *DiffStorage) AppendDevice(dev Device, ranges []Range) error {
-	return ds.appendRanges(dev, ranges, "")
+	return ds.appendRanges(dev, ranges)
 }
 
 // appendRanges validates all ranges (reporting every bad one) and adds
-// them; a device not known yet is registered then, under path if given.
+// them; a device not known yet is registered then.
 // A range must lie inside the device, be aligned to its logical blocks and
 // overlap no range of the same device already in the storage (nor another
 // range of the request).
-func (ds *DiffStorage) appendRanges(dev Device, ranges []Range, path string) error {
+func (ds *DiffStorage) appendRanges(dev Device, ranges []Range) error {
 	geo := dev.Geometry()
 	align := int64(geo.LogicalBlockSize >> SectorShift)
 	var errs []error
@@ -363,9 +392,6 @@ func (ds *DiffStorage) appendRanges(dev Device, ranges []Range, path string) err
 	}
 	if !slices.Contains(ds.devs, dev) {
 		ds.devs = append(ds.devs, dev)
-		if path != "" {
-			ds.paths[path] = dev
-		}
 	}
 	for _, r := range ranges {
 		ds.emptyBlocks = append(ds.emptyBlocks, &storageBlock{dev: dev, sector: r.Sector, count: r.Count})
@@ -547,7 +573,7 @@ func (ds *DiffStorage) Close() error {
 			errs = append(errs, err)
 		}
 	}
-	ds.devs, ds.paths, ds.emptyBlocks, ds.filledBlocks = nil, nil, nil, nil
+	ds.devs, ds.emptyBlocks, ds.filledBlocks = nil, nil, nil
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("close difference storage: %w", err)
 	}

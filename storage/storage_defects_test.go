@@ -175,3 +175,34 @@ func TestAfterClose(t *testing.T) {
 		t.Errorf("Wait after Close: %v, want ErrEventQueueClosed", err)
 	}
 }
+
+// The same file appended by two paths is one device: its ranges may not
+// overlap, and it is opened (and locked) once.
+func TestAppendSameFileByTwoPaths(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "extra")
+	if err := os.WriteFile(path, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	alias := filepath.Join(dir, "alias")
+	if err := os.Symlink(path, alias); err != nil {
+		t.Fatal(err)
+	}
+	ds := New(Options{MinimumSectors: 1024, Logger: quiet})
+	defer ds.Close()
+	if err := ds.Append(path, []Range{{Sector: 0, Count: 1024}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := ds.Append(alias, []Range{{Sector: 512, Count: 1024}}); !errors.Is(err, syscall.EINVAL) || !strings.Contains(err.Error(), "overlaps") {
+		t.Errorf("overlapping range by another path: %v, want EINVAL naming the overlap", err)
+	}
+	if err := ds.Append(alias, []Range{{Sector: 1024, Count: 1024}}); err != nil {
+		t.Errorf("the rest of the file by another path: %v", err)
+	}
+	if err := ds.Append(path, nil); !errors.Is(err, syscall.EINVAL) {
+		t.Errorf("the whole file again: %v, want EINVAL", err)
+	}
+	if st := ds.Stats(); st.Capacity != 2048 {
+		t.Errorf("capacity %d sectors, want 2048", st.Capacity)
+	}
+}

@@ -288,7 +288,9 @@ func TestWatchGrowDirTwice(t *testing.T) {
 // file larger than the limit is used as it is; overlapping or overflowing
 // sector ranges are refused.
 func TestStorageSizesAndRanges(t *testing.T) {
-	d := startDaemon(t, smallStorage...)
+	// A 16 MiB step: low_free_space at 8 MiB free, with room for the 4 MiB
+	// of chunks that may wait in memory before they are stored.
+	d := startDaemon(t, "--diff-storage-minimum", "16MiB")
 	_, dev := d.attach(64 << 20)
 	waitFor := func(id, code string) bool {
 		deadline := time.Now().Add(20 * time.Second)
@@ -321,7 +323,7 @@ func TestStorageSizesAndRanges(t *testing.T) {
 	fillRandom(t, dev, 0, 64<<20)
 	before := deviceMD5(t, dev)
 	id, images := d.snapshot(disk, "1GiB", dev)
-	fillRandom(t, dev, 0, 29<<20) // free space 3 MiB: below half the 8 MiB minimum
+	fillRandom(t, dev, 0, 29<<20) // at least 25 MiB stored: below the 8 MiB low-water mark
 	if !waitFor(id, "low_free_space") {
 		t.Error("no low_free_space from a block device storage filling up")
 	}
