@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
-	"syscall"
 
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/storage"
@@ -49,16 +48,9 @@ func (m *Manager) Attach(ctx context.Context, opt AttachOptions) (DeviceInfo, er
 	if opt.Queues < 0 || opt.Depth < 0 {
 		return DeviceInfo{}, fmt.Errorf("%w: queues and depth must not be negative", ErrInvalid)
 	}
-	backing, err := resolve(ctx, "backing", opt.Backing)
+	backing, id, err := locate(ctx, "backing", opt.Backing, false)
 	if err != nil {
-		return DeviceInfo{}, err
-	}
-	id, err := identify(backing.open)
-	if err != nil {
-		return DeviceInfo{}, fmt.Errorf("attach %s: %w", backing.name, err)
-	}
-	if !id.exists {
-		return DeviceInfo{}, fmt.Errorf("attach %s: no such file or device: %w", backing.name, syscall.ENOENT)
+		return DeviceInfo{}, fmt.Errorf("attach: %w", err)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -45,16 +46,25 @@ type userPath struct {
 	open string // the same file in the daemon's view
 }
 
-// resolve checks that p is absolute and finds it in the caller's view.
-func resolve(ctx context.Context, what, p string) (userPath, error) {
+// locate checks that p is absolute, finds it in the caller's view and
+// tells where it lives. Unless mayBeNew, the file must exist (ENOENT).
+func locate(ctx context.Context, what, p string, mayBeNew bool) (userPath, identity, error) {
 	if p == "" {
-		return userPath{}, fmt.Errorf("%w: no %s given", ErrInvalid, what)
+		return userPath{}, identity{}, fmt.Errorf("%w: no %s given", ErrInvalid, what)
 	}
 	if !filepath.IsAbs(p) {
-		return userPath{}, fmt.Errorf("%w: %s %q is not an absolute path", ErrInvalid, what, p)
+		return userPath{}, identity{}, fmt.Errorf("%w: %s %q is not an absolute path", ErrInvalid, what, p)
 	}
 	p = filepath.Clean(p)
-	return userPath{name: p, open: callerOf(ctx).Root + p}, nil
+	up := userPath{name: p, open: callerOf(ctx).Root + p}
+	id, err := identify(up.open)
+	if err != nil {
+		return userPath{}, identity{}, fmt.Errorf("%s %s: %w", what, p, err)
+	}
+	if !id.exists && !mayBeNew {
+		return userPath{}, identity{}, fmt.Errorf("%s %s: no such file or device: %w", what, p, syscall.ENOENT)
+	}
+	return up, id, nil
 }
 
 // identity tells where a path lives, to keep the difference storage and

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"syscall"
 	"time"
 
 	"github.com/google/uuid"
@@ -55,13 +54,9 @@ func (m *Manager) CreateSnapshot(ctx context.Context, opt CreateOptions) (Snapsh
 	if opt.Limit < minLimit {
 		return SnapshotInfo{}, fmt.Errorf("%w: limit %d bytes is too small: give at least 1 MiB", ErrInvalid, opt.Limit)
 	}
-	p, err := resolve(ctx, "storage", opt.Storage)
+	p, id, err := locate(ctx, "difference storage", opt.Storage, true)
 	if err != nil {
 		return SnapshotInfo{}, err
-	}
-	id, err := identify(p.open)
-	if err != nil {
-		return SnapshotInfo{}, fmt.Errorf("difference storage %s: %w", p.name, err)
 	}
 	if err := checkStorageFile(p, id, opt.Force); err != nil {
 		return SnapshotInfo{}, err
@@ -202,16 +197,9 @@ type Range struct{ Start, Count uint64 }
 // AppendStorage adds a file or block device, or sector ranges of it, to a
 // snapshot's difference storage.
 func (m *Manager) AppendStorage(ctx context.Context, id, path string, ranges []Range) (SnapshotInfo, error) {
-	p, err := resolve(ctx, "storage", path)
+	p, ident, err := locate(ctx, "storage", path, false)
 	if err != nil {
-		return SnapshotInfo{}, err
-	}
-	ident, err := identify(p.open)
-	if err != nil {
-		return SnapshotInfo{}, fmt.Errorf("append storage %s: %w", p.name, err)
-	}
-	if !ident.exists {
-		return SnapshotInfo{}, fmt.Errorf("append storage %s: no such file or device: %w", p.name, syscall.ENOENT)
+		return SnapshotInfo{}, fmt.Errorf("append: %w", err)
 	}
 	sr := make([]storage.Range, len(ranges))
 	for i, r := range ranges {
