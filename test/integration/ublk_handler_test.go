@@ -74,7 +74,10 @@ func TestUblkAsyncHandler(t *testing.T) {
 
 func TestUblkWouldBlockHandler(t *testing.T) {
 	var h *wouldBlockHandler
-	fioVerifyWith(t, storage.OpenOptions{}, func(_ ublk.Handler, f *storage.File) ublk.Handler { h = &wouldBlockHandler{inner: syncFile{f}}; return h })
+	fioVerifyWith(t, storage.OpenOptions{}, func(_ ublk.Handler, f *storage.File) ublk.Handler {
+		h = &wouldBlockHandler{inner: syncFile{f}}
+		return h
+	})
 	if h.refused.Load() == 0 || h.served.Load() != h.refused.Load() {
 		t.Fatalf("refused %d requests on the queue thread, served %d on workers; want equal and > 0",
 			h.refused.Load(), h.served.Load())
