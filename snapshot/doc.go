@@ -24,7 +24,7 @@
 // # Locks
 //
 // Manager.mu guards the maps of devices and snapshots, device.snap and
-// every snapshot's members, taken and destroying flags. It is held for
+// every snapshot's members and taken flag. It is held for
 // the whole of Take (the switch to COW is one state change: freeze, pause,
 // switch, resume, thaw, then serving the images), and never while waiting
 // for a snapshot's teardown: Destroy removes the snapshot from the map

@@ -223,7 +223,6 @@ func (m *Manager) Close() error {
 	snaps := make([]*snapshot, 0, len(m.snapshots))
 	for id, s := range m.snapshots {
 		snaps = append(snaps, s)
-		s.destroying = true
 		delete(m.snapshots, id)
 	}
 	m.mu.Unlock()

@@ -19,12 +19,10 @@ import (
 type snapshot struct {
 	id           string               // UUID; immutable
 	storage      *storage.DiffStorage // shared by all members; immutable
-	storagePath  userPath             // where the storage was created; immutable
 	storageIdent identity             // where the storage lives; immutable
 	created      *createdFile         // a storage file the manager created, or nil; immutable
 	limit        int64                // bytes; immutable
 	taken        bool                 // the members are in COW and have images; guarded by Manager.mu
-	destroying   bool                 // removed from the manager, being torn down; guarded by Manager.mu
 	members      []*member            // in the order added; guarded by Manager.mu
 }
 
@@ -32,8 +30,8 @@ type snapshot struct {
 // (blksnap's snapimage).
 type member struct {
 	dev   *device       // immutable
-	area  *cow.DiffArea // set by take, before the switch to COW
-	image BlockDevice   // set by take, after the switch to COW
+	area  *cow.DiffArea // set by take, before the switch to COW; guarded by Manager.mu
+	image BlockDevice   // set by take, after the switch to COW; guarded by Manager.mu
 }
 
 // CreateOptions describe a new snapshot.
@@ -63,10 +61,10 @@ func (m *Manager) CreateSnapshot(ctx context.Context, opt CreateOptions) (Snapsh
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if err := m.checkStorageLocked(p, id, nil); err != nil {
+	if err := m.checkStorageLocked(p, id); err != nil {
 		return SnapshotInfo{}, err
 	}
-	s := &snapshot{id: uuid.NewString(), storagePath: p, storageIdent: id, limit: opt.Limit}
+	s := &snapshot{id: uuid.NewString(), storageIdent: id, limit: opt.Limit}
 	for _, ref := range opt.Devices {
 		d, err := m.deviceLocked(ref)
 		if err != nil {
@@ -125,9 +123,9 @@ func checkStorageFile(p userPath, id identity, force bool) error {
 	return fmt.Errorf("%w: %s holds data (at byte %d of %d) that the difference storage would overwrite; remove it, name a new file or a directory, or use --force", ErrConflict, p.name, at, fi.Size())
 }
 
-// checkStorageLocked refuses difference storage on a served device or a
-// member's backing (s nil: a new snapshot).
-func (m *Manager) checkStorageLocked(p userPath, id identity, s *snapshot) error {
+// checkStorageLocked refuses difference storage on a served device or on
+// the backing of a filtered device.
+func (m *Manager) checkStorageLocked(p userPath, id identity) error {
 	if err := m.checkOffServedLocked("difference storage", p, id); err != nil {
 		return err
 	}
@@ -214,7 +212,7 @@ func (m *Manager) AppendStorage(ctx context.Context, id, path string, ranges []R
 	if err != nil {
 		return SnapshotInfo{}, err
 	}
-	if err := m.checkStorageLocked(p, ident, s); err != nil {
+	if err := m.checkStorageLocked(p, ident); err != nil {
 		return SnapshotInfo{}, err
 	}
 	if err := s.storage.Append(p.open, sr); err != nil {
@@ -414,7 +412,6 @@ func (m *Manager) Destroy(ctx context.Context, id string, force bool) error {
 			}
 		}
 	}
-	s.destroying = true
 	delete(m.snapshots, id)
 	m.mu.Unlock()
 	err = m.teardown(s)
