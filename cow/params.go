@@ -149,49 +149,70 @@ func (p *Params) Set(name string, value int64) error {
 	return nil
 }
 
-// Validate reports every inconsistency at once.
-func (p Params) Validate() error {
-	var errs []error
-	bad := func(format string, args ...any) {
-		errs = append(errs, fmt.Errorf(format, args...))
+// ParamError is one parameter whose value is out of bounds, alone or
+// against another parameter.
+type ParamError struct {
+	Name   string // blksnap's name of the parameter at fault
+	Reason string // its value in its unit and the bound it breaks
+}
+
+func (e *ParamError) Error() string { return e.Name + " " + e.Reason }
+
+// Check returns every inconsistency, each naming the parameter at fault;
+// none means the set is valid.
+func (p Params) Check() []*ParamError {
+	var errs []*ParamError
+	bad := func(name, format string, args ...any) {
+		errs = append(errs, &ParamError{Name: name, Reason: fmt.Sprintf(format, args...)})
 	}
 	if p.TrackingBlockMinimumShift < storage.SectorShift || p.TrackingBlockMinimumShift > 30 {
-		bad("tracking_block_minimum_shift (%d) must be in [9, 30]", p.TrackingBlockMinimumShift)
+		bad("tracking_block_minimum_shift", "(%d) must be in [9, 30]", p.TrackingBlockMinimumShift)
 	}
 	if p.TrackingBlockMaximumShift < p.TrackingBlockMinimumShift || p.TrackingBlockMaximumShift > 30 {
-		bad("tracking_block_maximum_shift (%d) must be in [tracking_block_minimum_shift (%d), 30]", p.TrackingBlockMaximumShift, p.TrackingBlockMinimumShift)
+		bad("tracking_block_maximum_shift", "(%d) must be in [tracking_block_minimum_shift (%d), 30]", p.TrackingBlockMaximumShift, p.TrackingBlockMinimumShift)
 	}
 	if p.TrackingBlockMaximumCount < 1 {
-		bad("tracking_block_maximum_count (%d) must be >= 1", p.TrackingBlockMaximumCount)
+		bad("tracking_block_maximum_count", "(%d) must be >= 1", p.TrackingBlockMaximumCount)
 	}
 	if p.ChunkMinimumShift < 12 || p.ChunkMinimumShift > 30 {
-		bad("chunk_minimum_shift (%d) must be in [12, 30]", p.ChunkMinimumShift)
+		bad("chunk_minimum_shift", "(%d) must be in [12, 30]", p.ChunkMinimumShift)
 	}
 	if p.ChunkMaximumShift < p.ChunkMinimumShift || p.ChunkMaximumShift > 30 {
-		bad("chunk_maximum_shift (%d) must be in [chunk_minimum_shift (%d), 30]", p.ChunkMaximumShift, p.ChunkMinimumShift)
+		bad("chunk_maximum_shift", "(%d) must be in [chunk_minimum_shift (%d), 30]", p.ChunkMaximumShift, p.ChunkMinimumShift)
 	}
 	if p.ChunkMaximumCountShift < 1 || p.ChunkMaximumCountShift > 40 {
-		bad("chunk_maximum_count_shift (%d) must be in [1, 40]", p.ChunkMaximumCountShift)
+		bad("chunk_maximum_count_shift", "(%d) must be in [1, 40]", p.ChunkMaximumCountShift)
 	}
 	if p.ChunkMaximumInQueue < 0 {
-		bad("chunk_maximum_in_queue (%d) must be >= 0", p.ChunkMaximumInQueue)
+		bad("chunk_maximum_in_queue", "(%d) must be >= 0", p.ChunkMaximumInQueue)
 	}
 	if p.FreeDiffBufferPoolSize < 0 {
-		bad("free_diff_buffer_pool_size (%d) must be >= 0", p.FreeDiffBufferPoolSize)
+		bad("free_diff_buffer_pool_size", "(%d) must be >= 0", p.FreeDiffBufferPoolSize)
 	}
 	if p.ChunkMinimumShift >= 12 && p.ChunkMinimumShift <= 30 {
 		minChunk := int64(1) << (p.ChunkMinimumShift - storage.SectorShift)
 		if p.DiffStorageMinimum < 2*minChunk || p.DiffStorageMinimum%minChunk != 0 {
-			bad("diff_storage_minimum (%d sectors) must be a multiple of the minimum chunk (%d sectors), at least two of them", p.DiffStorageMinimum, minChunk)
+			bad("diff_storage_minimum", "(%d sectors) must be a multiple of the minimum chunk (%d sectors), at least two of them", p.DiffStorageMinimum, minChunk)
 		}
 	}
 	if p.DiffBufferMemoryLimit < 1 {
-		bad("diff_buffer_memory_limit (%d) must be >= 1", p.DiffBufferMemoryLimit)
+		bad("diff_buffer_memory_limit", "(%d) must be >= 1", p.DiffBufferMemoryLimit)
 	}
-	if len(errs) > 0 {
-		return fmt.Errorf("%w: %w", ErrInvalidParams, errors.Join(errs...))
+	return errs
+}
+
+// Validate reports every inconsistency at once, as Check finds them, in
+// one error that wraps ErrInvalidParams and each ParamError.
+func (p Params) Validate() error {
+	probs := p.Check()
+	if len(probs) == 0 {
+		return nil
 	}
-	return nil
+	errs := make([]error, len(probs))
+	for i, e := range probs {
+		errs[i] = e
+	}
+	return fmt.Errorf("%w: %w", ErrInvalidParams, errors.Join(errs...))
 }
 
 // ChunkShift computes log2 of the chunk size in bytes for a device, as

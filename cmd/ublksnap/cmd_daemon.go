@@ -33,8 +33,8 @@ func daemonCmd(g *globalFlags) *cobra.Command {
 			"sizes take units (64MiB, 1GiB; a bare number is bytes).",
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := params.Validate(); err != nil {
-				return usageError{err}
+			if err := checkParams(cmd, &params); err != nil {
+				return err
 			}
 			if os.Geteuid() != 0 {
 				return errors.New("the daemon needs root: it creates ublk devices")

@@ -151,6 +151,8 @@ func TestDaemonParameterFlags(t *testing.T) {
 		{"--chunk-minimum-shift", "1.5"},
 		{"--chunk-minimum-shift", "-3"},
 		{"--diff-buffer-memory-limit", "16EiB"},
+		{"--diff-storage-minimum", "128KiB"}, // a size, but less than two chunks
+		{"--chunk-maximum-shift", "31"},      // a number, but out of range
 	} {
 		stderr.Reset()
 		code := run(context.Background(), append([]string{"daemon"}, bad...), &stdout, &stderr)

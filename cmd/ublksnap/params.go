@@ -6,6 +6,7 @@ import (
 	"strings"
 
 	"github.com/dustin/go-humanize"
+	"github.com/spf13/cobra"
 
 	"github.com/ublksnap/ublksnap/cow"
 )
@@ -73,4 +74,18 @@ func paramUsage(name string) string {
 		return "blksnap's " + name + ", a size such as 64MiB"
 	}
 	return "blksnap's " + name
+}
+
+// checkParams fails with a usage error naming the flag and value of each
+// parameter out of bounds.
+func checkParams(cmd *cobra.Command, params *cow.Params) error {
+	probs := params.Check()
+	if len(probs) == 0 {
+		return nil
+	}
+	lines := make([]string, len(probs))
+	for i, p := range probs {
+		lines[i] = fmt.Sprintf("--%s %s: %v", flagName(p.Name), paramFlag{params, p.Name}, p)
+	}
+	return usagef("bad blksnap parameters; see %s --help:\n  %s", cmd.CommandPath(), strings.Join(lines, "\n  "))
 }
