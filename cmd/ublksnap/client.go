@@ -26,10 +26,15 @@ func (g *globalFlags) client() *api.Client {
 	return api.NewClient(api.SocketPath(g.socket))
 }
 
-// output prints v as JSON when --json is set, else calls text.
+// output prints v on the command's stdout as JSON when --json is set,
+// else calls text.
 func (g *globalFlags) output(cmd *cobra.Command, v any, text func(w io.Writer) error) error {
-	w := cmd.OutOrStdout()
-	if g.json {
+	return writeOutput(cmd.OutOrStdout(), g.json, v, text)
+}
+
+// writeOutput prints v to w as indented JSON if asJSON, else calls text.
+func writeOutput(w io.Writer, asJSON bool, v any, text func(w io.Writer) error) error {
+	if asJSON {
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
 		return enc.Encode(v)

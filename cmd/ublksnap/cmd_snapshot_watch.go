@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -33,7 +34,8 @@ func snapshotWatchCmd(g *globalFlags) *cobra.Command {
 					return err
 				}
 			}
-			return g.watch(cmd, id, &st)
+			w := &watch{daemon: g.client(), id: id, grow: &st, out: cmd.OutOrStdout(), errOut: cmd.ErrOrStderr(), json: g.json}
+			return w.run(cmd.Context())
 		})
 	cmd.Flags().StringVar(&growDir, "grow-dir", "", "directory for new difference storage files")
 	cmd.Flags().StringVar(&growLimit, "grow-limit", "", "most space the files in --grow-dir may take in all")
@@ -105,48 +107,62 @@ func (s *stretcher) removeAll() error {
 	return errors.Join(errs...)
 }
 
-// watch prints events until the snapshot ends (or the command is
-// interrupted), growing the storage with st, and then removes st's files.
-func (g *globalFlags) watch(cmd *cobra.Command, id string, st *stretcher) (err error) {
+// snapshotEvents is what a watch asks of the daemon; *api.Client has it.
+type snapshotEvents interface {
+	WaitEvent(ctx context.Context, id string, timeoutMS int64) (api.Event, error)
+	AppendStorage(ctx context.Context, id string, req api.AppendStorageRequest) (api.Snapshot, error)
+}
+
+// watch is one run of snapshot watch: it prints a snapshot's events until
+// the snapshot ends or ctx does, answering low_free_space through grow.
+type watch struct {
+	daemon snapshotEvents // the daemon the snapshot lives in
+	id     string         // the snapshot's UUID
+	grow   *stretcher     // makes the storage files; its dir empty: none
+	out    io.Writer      // the events, and in text mode the files added
+	errOut io.Writer      // why the watch ended
+	json   bool           // events as JSON objects instead of lines
+}
+
+// run watches until the snapshot is gone (nil) or ctx ends (nil), or a
+// request fails, and then removes the files it made in every case.
+func (w *watch) run(ctx context.Context) (err error) {
 	defer func() {
-		if rerr := st.removeAll(); rerr != nil && err == nil {
-			err = fmt.Errorf("remove the storage files of snapshot %s: %w", id, rerr)
+		if rerr := w.grow.removeAll(); rerr != nil && err == nil {
+			err = fmt.Errorf("remove the storage files of snapshot %s: %w", w.id, rerr)
 		}
 	}()
-	c := g.client()
-	ctx := cmd.Context()
-	w := cmd.OutOrStdout()
 	for {
-		e, err := c.WaitEvent(ctx, id, 1000)
+		e, err := w.daemon.WaitEvent(ctx, w.id, 1000)
 		var apiErr *api.Error
 		switch {
 		case errors.As(err, &apiErr) && apiErr.Status == http.StatusNotFound:
-			fmt.Fprintf(cmd.ErrOrStderr(), "snapshot %s is gone; watch ends\n", id)
+			fmt.Fprintf(w.errOut, "snapshot %s is gone; watch ends\n", w.id)
 			return nil
 		case ctx.Err() != nil:
 			return nil
 		case err != nil:
-			return fmt.Errorf("watch snapshot %s: %w", id, err)
+			return fmt.Errorf("watch snapshot %s: %w", w.id, err)
 		case e.Code == api.EventTimeout:
 			continue
 		}
-		if err := g.output(cmd, e, func(w io.Writer) error {
-			_, err := fmt.Fprintf(w, "%s %s\n", e.Time.Format(time.RFC3339), eventText(e))
+		if err := writeOutput(w.out, w.json, e, func(out io.Writer) error {
+			_, err := fmt.Fprintf(out, "%s %s\n", e.Time.Format(time.RFC3339), eventText(e))
 			return err
 		}); err != nil {
 			return err
 		}
 		if e.Code == api.EventLowFreeSpace {
-			path, err := st.grow(e.RequestedSectors * 512)
+			path, err := w.grow.grow(e.RequestedSectors * 512)
 			if err != nil {
 				return err
 			}
 			if path != "" {
-				if _, err := c.AppendStorage(ctx, id, api.AppendStorageRequest{Path: path}); err != nil {
-					return fmt.Errorf("append %s to snapshot %s: %w", path, id, err)
+				if _, err := w.daemon.AppendStorage(ctx, w.id, api.AppendStorageRequest{Path: path}); err != nil {
+					return fmt.Errorf("append %s to snapshot %s: %w", path, w.id, err)
 				}
-				if !g.json {
-					fmt.Fprintf(w, "added %s (%s of %s grown)\n", path, bytesText(st.used), bytesText(st.limit))
+				if !w.json {
+					fmt.Fprintf(w.out, "added %s (%s of %s grown)\n", path, bytesText(w.grow.used), bytesText(w.grow.limit))
 				}
 			}
 		}
