@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"path/filepath"
 	"time"
@@ -134,16 +133,10 @@ func (w *watch) run(ctx context.Context) (err error) {
 	}()
 	for {
 		e, err := w.daemon.WaitEvent(ctx, w.id, 1000)
-		var apiErr *api.Error
-		switch {
-		case errors.As(err, &apiErr) && apiErr.Status == http.StatusNotFound:
-			fmt.Fprintf(w.errOut, "snapshot %s is gone; watch ends\n", w.id)
-			return nil
-		case ctx.Err() != nil:
-			return nil
-		case err != nil:
-			return fmt.Errorf("watch snapshot %s: %w", w.id, err)
-		case e.Code == api.EventTimeout:
+		if end, err := w.ends(ctx, err, "watch snapshot"); end {
+			return err
+		}
+		if e.Code == api.EventTimeout {
 			continue
 		}
 		if err := writeOutput(w.out, w.json, e, func(out io.Writer) error {
@@ -158,8 +151,9 @@ func (w *watch) run(ctx context.Context) (err error) {
 				return err
 			}
 			if path != "" {
-				if _, err := w.daemon.AppendStorage(ctx, w.id, api.AppendStorageRequest{Path: path}); err != nil {
-					return fmt.Errorf("append %s to snapshot %s: %w", path, w.id, err)
+				_, err := w.daemon.AppendStorage(ctx, w.id, api.AppendStorageRequest{Path: path})
+				if end, err := w.ends(ctx, err, "append "+path+" to snapshot"); end {
+					return err
 				}
 				if !w.json {
 					fmt.Fprintf(w.out, "added %s (%s of %s grown)\n", path, bytesText(w.grow.used), bytesText(w.grow.limit))
@@ -167,4 +161,27 @@ func (w *watch) run(ctx context.Context) (err error) {
 			}
 		}
 	}
+}
+
+// ends sorts the outcome of a request: the watch goes on (false), ends
+// quietly because the snapshot is gone or ctx ended (true, nil), or fails
+// (true, the error, saying what it was doing).
+func (w *watch) ends(ctx context.Context, err error, doing string) (bool, error) {
+	switch {
+	case err == nil:
+		return false, nil
+	case snapshotGone(err):
+		fmt.Fprintf(w.errOut, "snapshot %s is gone; watch ends\n", w.id)
+		return true, nil
+	case ctx.Err() != nil:
+		return true, nil
+	}
+	return true, fmt.Errorf("%s %s: %w", doing, w.id, err)
+}
+
+// snapshotGone reports whether the daemon answered that the snapshot does
+// not exist (any more): destroyed, the watch is over.
+func snapshotGone(err error) bool {
+	var apiErr *api.Error
+	return errors.As(err, &apiErr) && apiErr.Code == api.CodeNotFound
 }

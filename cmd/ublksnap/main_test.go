@@ -3,8 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -79,57 +77,6 @@ func TestParsers(t *testing.T) {
 	r, err := parseRanges([]string{"0:8,16:8", "100:1"})
 	if err != nil || len(r) != 3 || r[1].Start != 16 || r[2].Count != 1 {
 		t.Errorf("parseRanges = %+v, %v", r, err)
-	}
-}
-
-func TestStretcherHonoursLimit(t *testing.T) {
-	s := &stretcher{dir: t.TempDir(), limit: 3 << 20}
-	var paths []string
-	for i := 0; i < 4; i++ {
-		p, err := s.grow(2 << 20)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if p != "" {
-			paths = append(paths, p)
-		}
-	}
-	if len(paths) != 2 || s.used != 3<<20 {
-		t.Fatalf("grew %d files, %d bytes; want 2 files and exactly the 3 MiB limit", len(paths), s.used)
-	}
-}
-
-// Two watches over one directory, or a watch run again, never reuse a
-// name, and each removes the files it made when it ends.
-func TestStretcherNamesAndCleanup(t *testing.T) {
-	dir := t.TempDir()
-	const id = "0b0c3f53-5a47-4a50-8e0e-3e6bd0e3bd1a"
-	first := &stretcher{id: id, dir: dir, limit: 8 << 20}
-	p1, err := first.grow(1 << 20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// A second run for the same snapshot while the first's file exists.
-	again := &stretcher{id: id, dir: dir, limit: 8 << 20}
-	p2, err := again.grow(1 << 20)
-	if err != nil || p2 == p1 {
-		t.Fatalf("second run: %q, %v; want a new name beside %q", p2, err, p1)
-	}
-	other := &stretcher{id: "11111111-2222-3333-4444-555555555555", dir: dir, limit: 8 << 20}
-	p3, err := other.grow(1 << 20)
-	if err != nil || p3 == p1 || p3 == p2 {
-		t.Fatalf("another snapshot: %q, %v", p3, err)
-	}
-	keep := filepath.Join(dir, "user-file")
-	os.WriteFile(keep, []byte("mine"), 0o600)
-	for _, s := range []*stretcher{first, again, other} {
-		if err := s.removeAll(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	left, _ := os.ReadDir(dir)
-	if len(left) != 1 || left[0].Name() != "user-file" {
-		t.Errorf("left in the directory: %v, want only the user's file", left)
 	}
 }
 
