@@ -21,8 +21,8 @@ func snapshotWatchCmd(g *globalFlags) *cobra.Command {
 		"Print the snapshot's events until it ends; with --grow-dir, answer low_free_space by adding storage files (removed when the watch ends)",
 		func(cmd *cobra.Command, id string) error {
 			st := stretcher{id: id}
-			if growDir != "" {
-				if err := required(cmd, "grow-limit"); err != nil {
+			if cmd.Flags().Changed("grow-dir") || cmd.Flags().Changed("grow-limit") {
+				if err := required(cmd, "grow-dir", "grow-limit"); err != nil {
 					return err
 				}
 				var err error
@@ -32,12 +32,25 @@ func snapshotWatchCmd(g *globalFlags) *cobra.Command {
 				if st.limit, err = parseSize("grow-limit", growLimit); err != nil {
 					return err
 				}
+				// Found wrong now rather than when the storage runs low.
+				if fi, err := os.Stat(st.dir); err != nil {
+					return fmt.Errorf("--grow-dir: %w", err)
+				} else if !fi.IsDir() {
+					return fmt.Errorf("--grow-dir %s is not a directory", st.dir)
+				}
 			}
 			w := &watch{daemon: g.client(), id: id, grow: &st, out: cmd.OutOrStdout(), errOut: cmd.ErrOrStderr(), json: g.json}
 			return w.run(cmd.Context())
 		})
+	cmd.Long = "Prints each event of the snapshot until it is destroyed (or the watch is\n" +
+		"interrupted). With --grow-dir, each low_free_space is answered with a new\n" +
+		"file in DIR, ublksnap-UUID-N.diff (a name taken by anything else is\n" +
+		"skipped), appended to the difference storage, until the files reach\n" +
+		"--grow-limit; the watch removes its files when it ends (the daemon keeps\n" +
+		"them open until the snapshot is destroyed). DIR must not be on a filtered\n" +
+		"device: the daemon refuses storage there."
 	cmd.Flags().StringVar(&growDir, "grow-dir", "", "directory for new difference storage files")
-	cmd.Flags().StringVar(&growLimit, "grow-limit", "", "most space the files in --grow-dir may take in all")
+	cmd.Flags().StringVar(&growLimit, "grow-limit", "", "most space the files in --grow-dir may take in all, e.g. 20GiB")
 	return cmd
 }
 
