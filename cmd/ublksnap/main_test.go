@@ -3,9 +3,18 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
+	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
 	"github.com/ublksnap/ublksnap/cow"
 )
 
@@ -118,5 +127,84 @@ func TestDaemonParameterFlags(t *testing.T) {
 	}
 	if err := (paramFlag{&p, "diff_buffer_memory_limit"}).Set("32MiB"); err != nil || p.DiffBufferMemoryLimit != 32<<20 {
 		t.Errorf("32MiB: %v, %d bytes", err, p.DiffBufferMemoryLimit)
+	}
+}
+
+// request is what a fake daemon saw of one request.
+type request struct {
+	method, path string
+	query        url.Values
+	body         []byte
+}
+
+// fakeSocket serves every request with 200 and {} on a unix socket. It
+// returns the socket flag and a function that returns the requests seen
+// since its last call.
+func fakeSocket(t *testing.T) (string, func() []request) {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "d.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var seen []request
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		seen = append(seen, request{r.Method, r.URL.Path, r.URL.Query(), body})
+		mu.Unlock()
+		io.WriteString(w, "{}")
+	})}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	return "--socket=" + sock, func() []request {
+		mu.Lock()
+		defer mu.Unlock()
+		out := seen
+		seen = nil
+		return out
+	}
+}
+
+// The CLI passes --force on, and sends every path flag absolute: the
+// daemon does not share the caller's working directory.
+func TestRequestsCarryFlags(t *testing.T) {
+	sock, requests := fakeSocket(t)
+	cwd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := "0b0c3f53-5a47-4a50-8e0e-3e6bd0e3bd1a"
+	for _, tc := range []struct {
+		args  []string
+		check func(r request) bool
+	}{
+		{[]string{"detach", "--device", "/dev/ublkb0", "--force"}, func(r request) bool {
+			return r.method == http.MethodDelete && r.query.Get("force") == "true"
+		}},
+		{[]string{"detach", "--device", "/dev/ublkb0"}, func(r request) bool { return r.query.Get("force") == "false" }},
+		{[]string{"snapshot", "create", "--storage", "diff.img", "--limit", "1GiB", "--force"}, func(r request) bool {
+			var req api.CreateSnapshotRequest
+			return json.Unmarshal(r.body, &req) == nil && req.Force && req.Storage == filepath.Join(cwd, "diff.img") && req.Limit == 1<<30
+		}},
+		{[]string{"snapshot", "create", "--storage", "diff.img", "--limit", "1GiB"}, func(r request) bool {
+			var req api.CreateSnapshotRequest
+			return json.Unmarshal(r.body, &req) == nil && !req.Force
+		}},
+		{[]string{"snapshot", "append-storage", "--id", id, "--storage", "../more.img"}, func(r request) bool {
+			var req api.AppendStorageRequest
+			return json.Unmarshal(r.body, &req) == nil && req.Path == filepath.Join(filepath.Dir(cwd), "more.img")
+		}},
+		{[]string{"attach", "--backing", "disk.img"}, func(r request) bool {
+			var req api.AttachRequest
+			return json.Unmarshal(r.body, &req) == nil && req.Backing == filepath.Join(cwd, "disk.img")
+		}},
+	} {
+		var stdout, stderr bytes.Buffer
+		code := run(context.Background(), append(tc.args, sock), &stdout, &stderr)
+		if sent := requests(); code != 0 || len(sent) != 1 || !tc.check(sent[0]) {
+			t.Errorf("ublksnap %q: exit %d (%s), sent %+v", tc.args, code, stderr.String(), sent)
+		}
 	}
 }
