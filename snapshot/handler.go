@@ -90,26 +90,59 @@ func (h *originalHandler) Handle(req *ublk.Request) (err error) {
 	}
 	entered = true
 	if fua {
-		defer h.gate.Leave()
-		return h.orig.WriteFUA(context.Background(), req.Offset, req.Buf, false)
+		err = h.orig.WriteFUA(context.Background(), req.Offset, req.Buf, false)
+		h.gate.Leave() // not deferred: the recover above leaves on a panic
+		return err
 	}
-	done := func(err error) {
+	// Try at once: no COW needed (no snapshot, or its chunks copied) is
+	// the common case and costs nothing more. Only a request that must wait
+	// for a chunk gets a per-request completion and a goroutine.
+	if err = h.change(req, true); !errors.Is(err, cow.ErrWouldBlock) {
 		h.gate.Leave()
-		req.Complete(err)
+		return err
 	}
+	p := &pendingChange{h: h, req: req}
 	switch req.Op {
 	case ublk.OpWrite:
-		err = h.orig.WriteAsync(req.Offset, req.Buf, done)
+		err = h.orig.WriteAsync(req.Offset, req.Buf, p.done)
 	case ublk.OpDiscard:
-		err = h.orig.DiscardAsync(req.Offset, int64(req.Length), done)
+		err = h.orig.DiscardAsync(req.Offset, int64(req.Length), p.done)
 	default:
-		err = h.orig.WriteZeroesAsync(req.Offset, int64(req.Length), done)
+		err = h.orig.WriteZeroesAsync(req.Offset, int64(req.Length), p.done)
 	}
 	if errors.Is(err, cow.ErrPending) {
 		return ublk.ErrInProgress
 	}
 	h.gate.Leave()
 	return err
+}
+
+// change does a write, discard or write-zeroes of req through the COW
+// engine; with nowait it answers cow.ErrWouldBlock, having changed nothing,
+// when a chunk must be loaded first.
+func (h *originalHandler) change(req *ublk.Request, nowait bool) error {
+	ctx := context.Background()
+	switch req.Op {
+	case ublk.OpWrite:
+		return h.orig.Write(ctx, req.Offset, req.Buf, nowait)
+	case ublk.OpDiscard:
+		return h.orig.Discard(ctx, req.Offset, int64(req.Length), nowait)
+	default:
+		return h.orig.WriteZeroes(ctx, req.Offset, int64(req.Length), nowait)
+	}
+}
+
+// pendingChange is a data-changing request waiting for the COW of its
+// chunks on a goroutine of the engine.
+type pendingChange struct {
+	h   *originalHandler // the device's handler; immutable
+	req *ublk.Request    // the request, admitted by h.gate; immutable
+}
+
+// done lets the request out of the gate and completes it.
+func (p *pendingChange) done(err error) {
+	p.h.gate.Leave()
+	p.req.Complete(err)
 }
 
 // panicked logs a panic while serving req, corrupts the snapshot of the

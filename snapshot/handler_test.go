@@ -38,6 +38,9 @@ func (d *countingDevice) WriteAt(p []byte, off int64) (int, error) {
 }
 
 func (d *countingDevice) WriteAtFUA(p []byte, off int64) (int, error) {
+	if d.panicOnWrite {
+		panic("device driver bug")
+	}
 	d.fuaWrites.Add(1)
 	return d.Device.WriteAt(p, off)
 }
@@ -176,6 +179,13 @@ func TestHandlerPanicCorruptsOnlyTheSnapshot(t *testing.T) {
 	if ev, err := ds.Events().Wait(context.Background(), 1000); err != nil || ev.Code != storage.EventCorrupted {
 		t.Errorf("event %+v %v, want corrupted", ev, err)
 	}
+	// A FUA write panics on a worker, where it is synchronous.
+	if err := h.Handle(req(ublk.OpWrite, ublk.FlagFUA, 0, make([]byte, 4096), false)); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("a panicking FUA write: %v, want EIO", err)
+	}
+	if g.inflight != 0 {
+		t.Fatalf("after the panics the gate counts %d requests in flight, want 0", g.inflight)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	if err := g.Pause(ctx); err != nil {
@@ -185,5 +195,35 @@ func TestHandlerPanicCorruptsOnlyTheSnapshot(t *testing.T) {
 	dev.panicOnWrite = false
 	if err := h.Handle(req(ublk.OpWrite, 0, 8192, make([]byte, 4096), false)); err != nil {
 		t.Errorf("a later write: %v", err)
+	}
+}
+
+// The hot paths allocate nothing per request: a write that needs no COW
+// (no snapshot, or its chunk already copied) and a no-wait read of cached
+// data on the queue thread.
+func TestOriginalHandlerAllocations(t *testing.T) {
+	dev := storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})
+	orig, _, _ := snapshotOf(t, dev, nil)
+	if err := orig.Write(context.Background(), 0, make([]byte, 4096), false); err != nil {
+		t.Fatal(err) // copies chunk 0
+	}
+	buf := make([]byte, 4096)
+	for name, h := range map[string]ublk.Handler{
+		"no snapshot":  newOriginalHandler(cow.NewOriginal(storage.NewMemDevice("plain", storage.Geometry{Size: 1 << 20})), newGate(), quietLog),
+		"copied chunk": newOriginalHandler(orig, newGate(), quietLog),
+	} {
+		for _, tc := range []struct {
+			op     ublk.Op
+			nowait bool
+		}{{ublk.OpWrite, true}, {ublk.OpWrite, false}, {ublk.OpRead, true}, {ublk.OpWriteZeroes, true}} {
+			r := req(tc.op, 0, 0, buf, tc.nowait)
+			if n := testing.AllocsPerRun(100, func() {
+				if err := h.Handle(r); err != nil {
+					t.Fatal(err)
+				}
+			}); n != 0 {
+				t.Errorf("%s: %v (nowait %v): %v allocations per request, want 0", name, tc.op, tc.nowait, n)
+			}
+		}
 	}
 }
