@@ -64,11 +64,14 @@ func (o *Original) SetDiffArea(da *DiffArea) *DiffArea { return o.area.Swap(da) 
 
 // Read reads len(p) bytes at off; reads of the original never involve the
 // snapshot. With nowait set it reads only what needs no waiting (the page
-// cache) and answers storage.ErrWouldBlock (syscall.EAGAIN) otherwise.
+// cache) and answers ErrWouldBlock (syscall.EAGAIN) otherwise.
 func (o *Original) Read(p []byte, off int64, nowait bool) error {
 	var err error
 	if nowait {
 		err = storage.ReadNoWait(o.dev, p, off)
+		if errors.Is(err, storage.ErrWouldBlock) {
+			return ErrWouldBlock
+		}
 	} else {
 		_, err = o.dev.ReadAt(p, off)
 	}
