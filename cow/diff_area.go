@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ublksnap/ublksnap/internal/broadcast"
 	"github.com/ublksnap/ublksnap/storage"
 )
 
@@ -59,11 +60,13 @@ type DiffArea struct {
 	chunkMap map[uint64]*Chunk
 
 	// storeMu guards the store queue: the InMemory chunks waiting to be
-	// written to the difference storage, in the order they were loaded,
-	// and storeProcessing, set while the store worker runs.
+	// written to the difference storage, in the order they were loaded;
+	// storeProcessing, set while the store worker runs; and storeIdle,
+	// broadcast when the worker stops.
 	storeMu         sync.Mutex
 	storeQueue      []*Chunk
 	storeProcessing bool
+	storeIdle       broadcast.Signal
 
 	buffers *diffBufferPool // the chunk buffers, bounded
 
@@ -84,12 +87,13 @@ type DiffArea struct {
 	cancel context.CancelFunc
 	stop   <-chan struct{}
 
-	// opsMu guards closed; ops counts the requests inside the area and
-	// worker the store worker, so that Close can wait for both.
-	opsMu  sync.Mutex
-	closed bool
-	ops    sync.WaitGroup
-	worker sync.WaitGroup
+	// opsMu guards closed, set by Close; ops, the number of requests
+	// inside the area; and opsIdle, broadcast when ops drops to 0. Close
+	// waits for no request and no store worker.
+	opsMu   sync.Mutex
+	closed  bool
+	ops     int
+	opsIdle broadcast.Signal
 }
 
 // NewDiffArea creates the difference area of orig in a snapshot whose
@@ -199,12 +203,18 @@ func (da *DiffArea) enter() bool {
 	if da.closed {
 		return false
 	}
-	da.ops.Add(1)
+	da.ops++
 	return true
 }
 
 // leave ends a request registered by enter.
-func (da *DiffArea) leave() { da.ops.Done() }
+func (da *DiffArea) leave() {
+	da.opsMu.Lock()
+	defer da.opsMu.Unlock()
+	if da.ops--; da.ops == 0 {
+		da.opsIdle.Broadcast()
+	}
+}
 
 // chunkSpan returns the numbers of the first and last chunks of n > 0
 // bytes at off.
@@ -284,7 +294,6 @@ func (da *DiffArea) kickLocked() {
 		return
 	}
 	da.storeProcessing = true
-	da.worker.Add(1)
 	go da.storeWorker()
 }
 
@@ -302,13 +311,13 @@ func (da *DiffArea) storeNeededLocked() bool {
 // storeWorker stores queued chunks while storeNeededLocked holds (blksnap's
 // store_queue_work).
 func (da *DiffArea) storeWorker() {
-	defer da.worker.Done()
 	for {
 		da.storeMu.Lock()
 		if !da.storeNeededLocked() {
 			da.storeProcessing = false
+			da.storeIdle.Broadcast()
 			da.storeMu.Unlock()
-			return
+			return // touching nothing more: Close may free the area now
 		}
 		c := da.storeTakeLocked()
 		da.storeMu.Unlock()
@@ -318,22 +327,9 @@ func (da *DiffArea) storeWorker() {
 			time.Sleep(storeRetryDelay)
 			continue
 		}
-		da.storeChunkSafely(c)
+		da.storeChunk(c) // survives a panic, keeping c.lock
+		c.lock.release() // exactly once, whatever happened
 	}
-}
-
-// storeChunkSafely is storeChunk, surviving a panic (a bug, or a device
-// that panics): the area is corrupted and the chunk failed, and the worker
-// goes on freeing the queue; every other device keeps being served.
-func (da *DiffArea) storeChunkSafely(c *Chunk) {
-	defer func() {
-		if r := recover(); r != nil {
-			da.log.Error("panic while storing a chunk", "chunk", c.number, "panic", r, "stack", string(debug.Stack()))
-			da.setCorrupted(fmt.Errorf("panic while storing chunk #%d: %v: %w", c.number, r, syscall.EIO))
-			da.failChunk(c)
-		}
-	}()
-	da.storeChunk(c)
 }
 
 // storeTakeLocked removes and returns the first queued chunk whose lock it
@@ -352,37 +348,44 @@ func (da *DiffArea) storeTakeLocked() *Chunk {
 }
 
 // storeChunk writes an InMemory chunk to its region, allocating the region
-// on the first store, and releases c.lock (taken by storeTakeLocked).
+// on the first store; c.lock must be held, and stays held. A failure, or a
+// panic (a bug, or a device that panics), corrupts the area and fails the
+// chunk, freeing its buffer: the worker goes on, and so does every other
+// device.
 func (da *DiffArea) storeChunk(c *Chunk) {
+	defer func() {
+		if r := recover(); r != nil {
+			da.log.Error("panic while storing a chunk", "chunk", c.number, "panic", r, "stack", string(debug.Stack()))
+			da.setCorrupted(fmt.Errorf("panic while storing chunk #%d: %v: %w", c.number, r, syscall.EIO))
+			da.failChunkLocked(c)
+		}
+	}()
 	if c.State() != ChunkInMemory {
 		// Only loaded chunks are queued, and only the worker takes them
 		// out of the queue.
 		da.log.Warn("queued chunk is not in memory", "chunk", c.number, "state", c.State())
-		c.lock.release()
 		return
 	}
 	if da.corrupted.Load() {
-		da.failChunk(c)
+		da.failChunkLocked(c)
 		return
 	}
 	if c.region == nil {
 		r, err := da.diffStorage.Alloc(int64(1)<<(da.chunkShift-storage.SectorShift), da.logicalBlksz)
 		if err != nil {
 			da.setCorrupted(fmt.Errorf("allocate region for chunk #%d: %w", c.number, err))
-			da.failChunk(c)
+			da.failChunkLocked(c)
 			return
 		}
 		c.region = r
 	}
 	if err := c.region.WriteAt(c.buf.data[:c.bytes()], 0); err != nil {
 		da.setCorrupted(fmt.Errorf("store chunk #%d: %w", c.number, err))
-		da.failChunk(c)
+		da.failChunkLocked(c)
 		return
 	}
 	da.setChunkState(c, ChunkInMemory, ChunkStored)
-	da.buffers.release(c.buf)
-	c.buf = nil
-	c.lock.release()
+	da.dropBuffer(c)
 }
 
 // setChunkState moves c from one state to another and keeps the count of
@@ -405,14 +408,27 @@ func (da *DiffArea) setChunkState(c *Chunk, from, to ChunkState) {
 
 // failChunk marks a chunk Failed, frees its buffer and releases c.lock.
 func (da *DiffArea) failChunk(c *Chunk) {
+	da.failChunkLocked(c)
+	c.lock.release()
+}
+
+// failChunkLocked marks a chunk Failed and frees its buffer; c.lock must
+// be held, and stays held.
+func (da *DiffArea) failChunkLocked(c *Chunk) {
 	if ChunkState(c.state.Swap(uint32(ChunkFailed))) == ChunkInMemory { // any state may fail
 		da.inMemory.Add(-1)
 	}
-	if c.buf != nil {
-		da.buffers.release(c.buf)
+	da.dropBuffer(c)
+}
+
+// dropBuffer returns c's buffer, if it has one, to the pool; c.lock must
+// be held (or nothing else run, as in free). c.buf is cleared first, so
+// that the buffer is never returned twice.
+func (da *DiffArea) dropBuffer(c *Chunk) {
+	if b := c.buf; b != nil {
 		c.buf = nil
+		da.buffers.release(b)
 	}
-	c.lock.release()
 }
 
 // Corrupt marks the area corrupted, as any failure of the COW machinery
@@ -463,24 +479,49 @@ func (da *DiffArea) Close(ctx context.Context) error {
 	da.closed = true
 	da.opsMu.Unlock()
 	da.cancel()
-	idle := make(chan struct{})
-	go func() {
-		da.ops.Wait()
-		da.worker.Wait()
-		close(idle)
-	}()
-	select {
-	case <-idle:
+	if err := da.waitIdle(ctx); err == nil {
 		da.free()
 		return nil
-	case <-ctx.Done():
 	}
 	da.setCorrupted(fmt.Errorf("close with requests stuck in I/O: %w", syscall.ETIMEDOUT))
 	go func() {
-		<-idle
+		_ = da.waitIdle(context.Background()) // no deadline: it cannot fail
 		da.free()
 	}()
 	return fmt.Errorf("close difference area of %s: %w (%w)", da.name, ErrCloseTimeout, context.Cause(ctx))
+}
+
+// waitIdle waits until no request is inside the area and the store worker
+// has stopped, or ctx ends (ctx.Err()). After Close's cancel neither can
+// start again. An idle area is seen as idle whatever the state of ctx.
+func (da *DiffArea) waitIdle(ctx context.Context) error {
+	if err := waitUntil(ctx, &da.opsMu, &da.opsIdle, func() bool { return da.ops == 0 }); err != nil {
+		return err
+	}
+	return waitUntil(ctx, &da.storeMu, &da.storeIdle, func() bool { return !da.storeProcessing })
+}
+
+// waitUntil waits until cond, which mu guards, holds; sig is broadcast
+// under mu when it may have changed. It fails with ctx.Err() when ctx ends
+// first.
+func waitUntil(ctx context.Context, mu *sync.Mutex, sig *broadcast.Signal, cond func() bool) error {
+	mu.Lock()
+	defer mu.Unlock()
+	for !cond() {
+		ch := sig.Wait()
+		mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			mu.Lock()
+			if cond() {
+				return nil
+			}
+			return ctx.Err()
+		}
+		mu.Lock()
+	}
+	return nil
 }
 
 // free drops the store queue and the chunks' buffers once no request and
@@ -492,10 +533,7 @@ func (da *DiffArea) free() {
 	da.storeMu.Unlock()
 	da.mapMu.Lock()
 	for _, c := range da.chunkMap {
-		if c.buf != nil {
-			da.buffers.release(c.buf)
-			c.buf = nil
-		}
+		da.dropBuffer(c)
 	}
 	da.chunkMap = nil
 	da.mapMu.Unlock()

@@ -9,27 +9,17 @@ import (
 	"time"
 
 	"github.com/ublksnap/ublksnap/storage"
+	"github.com/ublksnap/ublksnap/storage/storagetest"
 )
 
-// panicDevice panics on every write: a bug under the store worker.
-type panicDevice struct{ storage.Device }
-
-func (panicDevice) WriteAt([]byte, int64) (int, error) { panic("storage device bug") }
-
-// hangDevice blocks every write until release is closed: a hung disk.
-type hangDevice struct {
-	storage.Device
-	entered chan struct{} // gets a token when a write starts
-	release chan struct{}
-}
-
-func (d hangDevice) WriteAt(p []byte, off int64) (int, error) {
-	select {
-	case d.entered <- struct{}{}:
-	default:
+// waitFor polls cond until it holds or 5 s pass.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
 	}
-	<-d.release
-	return d.Device.WriteAt(p, off)
 }
 
 // A panic in the store worker corrupts the snapshot, not the process, and
@@ -38,7 +28,11 @@ func TestStoreWorkerPanic(t *testing.T) {
 	p := testParams()
 	p.ChunkMaximumInQueue = 0 // store at once
 	dev := storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})
-	ds := memStorage(t, 4096, p, func(d storage.Device) storage.Device { return panicDevice{d} })
+	ds := memStorage(t, 4096, p, func(d storage.Device) storage.Device {
+		f := storagetest.NewFaultDevice(d)
+		f.Panic(storagetest.OpWrite, "storage device bug")
+		return f
+	})
 	e := newTestEnv(t, dev, ds, p)
 	data := bytes.Repeat([]byte{7}, 8192)
 	if err := e.orig.Write(context.Background(), 0, data, false); err != nil {
@@ -70,8 +64,13 @@ func TestCloseWithHungStorage(t *testing.T) {
 	p := testParams()
 	p.ChunkMaximumInQueue = 0
 	dev := storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})
-	hang := hangDevice{entered: make(chan struct{}, 1), release: make(chan struct{})}
-	ds := memStorage(t, 4096, p, func(d storage.Device) storage.Device { hang.Device = d; return hang })
+	var diff *storagetest.FaultDevice
+	ds := memStorage(t, 4096, p, func(d storage.Device) storage.Device {
+		diff = storagetest.NewFaultDevice(d)
+		return diff
+	})
+	release := diff.Hang(storagetest.OpWrite)
+	defer release()
 	da, err := NewDiffArea(dev, ds, p, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -81,11 +80,7 @@ func TestCloseWithHungStorage(t *testing.T) {
 	if err := orig.Write(context.Background(), 0, make([]byte, 4096), false); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case <-hang.entered:
-	case <-time.After(5 * time.Second):
-		t.Fatal("the store never started")
-	}
+	waitFor(t, "the store to hang", func() bool { return diff.Hanging(storagetest.OpWrite) == 1 })
 	// An image reader waits for the chunk the stuck store holds.
 	read := make(chan error, 1)
 	go func() { read <- da.ReadImage(context.Background(), make([]byte, 4096), 0, false) }()
@@ -116,14 +111,37 @@ func TestCloseWithHungStorage(t *testing.T) {
 	if err := orig.Write(context.Background(), 8192, make([]byte, 4096), false); err != nil {
 		t.Error(err)
 	}
-	close(hang.release) // the disk comes back; the area frees itself
-	deadline := time.Now().Add(5 * time.Second)
-	live := func() int { n, _ := da.buffers.stats(); return n }
-	for live() > 0 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
-	if n := live(); n != 0 {
-		t.Errorf("%d buffers still live after the stuck store came back", n)
-	}
+	release() // the disk comes back; the area frees itself
+	waitFor(t, "the buffers to be freed", func() bool { n, _ := da.buffers.stats(); return n == 0 })
 	ds.Close()
+}
+
+// An area with nothing in flight closes cleanly even when the context is
+// already over (the caller shares one bound among several areas): it is
+// neither corrupted nor reported as timed out.
+func TestCloseIdleWithExpiredContext(t *testing.T) {
+	p := testParams()
+	for i := range 20 {
+		dev := storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})
+		ds := memStorage(t, 4096, p, nil)
+		da, err := NewDiffArea(dev, ds, p, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		orig := NewOriginal(dev)
+		orig.SetDiffArea(da)
+		if err := orig.Write(context.Background(), 0, make([]byte, 8192), false); err != nil {
+			t.Fatal(err)
+		}
+		orig.SetDiffArea(nil)
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		if err := da.Close(ctx); err != nil {
+			t.Fatalf("round %d: Close of an idle area: %v", i, err)
+		}
+		if c, errno := da.Corrupted(); c {
+			t.Fatalf("round %d: an idle area corrupted by Close (%v)", i, errno)
+		}
+		ds.Close()
+	}
 }

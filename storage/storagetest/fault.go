@@ -1,7 +1,7 @@
 // Package storagetest provides backing devices for tests of ublksnap's
-// storage and chunk engine: a wrapper that injects errors and delays, one
-// operation kind at a time (as pebble's errorfs), and a device that reads
-// zeros and drops writes, to stand for huge devices.
+// storage and chunk engine: a wrapper that injects errors, delays, hangs
+// and panics, one operation kind at a time (as pebble's errorfs), and a
+// device that reads zeros and drops writes, to stand for huge devices.
 package storagetest
 
 import (
@@ -44,16 +44,19 @@ type fault struct {
 }
 
 // FaultDevice wraps a Device, counting operations per kind and injecting
-// errors and delays. It forwards the optional interfaces the wrapped device
-// has (Grow fails on a device that cannot grow).
+// errors, delays, hangs and panics. It forwards the optional interfaces the
+// wrapped device has (Grow fails on a device that cannot grow).
 type FaultDevice struct {
 	storage.Device
 
-	counts [numOps]atomic.Int64 // operations seen per kind
+	counts  [numOps]atomic.Int64 // operations seen per kind
+	hanging [numOps]atomic.Int64 // operations blocked by Hang now, per kind
 
 	mu     sync.Mutex
 	faults [numOps]*fault        // guarded by mu
 	delays [numOps]time.Duration // guarded by mu
+	hangs  [numOps]chan struct{} // closed to end a Hang; guarded by mu
+	panics [numOps]any           // the value operations panic with; guarded by mu
 }
 
 // NewFaultDevice wraps dev without faults.
@@ -81,18 +84,58 @@ func (d *FaultDevice) Delay(op Op, delay time.Duration) {
 	d.delays[op] = delay
 }
 
+// Hang makes every operation of kind op block, as on a hung disk, until
+// release is called; the operations then go on as usual. release may be
+// called more than once.
+func (d *FaultDevice) Hang(op Op) (release func()) {
+	ch := make(chan struct{})
+	d.mu.Lock()
+	d.hangs[op] = ch
+	d.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			d.mu.Lock()
+			if d.hangs[op] == ch {
+				d.hangs[op] = nil
+			}
+			d.mu.Unlock()
+			close(ch)
+		})
+	}
+}
+
+// Hanging returns the number of operations of kind op blocked by Hang now.
+func (d *FaultDevice) Hanging(op Op) int64 { return d.hanging[op].Load() }
+
+// Panic makes every operation of kind op panic with v, as a bug under the
+// caller would; a nil v stops it.
+func (d *FaultDevice) Panic(op Op, v any) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.panics[op] = v
+}
+
 // Count returns the number of operations of kind op seen.
 func (d *FaultDevice) Count(op Op) int64 { return d.counts[op].Load() }
 
-// begin counts an operation, sleeps its delay and returns its injected
-// error, if any.
+// begin counts an operation, sleeps its delay, blocks while it is hung,
+// panics if told to and returns its injected error, if any.
 func (d *FaultDevice) begin(op Op) error {
 	n := d.counts[op].Add(1)
 	d.mu.Lock()
-	f, delay := d.faults[op], d.delays[op]
+	f, delay, hang, pv := d.faults[op], d.delays[op], d.hangs[op], d.panics[op]
 	d.mu.Unlock()
 	if delay > 0 {
 		time.Sleep(delay)
+	}
+	if hang != nil {
+		d.hanging[op].Add(1)
+		<-hang
+		d.hanging[op].Add(-1)
+	}
+	if pv != nil {
+		panic(pv)
 	}
 	if f != nil && n > f.after {
 		return fmt.Errorf("%v %s: %w", op, d.Name(), f.err)
