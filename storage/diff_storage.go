@@ -120,6 +120,10 @@ type DiffStorage struct {
 	log      *slog.Logger // immutable
 	events   *EventQueue  // the snapshot's event queue; immutable
 
+	// appendMu serialises Append, so that a file appended by several
+	// callers at once is opened once. It is taken before mu.
+	appendMu sync.Mutex
+
 	// mu guards everything below. It is never held during I/O.
 	mu sync.Mutex
 	// devs are the backing devices opened by or given to the storage; Close
@@ -218,10 +222,10 @@ func NewFile(path string, limitSectors int64, opts Options) (*DiffStorage, error
 	return ds, nil
 }
 
-// growable reports whether dev can grow: a Grower that is not a block
-// device.
+// growable reports whether dev can grow: a Grower that is neither a block
+// device nor a mapped file.
 func growable(dev Device) bool {
-	if f, ok := dev.(*File); ok && f.block {
+	if f, ok := dev.(*File); ok && (f.block || f.mapped != nil) {
 		return false
 	}
 	_, ok := dev.(Grower)
@@ -290,6 +294,8 @@ func (ds *DiffStorage) Stats() Stats {
 // blocks; no ranges means all of it. It may be called at any time, also
 // while chunks are being stored. Nothing changes when it fails.
 func (ds *DiffStorage) Append(path string, ranges []Range) error {
+	ds.appendMu.Lock()
+	defer ds.appendMu.Unlock()
 	ds.mu.Lock()
 	if ds.closed {
 		ds.mu.Unlock()

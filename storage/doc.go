@@ -24,12 +24,17 @@
 //   - a growable file (blksnap v6/v7): NewFile takes a path or a directory (an
 //     unnamed O_TMPFILE that disappears when the storage is closed) and grows
 //     it with fallocate in steps of the minimum, up to a limit (a file already
-//     larger is used as it is). A block device given to NewFile never grows:
-//     its first min(capacity, limit) sectors are one range.
+//     larger is used as it is). A device that cannot grow (a block device, a
+//     file opened with mmap, a Device without Grow) never grows: its first
+//     min(capacity, limit) sectors are one range, and low_free_space asks
+//     for more before they are used up.
 //
 // Ranges are checked without integer overflow and may not overlap each
 // other or any range of the same device already in the storage: two chunks
-// never share a region.
+// never share a region. The same device is the same Device value or, for a
+// path given to Append, the same file (st_dev, st_ino) or block device
+// (st_rdev) by whatever path: Append opens each file once, also when
+// called for it concurrently.
 //
 // Both end up as storage blocks; a growable file is one block whose end moves
 // as the file grows. Alloc carves chunk-sized regions first fit from the first
@@ -57,7 +62,9 @@
 // reached its limit, which also posts no_space the first time. A growable
 // file below its limit grows silently. Package cow posts corrupted when a
 // device's difference area fails. Events are consumed by exactly one waiter.
-// Close closes the queue: waiters get ErrEventQueueClosed at once.
+// Close closes the queue: waiters get ErrEventQueueClosed at once, and later
+// posts are dropped. Append, AppendDevice and Alloc fail with ErrClosed
+// after Close.
 //
 // # Overflow
 //

@@ -3,6 +3,7 @@ package storage
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -26,7 +27,47 @@ func fakeBlockDevice(t *testing.T, sectors int64) *File {
 	if err := f.Truncate(sectors << SectorShift); err != nil {
 		t.Fatal(err)
 	}
-	return &File{f: f, block: true, geo: Geometry{Size: sectors << SectorShift, LogicalBlockSize: SectorSize, PhysicalBlockSize: 4096, MinIOSize: 4096}}
+	return &File{f: f, fd: int(f.Fd()), block: true, geo: Geometry{Size: sectors << SectorShift, LogicalBlockSize: SectorSize, PhysicalBlockSize: 4096, MinIOSize: 4096}}
+}
+
+// fixedDevice hides the Grower of a MemDevice: a device of fixed size.
+type fixedDevice struct{ Device }
+
+// fillFixed allocates chunk-sized regions from ds until it overflows and
+// checks that all lie in the first usable sectors of its one device and
+// that exactly one low_free_space event came, before the device was full.
+func fillFixed(t *testing.T, ds *DiffStorage, usable, chunk int64) {
+	t.Helper()
+	takeEvents(ds.Events())
+	var n int64
+	var lows []int64 // regions handed out when each low_free_space came
+	for {
+		r, err := ds.Alloc(chunk, SectorSize)
+		if err != nil {
+			if !errors.Is(err, ErrNoSpace) {
+				t.Fatal(err)
+			}
+			break
+		}
+		if r.Sector+r.Count > usable {
+			t.Fatalf("region %d+%d beyond the usable %d sectors", r.Sector, r.Count, usable)
+		}
+		n++
+		for _, e := range takeEvents(ds.Events()) {
+			if e.Code == EventLowFreeSpace {
+				lows = append(lows, n)
+			}
+		}
+	}
+	if n != usable/chunk {
+		t.Errorf("%d regions, want %d", n, usable/chunk)
+	}
+	if len(lows) != 1 || lows[0]*chunk >= usable {
+		t.Errorf("low_free_space after regions %v of %d; want once, before the device is full", lows, n)
+	}
+	if st := ds.Stats(); st.Capacity != usable {
+		t.Errorf("capacity %d, want %d", st.Capacity, usable)
+	}
 }
 
 // A block device as storage never grows: its usable size is
@@ -34,44 +75,49 @@ func fakeBlockDevice(t *testing.T, sectors int64) *File {
 func TestBlockDeviceStorageIsFixed(t *testing.T) {
 	const minimum, capacity, chunk = 1024, 4096, 128
 	for _, limit := range []int64{2 * capacity, capacity / 2} {
-		dev := fakeBlockDevice(t, capacity)
-		ds, err := NewFileDevice(dev, limit, Options{MinimumSectors: minimum, Logger: quiet})
-		if err != nil {
-			t.Fatalf("limit %d: %v", limit, err)
-		}
-		usable := min(int64(capacity), limit)
-		takeEvents(ds.Events())
-		var lowBeforeFull bool
-		var n int64
-		for {
-			r, err := ds.Alloc(chunk, SectorSize)
+		t.Run(fmt.Sprintf("limit=%d", limit), func(t *testing.T) {
+			dev := fakeBlockDevice(t, capacity)
+			ds, err := NewFileDevice(dev, limit, Options{MinimumSectors: minimum, Logger: quiet})
 			if err != nil {
-				if !errors.Is(err, ErrNoSpace) {
-					t.Fatalf("limit %d: %v", limit, err)
-				}
-				break
+				dev.Close()
+				t.Fatal(err)
 			}
-			if r.Sector+r.Count > usable {
-				t.Fatalf("limit %d: region %d+%d beyond the usable %d sectors", limit, r.Sector, r.Count, usable)
-			}
-			n++
-			for _, e := range takeEvents(ds.Events()) {
-				if e.Code == EventLowFreeSpace && n*chunk < usable {
-					lowBeforeFull = true
-				}
-			}
-		}
-		if n != usable/chunk {
-			t.Errorf("limit %d: %d regions, want %d", limit, n, usable/chunk)
-		}
-		if !lowBeforeFull {
-			t.Errorf("limit %d: no low_free_space event before the device was full", limit)
-		}
-		if st := ds.Stats(); st.Capacity != usable {
-			t.Errorf("limit %d: capacity %d, want %d", limit, st.Capacity, usable)
-		}
-		ds.Close()
+			defer ds.Close()
+			fillFixed(t, ds, min(capacity, limit), chunk)
+		})
 	}
+}
+
+// Any device that cannot grow is used the same way: a device without
+// Grow, and a file opened with mmap (whose Grow fails).
+func TestFixedDeviceStorage(t *testing.T) {
+	const minimum, capacity, chunk = 1024, 4096, 128
+	t.Run("no-grower", func(t *testing.T) {
+		dev := fixedDevice{NewMemDevice("fixed", Geometry{Size: capacity << SectorShift})}
+		ds, err := NewFileDevice(dev, 2*capacity, Options{MinimumSectors: minimum, Logger: quiet})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ds.Close()
+		fillFixed(t, ds, capacity, chunk)
+	})
+	t.Run("mmap", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "diff")
+		if err := os.WriteFile(path, make([]byte, capacity<<SectorShift), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		dev, err := OpenWith(path, OpenOptions{Mmap: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ds, err := NewFileDevice(dev, 2*capacity, Options{MinimumSectors: minimum, Logger: quiet})
+		if err != nil {
+			dev.Close()
+			t.Fatal(err)
+		}
+		defer ds.Close()
+		fillFixed(t, ds, capacity, chunk)
+	})
 }
 
 // A file already larger than the limit is used as it is.
@@ -204,5 +250,29 @@ func TestAppendSameFileByTwoPaths(t *testing.T) {
 	}
 	if st := ds.Stats(); st.Capacity != 2048 {
 		t.Errorf("capacity %d sectors, want 2048", st.Capacity)
+	}
+}
+
+// Concurrent appends of one new file open it once: each gets its ranges.
+func TestConcurrentAppendOfOneFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "extra")
+	if err := os.WriteFile(path, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for round := range 200 {
+		ds := New(Options{MinimumSectors: 1024, Logger: quiet})
+		errs := make(chan error, 2)
+		for i := range int64(2) {
+			go func() { errs <- ds.Append(path, []Range{{Sector: i * 1024, Count: 1024}}) }()
+		}
+		for range 2 {
+			if err := <-errs; err != nil {
+				t.Fatalf("round %d: %v", round, err)
+			}
+		}
+		if st := ds.Stats(); st.Capacity != 2048 {
+			t.Fatalf("round %d: capacity %d, want 2048", round, st.Capacity)
+		}
+		ds.Close()
 	}
 }
