@@ -29,14 +29,15 @@ test-unit:
 test-vm: build
 	$(GO) test -count=1 -tags vmtest -timeout 10m ./test/vm/
 	CGO_ENABLED=0 $(GO) test -c -tags vmtest -o bin/integration.test ./test/integration
-	@failed=; for k in $(KERNELS); do \
-		echo "=== integration suite on the $$k kernel line ==="; \
-		if $(VM) --kernel $$k --timeout $(VM_TIMEOUT) -- bin/integration.test -test.v -test.timeout 40m; then \
-			echo "=== $$k kernel line: PASS ==="; \
-		else \
-			echo "=== $$k kernel line: FAIL ==="; failed="$$failed $$k"; \
-		fi; \
+	@failed=; summary=; for k in $(KERNELS); do \
+		kv=$$($(VM) --kernel $$k --print-kernel) || kv="$$k (kernel not available)"; \
+		echo "=== integration suite on kernel $$kv ==="; start=$$(date +%s); \
+		if $(VM) --kernel $$k --timeout $(VM_TIMEOUT) -- bin/integration.test -test.v -test.timeout 40m; then res=PASS; \
+		else res=FAIL; failed="$$failed $$k"; fi; \
+		summary="$$summary=== kernel $$kv: $$res in $$(($$(date +%s) - start))s ===\n"; \
+		echo "=== kernel $$kv: $$res ==="; \
 	done; \
+	printf "%b" "$$summary"; \
 	if [ -n "$$failed" ]; then echo "integration suite failed on kernel line(s):$$failed"; exit 1; fi; \
 	echo "integration suite passed on kernel lines: $(KERNELS)"
 
@@ -46,7 +47,7 @@ bench: build
 	$(VM) --timeout 1800 --out bench/out -- bench/fio-compare.sh
 	@echo "reports in bench/out/"
 
-## demo: attach, snapshot under writes, verify the image (in the VM when the host has no ublk)
+## demo: attach, snapshot under writes, verify the image (in the VM when the host has no ublk; 6.12, UBLKSNAP_VM_KERNEL=7 for 7.x)
 demo: build
 	test/demo/run
 
