@@ -30,9 +30,17 @@ func ublkDevice(t testing.TB, size int64, queues, depth int, wrap func(ublk.Hand
 func ublkDeviceOpts(t testing.TB, size int64, queues, depth int, opts storage.OpenOptions, wrap func(ublk.Handler, *storage.File) ublk.Handler) (*ublk.Device, string, *storage.File) {
 	t.Helper()
 	file := tempFile(t, size)
-	b, err := storage.OpenWith(file, opts)
+	d, b := ublkDeviceOver(t, file, queues, depth, opts, wrap)
+	return d, file, b
+}
+
+// ublkDeviceOver starts a ublk device over the backing file or block device
+// at path, as ublkDeviceOpts does, and returns it with the opened backing.
+func ublkDeviceOver(t testing.TB, path string, queues, depth int, opts storage.OpenOptions, wrap func(ublk.Handler, *storage.File) ublk.Handler) (*ublk.Device, *storage.File) {
+	t.Helper()
+	b, err := storage.OpenWith(path, opts)
 	if err != nil {
-		t.Fatalf("open backing file: %v", err)
+		t.Fatalf("open backing %s: %v", path, err)
 	}
 	t.Cleanup(func() { b.Close() })
 	cfg := snapshot.DeviceConfig(b.Geometry(), nil)
@@ -43,13 +51,13 @@ func ublkDeviceOpts(t testing.TB, size int64, queues, depth int, opts storage.Op
 	}
 	d, err := ublk.New(context.Background(), cfg, h)
 	if err != nil {
-		t.Fatalf("ublk.New(%d MiB, %d queues, depth %d): %v", size>>20, queues, depth, err)
+		t.Fatalf("ublk.New(%d MiB, %d queues, depth %d): %v", cfg.Size>>20, queues, depth, err)
 	}
 	t.Cleanup(func() { closeDevice(t, d) })
 	if _, err := os.Stat(d.Path()); err != nil {
 		t.Fatalf("device started but %s is missing: %v", d.Path(), err)
 	}
-	return d, file, b
+	return d, b
 }
 
 // syncFile serves requests synchronously from a storage.File, whatever
