@@ -27,8 +27,10 @@ var (
 	// ErrPending is returned by the asynchronous entry points when the
 	// completion callback will be called later, from another goroutine.
 	ErrPending = errors.New("cow: request pending")
-	// ErrClosed is returned by a DiffArea after Close.
-	ErrClosed = errors.New("cow: difference area closed")
+	// ErrClosed is returned by the image I/O of a DiffArea after Close
+	// (and by a second Close). It matches syscall.EIO, the answer of an
+	// image whose snapshot is going away.
+	ErrClosed = fmt.Errorf("cow: difference area closed: %w", syscall.EIO)
 	// ErrCloseTimeout is wrapped by Close when requests or the store
 	// worker did not come back in time.
 	ErrCloseTimeout = errors.New("cow: requests still in I/O when the close timed out")

@@ -39,8 +39,14 @@
 //     change.
 //   - DiffArea.mapMu guards the chunk map (chunks are only added).
 //   - DiffArea.storeMu guards the store queue and the worker flag.
+//   - DiffArea.opsMu guards the count of requests inside the area and the
+//     closed flag.
 //   - diffBufferPool.mu guards the buffer pool. Order: storeMu before
 //     pool.mu; no lock is held during I/O except chunk locks.
+//
+// Waits for a condition under one of these mutexes (a buffer released, no
+// request left, the worker stopped) use a broadcast.Signal kept under that
+// mutex.
 //
 // # Copy on write
 //
@@ -87,4 +93,21 @@
 // every later image request fails with ErrCorrupted (syscall.EIO). The
 // request on the original that hit the failure proceeds unharmed; the
 // original is never failed or delayed by snapshot trouble beyond the load.
+//
+// A panic while storing a chunk (a bug, or a device that panics) is such a
+// failure too: the store worker recovers, corrupts the area with EIO, fails
+// the chunk, frees its buffer, releases its lock once and goes on. Callers
+// that catch a failure outside the engine (a panic serving a request)
+// report it with DiffArea.Corrupt.
+//
+// # Close
+//
+// DiffArea.Close(ctx) turns new requests away (image I/O fails, the
+// original is written without COW), wakes those waiting for a chunk or a
+// buffer, and waits for the requests inside and the store worker; an idle
+// area closes cleanly whatever the state of ctx. If ctx ends first because
+// I/O hangs on a device, the area is corrupted with ETIMEDOUT and Close
+// returns an error wrapping ErrCloseTimeout; the goroutines stuck in I/O
+// stay there, and the chunk map and buffers are freed only once they come
+// back, never under them.
 package cow

@@ -106,7 +106,14 @@ func TestCloseWithHungStorage(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the image reader still waits after Close")
 	}
-	// The original no longer waits for the snapshot.
+	// Image I/O arriving now fails at once with EIO; the original is
+	// written without COW, also while the area is still installed.
+	if err := da.ReadImage(context.Background(), make([]byte, 4096), 8192, false); !errors.Is(err, syscall.EIO) {
+		t.Errorf("image read after the timed-out close: %v, want EIO", err)
+	}
+	if err := orig.Write(context.Background(), 16384, make([]byte, 4096), false); err != nil {
+		t.Errorf("original write with the closed area installed: %v", err)
+	}
 	orig.SetDiffArea(nil)
 	if err := orig.Write(context.Background(), 8192, make([]byte, 4096), false); err != nil {
 		t.Error(err)
