@@ -448,23 +448,40 @@ func (d *File) Discard(off, n int64) error {
 	return nil
 }
 
-// WriteZeroes zeroes a range with BLKZEROOUT or FALLOC_FL_ZERO_RANGE, and
-// falls back to writing zeros.
+// WriteZeroes zeroes a range and keeps it allocated (a later write of it
+// needs no new space): BLKZEROOUT on a block device; on a regular file
+// FALLOC_FL_ZERO_RANGE, or where the file system lacks it (tmpfs) a hole
+// punched and allocated again. Only where neither works are zeros written.
 func (d *File) WriteZeroes(off, n int64) error {
 	var err error
 	if d.block {
 		r := [2]uint64{uint64(off), uint64(n)}
-		if _, _, e := unix.Syscall(unix.SYS_IOCTL, d.f.Fd(), unix.BLKZEROOUT, uintptr(unsafe.Pointer(&r))); e != 0 {
+		if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(d.fd), unix.BLKZEROOUT, uintptr(unsafe.Pointer(&r))); e != 0 {
 			err = e
 		}
 	} else {
-		err = unix.Fallocate(int(d.f.Fd()), unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+		err = unix.Fallocate(d.fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+		if errors.Is(err, unix.EOPNOTSUPP) {
+			err = d.punchAndAllocate(off, n)
+		}
 	}
 	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) {
 		err = writeZeroBlocks(d.f, off, n)
 	}
 	if err != nil {
 		return fmt.Errorf("write zeroes %s [%d+%d]: %w", d.Name(), off, n, err)
+	}
+	return nil
+}
+
+// punchAndAllocate zeroes a range of a regular file by punching a hole and
+// allocating the range again (without changing the size).
+func (d *File) punchAndAllocate(off, n int64) error {
+	if err := unix.Fallocate(d.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n); err != nil {
+		return err
+	}
+	if err := unix.Fallocate(d.fd, unix.FALLOC_FL_KEEP_SIZE, off, n); err != nil {
+		return fmt.Errorf("allocate the zeroed range again: %w", err)
 	}
 	return nil
 }
