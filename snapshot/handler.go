@@ -16,7 +16,9 @@ import (
 // The handlers follow ublk's contract: on the queue thread (NoWait) they
 // never block. What may wait answers ublk.ErrWouldBlock there and runs
 // again on a worker: reads not in the page cache (tried with RWF_NOWAIT
-// first), flushes, FUA writes, COW loads, and image I/O that needs the
+// first), flushes, FUA writes, discards and write-zeroes of the filtered
+// device (fallocate, BLKDISCARD, BLKZEROOUT: file system and disk work,
+// up to 1 GiB per request), COW loads, and image I/O that needs the
 // difference storage. A panic while serving a request fails only that
 // request with EIO and corrupts the snapshot involved; every other device
 // goes on.
@@ -78,8 +80,10 @@ func (h *originalHandler) Handle(req *ublk.Request) (err error) {
 		return syscall.EOPNOTSUPP
 	}
 	fua := req.Op == ublk.OpWrite && req.Flags&ublk.FlagFUA != 0
-	if fua && nowait {
-		return ublk.ErrWouldBlock // a durable write waits for the disk
+	if nowait && (fua || req.Op != ublk.OpWrite) {
+		// A durable write waits for the disk; a discard or write-zeroes
+		// for the file system or the disk.
+		return ublk.ErrWouldBlock
 	}
 	if nowait {
 		if !h.gate.TryEnter() {

@@ -215,7 +215,7 @@ func TestOriginalHandlerAllocations(t *testing.T) {
 		for _, tc := range []struct {
 			op     ublk.Op
 			nowait bool
-		}{{ublk.OpWrite, true}, {ublk.OpWrite, false}, {ublk.OpRead, true}, {ublk.OpWriteZeroes, true}} {
+		}{{ublk.OpWrite, true}, {ublk.OpWrite, false}, {ublk.OpRead, true}, {ublk.OpWriteZeroes, false}} {
 			r := req(tc.op, 0, 0, buf, tc.nowait)
 			if n := testing.AllocsPerRun(100, func() {
 				if err := h.Handle(r); err != nil {
