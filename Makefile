@@ -41,11 +41,21 @@ test-vm: build
 	if [ -n "$$failed" ]; then echo "integration suite failed on kernel line(s):$$failed"; exit 1; fi; \
 	echo "integration suite passed on kernel lines: $(KERNELS)"
 
-## bench: host COW engine benchmarks, then fio on loop vs ublk inside one VM boot
+## bench: host COW engine benchmarks, then one VM boot per kernel line: loop, ublksnap, dm-snapshot, dm-thin
 bench: build
-	$(GO) test -run '^$$' -bench . -benchtime 2x ./cow/ ./storage/
-	$(VM) --timeout 1800 --out bench/out -- bench/fio-compare.sh
-	@echo "reports in bench/out/"
+	@mkdir -p bench/out bench/results
+	$(GO) test -run '^$$' -bench . -benchtime 2x -benchmem ./cow/ ./storage/ | tee bench/out/host.txt
+	cp bench/out/host.txt bench/results/host.txt
+	@for k in $(KERNELS); do \
+		case $$k in 6.*) target=0.75 ;; *) target=0.9 ;; esac; \
+		rm -rf bench/out/$$k; \
+		$(VM) --kernel $$k --mem 4096 --timeout 5400 --out bench/out/$$k -- bench/run.sh || exit 1; \
+		$(GO) run ./bench/report -in bench/out/$$k -out bench/results -name $$k -loop-target $$target || exit 1; \
+		for p in bench/out/$$k/profile-*.pb.gz; do \
+			[ -e "$$p" ] || continue; n=$${p##*/profile-}; \
+			$(GO) tool pprof -top -nodecount 30 "$$p" >bench/results/$$k-profile-$${n%.pb.gz}.txt 2>/dev/null; \
+		done; \
+	done
 
 ## demo: attach, snapshot under writes, verify the image (in the VM when the host has no ublk; 6.12, UBLKSNAP_VM_KERNEL=7 for 7.x)
 demo: build

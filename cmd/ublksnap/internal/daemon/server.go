@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -82,10 +83,29 @@ func callerContext(ctx context.Context, c net.Conn) context.Context {
 	raw.Control(func(fd uintptr) {
 		cred, _ = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
 	})
-	if cred == nil || cred.Pid <= 0 {
+	if cred == nil {
+		return ctx
+	}
+	ctx = context.WithValue(ctx, peerUIDKey{}, cred.Uid)
+	if cred.Pid <= 0 {
 		return ctx
 	}
 	return snapshot.WithCaller(ctx, snapshot.CallerPID(int(cred.Pid)))
+}
+
+// peerUIDKey is the context key of the user id of a connection's peer.
+type peerUIDKey struct{}
+
+// rootOnly lets through requests whose peer is root (uid 0, from
+// SO_PEERCRED) and answers 403 to anyone else or to a peer not known.
+func rootOnly(next http.HandlerFunc, log *slog.Logger) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if uid, ok := r.Context().Value(peerUIDKey{}).(uint32); !ok || uid != 0 {
+			writeError(w, r, fmt.Errorf("%s is for root only: %w", r.URL.Path, syscall.EPERM), log)
+			return
+		}
+		next(w, r)
+	}
 }
 
 // NewHandler returns the HTTP handler of the protocol over svc.
@@ -177,6 +197,13 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 		st, err := svc.DeviceState(r.Context(), r.URL.Query().Get("device"))
 		return api.SnapshotInfo{Device: st.Device, Snapshot: st.Snapshot, State: string(st.State), Image: st.Image, ErrorCode: -int(st.Errno)}, err
 	})
+	// Go's profiler, for profiles of a real run (root only): for example
+	// curl --unix-socket SOCK 'http://ublksnap/debug/pprof/profile?seconds=10'.
+	mux.HandleFunc("GET /debug/pprof/", rootOnly(pprof.Index, log))
+	mux.HandleFunc("GET /debug/pprof/cmdline", rootOnly(pprof.Cmdline, log))
+	mux.HandleFunc("GET /debug/pprof/profile", rootOnly(pprof.Profile, log))
+	mux.HandleFunc("GET /debug/pprof/symbol", rootOnly(pprof.Symbol, log))
+	mux.HandleFunc("GET /debug/pprof/trace", rootOnly(pprof.Trace, log))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, fmt.Errorf("no endpoint %s %s: %w", r.Method, r.URL.Path, syscall.ENOENT), log)
 	})

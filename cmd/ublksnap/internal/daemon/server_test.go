@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -180,5 +181,47 @@ func TestSocketIsNeverWiderThan0600(t *testing.T) {
 	}
 	if fi.Mode().Perm() != 0o600 {
 		t.Errorf("socket created with mode %v under umask 0, want 0600", fi.Mode().Perm())
+	}
+}
+
+// The profiler answers only a root peer of the unix socket; a peer whose
+// credentials are unknown (TCP here) gets 403.
+func TestProfilerIsRootOnly(t *testing.T) {
+	svc := &fakeService{snaps: map[string]snapshot.SnapshotInfo{}}
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	tcp := httptest.NewServer(NewHandler(svc, "test", quiet))
+	defer tcp.Close()
+	resp, err := http.Get(tcp.URL + "/debug/pprof/cmdline")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusForbidden {
+		t.Errorf("profiler over TCP answered %d, want 403", resp.StatusCode)
+	}
+
+	sock := filepath.Join(t.TempDir(), "ublksnap.sock")
+	l, err := Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := NewServer(context.Background(), svc, "test", quiet)
+	go srv.Serve(l)
+	defer srv.Close()
+	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}}}
+	resp, err = client.Get("http://ublksnap/debug/pprof/cmdline")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	want := http.StatusForbidden
+	if os.Getuid() == 0 {
+		want = http.StatusOK
+	}
+	if resp.StatusCode != want {
+		t.Errorf("profiler over the socket as uid %d answered %d (%s), want %d", os.Getuid(), resp.StatusCode, body, want)
 	}
 }

@@ -1,0 +1,311 @@
+#!/usr/bin/env bash
+# bench/run.sh OUTDIR: one benchmark pass inside one boot of the ublk VM
+# (make bench runs it once per kernel line through test/vm/run).
+#
+# Contenders, each over its own fresh, fully written tmpfs file of the same
+# size:
+#   loop        the kernel's loop device (--direct-io=on when tmpfs allows it)
+#   ublksnap    a filtered device of the ublksnap daemon, in no snapshot
+#   ublksnap+s  a filtered device of the same daemon with a snapshot taken
+#   dm-snap     dm snapshot-origin with a persistent (P) snapshot on loop
+#               devices, chunk size equal to ours
+#   dm-thin     a dm-thin volume and a thin snapshot of it, block size equal
+#               to our chunk size, no block zeroing
+#
+# Rows (fio, io_uring, direct=1, one job). First writes are size based on a
+# freshly taken snapshot, so that every write meets an uncopied chunk; the
+# other rows are time based and run after every chunk has been copied.
+#   first4k   4 KiB writes, one per chunk (rw=write:CHUNK-4k), QD32
+#   randw4k   4 KiB random overwrites, QD32
+#   first1m   1 MiB sequential writes over a fresh snapshot, QD8
+#   write1m   1 MiB sequential overwrites, QD8
+#   randr4k   4 KiB random reads of the image (of the device without one), QD32
+#   read1m    1 MiB sequential reads of the image (of the device), QD8
+#
+# Every row runs BENCH_RUNS times, cycling through the contenders. At the
+# end both ublksnap devices join one snapshot, are written and their images
+# read, so the daemon's peak RSS (VmHWM) covers two devices and two images.
+# The COW bound is measured too: reading one chunk and writing one chunk of
+# tmpfs from user space with psync, the least a first write costs.
+#
+# Output in OUTDIR: raw.csv (row,contender,run,iops,mib_s) and meta.csv
+# (key,value), which bench/report turns into tables and a chart, and CPU
+# profiles of the daemon (profile-*.pb.gz, from its /debug/pprof).
+#
+# Environment: UBLKSNAP (binary, default bin/ublksnap), BENCH_SIZE (MiB,
+# default 256), BENCH_RUNTIME (seconds per time-based run, default 4),
+# BENCH_RUNS (default 3), BENCH_CHUNK_SHIFT (default 18: 256 KiB).
+set -euo pipefail
+
+UBLKSNAP=${UBLKSNAP:-bin/ublksnap}
+OUT=${1:-${UBLKSNAP_VM_OUT:-}}
+SIZE_MB=${BENCH_SIZE:-256}
+RUNTIME=${BENCH_RUNTIME:-4}
+RUNS=${BENCH_RUNS:-3}
+CHUNK_SHIFT=${BENCH_CHUNK_SHIFT:-18}
+
+die() { echo "bench: $*" >&2; exit 1; }
+say() { echo "bench: $*" >&2; }
+[ -n "$OUT" ] || die "usage: bench/run.sh OUTDIR"
+[ "$(id -u)" = 0 ] || die "needs root (run it in the VM: make bench)"
+[ -e /dev/ublk-control ] || die "no /dev/ublk-control: run it in the VM (make bench)"
+for t in fio losetup dmsetup; do command -v $t >/dev/null || die "$t is not installed"; done
+[ -x "$UBLKSNAP" ] || die "$UBLKSNAP missing: make build"
+
+chunk=$((1 << CHUNK_SHIFT))
+chunk_sectors=$((chunk / 512))
+sectors=$((SIZE_MB * 2048))
+# Without udev, libdevmapper makes the /dev/mapper nodes itself.
+export DM_DISABLE_UDEV=1
+
+work=$(mktemp -d /tmp/bench.XXXXXX)
+sock=$work/ublksnap.sock
+daemon_pid=
+loops=()
+mkdir -p "$OUT"
+raw=$OUT/raw.csv
+meta=$OUT/meta.csv
+echo "row,contender,run,iops,mib_s" >"$raw"
+echo "key,value" >"$meta"
+
+u() { "$UBLKSNAP" --socket "$sock" "$@"; }
+cleanup() {
+	set +e
+	for d in bench-thinsnap bench-thin bench-pool bench-snap bench-origin; do
+		dmsetup remove "$d" 2>/dev/null
+	done
+	for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null; done
+	if [ -n "$daemon_pid" ]; then
+		kill -TERM "$daemon_pid" 2>/dev/null
+		wait "$daemon_pid" 2>/dev/null
+	fi
+	rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+metric() { echo "$1,$2" >>"$meta"; }
+
+# fill FILE: a tmpfs file of the bench size, every byte written, so no row
+# reads holes.
+fill() {
+	truncate -s "${SIZE_MB}M" "$1"
+	fio --name=fill --filename="$1" --rw=write --bs=1M --size="${SIZE_MB}M" \
+		--ioengine=psync --output-format=terse >/dev/null || die "filling $1 failed"
+}
+
+# loopdev FILE: a loop device over FILE, with direct I/O when possible.
+loopdev() {
+	local l
+	l=$(losetup --find --show --direct-io=on "$1" 2>/dev/null) || l=$(losetup --find --show "$1") ||
+		die "losetup $1 failed"
+	loops+=("$l")
+	echo "$l"
+}
+
+# fiorun DEV ROW: run ROW's fio job on DEV and print "iops mib_s".
+fiorun() {
+	local dev=$1 row=$2 args
+	case $row in
+	first4k) # one pass: without number_ios fio wraps around until SIZE bytes are written
+		args=(--rw=write:$((chunk - 4096)) --bs=4k --iodepth=32 --number_ios=$((SIZE_MB * 1048576 / chunk))) ;;
+	randw4k) args=(--rw=randwrite --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
+	first1m | write1m) args=(--rw=write --bs=1M --iodepth=8 --size="${SIZE_MB}M") ;;
+	randr4k) args=(--rw=randread --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
+	read1m) args=(--rw=read --bs=1M --iodepth=8 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
+	*) die "unknown row $row" ;;
+	esac
+	fio --name="$row" --filename="$dev" --ioengine=io_uring --direct=1 --numjobs=1 \
+		--size="${SIZE_MB}M" "${args[@]}" --output-format=terse --terse-version=3 |
+		awk -F';' -v row="$row" '{
+			if (row ~ /^rand?r/ || row == "read1m") print $8, $7 / 1024; else print $49, $48 / 1024
+		}'
+}
+
+# record ROW CONTENDER RUN DEV
+record() {
+	local res
+	res=$(fiorun "$4" "$1") || die "fio $1 on $2 ($4) failed"
+	set -- "$1" "$2" "$3" $res
+	echo "$1,$2,$3,$4,$5" >>"$raw"
+	say "run $3 $2 $1: $4 IOPS, $5 MiB/s"
+}
+
+# rows CONTENDER RUN ORIGIN FRESH IMAGE-OF: the six rows. FRESH is a
+# command that (re)creates a freshly taken snapshot, or ":" for a device
+# without one; IMAGE-OF prints the device the read rows use.
+rows() {
+	local c=$1 r=$2 dev=$3 fresh=$4 imageof=$5
+	$fresh
+	record first4k "$c" "$r" "$dev"
+	$fresh
+	record first1m "$c" "$r" "$dev"
+	record write1m "$c" "$r" "$dev"
+	record randw4k "$c" "$r" "$dev"
+	record randr4k "$c" "$r" "$($imageof "$dev")"
+	record read1m "$c" "$r" "$($imageof "$dev")"
+}
+same() { echo "$1"; }
+
+# --- the contenders ---------------------------------------------------------
+
+say "kernel $(uname -r), $(nproc) CPUs, ${SIZE_MB} MiB devices, chunk $chunk bytes"
+metric kernel "$(uname -r)"
+metric cpus "$(nproc)"
+metric size_mib "$SIZE_MB"
+metric chunk_bytes "$chunk"
+metric runtime_s "$RUNTIME"
+metric runs "$RUNS"
+
+fill "$work/loop.img"
+loop=$(loopdev "$work/loop.img")
+metric loop_dio "$(cat "/sys/block/${loop#/dev/}/loop/dio" 2>/dev/null || echo unknown)"
+
+limit_mib=$((SIZE_MB + 64)) # room for the store's metadata
+limit=${limit_mib}MiB
+"$UBLKSNAP" daemon --socket "$sock" --chunk-minimum-shift "$CHUNK_SHIFT" \
+	--diff-storage-minimum "$limit" 2>"$work/daemon.log" &
+daemon_pid=$!
+for _ in $(seq 100); do u status >/dev/null 2>&1 && break; sleep 0.2; done
+u status >/dev/null || die "the daemon did not start: $(cat "$work/daemon.log")"
+fill "$work/ublk1.img"
+fill "$work/ublk2.img"
+ublk1=$(u attach --backing "$work/ublk1.img" --name bench1)
+ublk2=$(u attach --backing "$work/ublk2.img" --name bench2)
+mkdir -p "$work/diff"
+snapid=
+ublk_fresh() {
+	[ -n "$snapid" ] && u snapshot destroy --id "$snapid" >/dev/null
+	snapid=$(u snapshot create --device "$ublk2" --storage "$work/diff" --limit "$limit")
+	u snapshot take --id "$snapid" >/dev/null
+}
+ublk_image() { u snapshot info --device "$1" | sed -n 's/^image=//p'; }
+ublk_done() {
+	local info
+	info=$(u --json status)
+	metric ublksnap_diff_used_bytes "$(echo "$info" | grep -o '"used": *[0-9]*' | head -1 | grep -o '[0-9]*$')"
+	u snapshot destroy --id "$snapid" >/dev/null
+	snapid=
+}
+
+fill "$work/dm-origin.img"
+dmorigin=$(loopdev "$work/dm-origin.img")
+dmsetup create bench-origin --table "0 $sectors snapshot-origin $dmorigin"
+dmcow=
+dm_fresh() {
+	if [ -n "$dmcow" ]; then
+		dmsetup remove bench-snap
+		losetup -d "$dmcow"
+	fi
+	rm -f "$work/dm-cow.img"
+	truncate -s "${limit_mib}M" "$work/dm-cow.img"
+	dmcow=$(loopdev "$work/dm-cow.img")
+	dmsetup create bench-snap --table "0 $sectors snapshot $dmorigin $dmcow P $chunk_sectors"
+}
+dm_image() { echo /dev/mapper/bench-snap; }
+dm_done() {
+	metric dm_snap_status "$(dmsetup status bench-snap | cut -d' ' -f4-)"
+	dmsetup remove bench-snap
+	losetup -d "$dmcow"
+	dmcow=
+}
+
+truncate -s 64M "$work/thin-meta.img"
+truncate -s $((3 * SIZE_MB))M "$work/thin-data.img"
+thinmeta=$(loopdev "$work/thin-meta.img")
+thindata=$(loopdev "$work/thin-data.img")
+dd if=/dev/zero of="$thinmeta" bs=4096 count=1 status=none
+dmsetup create bench-pool --table \
+	"0 $((3 * sectors)) thin-pool $thinmeta $thindata $chunk_sectors 0 1 skip_block_zeroing"
+dmsetup message bench-pool 0 "create_thin 0"
+dmsetup create bench-thin --table "0 $sectors thin /dev/mapper/bench-pool 0"
+fio --name=fill --filename=/dev/mapper/bench-thin --rw=write --bs=1M --size="${SIZE_MB}M" \
+	--ioengine=psync --direct=1 --output-format=terse >/dev/null || die "filling the thin volume failed"
+thinid=0
+thin_fresh() {
+	if [ "$thinid" -gt 0 ]; then
+		dmsetup remove bench-thinsnap
+		dmsetup message bench-pool 0 "delete $thinid"
+	fi
+	thinid=$((thinid + 1))
+	dmsetup suspend bench-thin
+	dmsetup message bench-pool 0 "create_snap $thinid 0"
+	dmsetup resume bench-thin
+	dmsetup create bench-thinsnap --table "0 $sectors thin /dev/mapper/bench-pool $thinid"
+}
+thin_image() { echo /dev/mapper/bench-thinsnap; }
+thin_done() {
+	dmsetup remove bench-thinsnap
+	dmsetup message bench-pool 0 "delete $thinid"
+	thinid=0
+}
+
+# --- the runs ---------------------------------------------------------------
+
+for r in $(seq 1 "$RUNS"); do
+	rows loop "$r" "$loop" : same
+	rows ublksnap "$r" "$ublk1" : same
+	rows ublksnap+s "$r" "$ublk2" ublk_fresh ublk_image
+	ublk_done
+	rows dm-snap "$r" /dev/mapper/bench-origin dm_fresh dm_image
+	dm_done
+	rows dm-thin "$r" /dev/mapper/bench-thin thin_fresh thin_image
+	thin_done
+done
+
+# --- CPU profiles of the daemon -------------------------------------------
+# PROFILE NAME FRESH ROW DEV: a CPU profile of the daemon while ROW runs on
+# DEV again and again (after FRESH each time) for BENCH_RUNTIME seconds.
+profile() {
+	local name=$1 fresh=$2 row=$3 dev=$4
+	curl -sf --unix-socket "$sock" -o "$OUT/profile-$name.pb.gz" \
+		"http://ublksnap/debug/pprof/profile?seconds=$RUNTIME" &
+	local cpid=$!
+	while kill -0 "$cpid" 2>/dev/null; do
+		$fresh
+		fiorun "$dev" "$row" >/dev/null
+	done
+	wait "$cpid" || die "profile $name failed"
+}
+if command -v curl >/dev/null; then
+	profile write4k-nosnap : randw4k "$ublk1"
+	profile read1m-nosnap : read1m "$ublk1"
+	profile first4k-snap ublk_fresh first4k "$ublk2"
+	ublk_done
+else
+	say "no curl: no profiles"
+fi
+
+# --- the COW bound ----------------------------------------------------------
+# One chunk read and one chunk written from user space (psync, tmpfs): the
+# least time one first write can take when one copy runs at a time.
+bound_job() {
+	fio --name=bound --filename="$1" --rw="$2" --bs="$chunk" --ioengine=psync --size="${SIZE_MB}M" \
+		--time_based --runtime="$RUNTIME" --output-format=terse --terse-version=3 |
+		awk -F';' -v rw="$2" '{ print (rw == "randread") ? $8 : $49 }'
+}
+cp "$work/ublk1.img" "$work/bound-src.img" 2>/dev/null || fill "$work/bound-src.img"
+rd=$(bound_job "$work/bound-src.img" randread)
+wr=$(bound_job "$work/bound-dst.img" randwrite)
+rm -f "$work/bound-src.img" "$work/bound-dst.img"
+metric cow_bound_read_chunks_s "$rd"
+metric cow_bound_write_chunks_s "$wr"
+say "COW bound: $rd chunk reads/s, $wr chunk writes/s"
+
+# --- two devices, two images: the daemon's peak memory ---------------------
+snapid=$(u snapshot create --device "$ublk1" --device "$ublk2" --storage "$work/diff" --limit $((2 * SIZE_MB + 64))MiB)
+u snapshot take --id "$snapid" >/dev/null
+for d in "$ublk1" "$ublk2"; do
+	fiorun "$d" first1m >/dev/null
+	fiorun "$(ublk_image "$d")" read1m >/dev/null
+done
+u snapshot destroy --id "$snapid" >/dev/null
+snapid=
+# The daemon re-executes itself from an I/O-flusher thread: the server is
+# the child of the process started here.
+server_pid=$(pgrep -P "$daemon_pid" | head -1)
+hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/${server_pid:-$daemon_pid}/status")
+metric daemon_vmhwm_kib "$hwm"
+metric diff_buffer_memory_limit_bytes $((64 << 20))
+say "daemon peak RSS: $hwm KiB"
+say "results in $OUT"
