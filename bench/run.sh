@@ -59,6 +59,9 @@ sectors=$((SIZE_MB * 2048))
 export DM_DISABLE_UDEV=1
 
 work=$(mktemp -d /tmp/bench.XXXXXX)
+# Its own tmpfs: the guest's /tmp is capped at half the memory, and the
+# contenders' files together take about 9 × the device size at their peak.
+mount -t tmpfs -o size=90% bench "$work" || die "cannot mount a tmpfs on $work"
 sock=$work/ublksnap.sock
 daemon_pid=
 loops=()
@@ -79,6 +82,7 @@ cleanup() {
 		kill -TERM "$daemon_pid" 2>/dev/null
 		wait "$daemon_pid" 2>/dev/null
 	fi
+	umount "$work"
 	rm -rf "$work"
 }
 trap cleanup EXIT
@@ -207,6 +211,7 @@ dm_done() {
 	metric dm_snap_status "$(dmsetup status bench-snap | cut -d' ' -f4-)"
 	dmsetup remove bench-snap
 	losetup -d "$dmcow"
+	rm -f "$work/dm-cow.img"
 	dmcow=
 }
 
