@@ -9,6 +9,7 @@ import (
 
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/storage"
+	"github.com/ublksnap/ublksnap/ublk"
 )
 
 // device is a filtered original device (blksnap's tracker): a backing
@@ -75,7 +76,7 @@ func (m *Manager) Attach(ctx context.Context, opt AttachOptions) (DeviceInfo, er
 		return DeviceInfo{}, fmt.Errorf("attach %s: %w", backing.name, err)
 	}
 	geo := file.Geometry()
-	cfg := DeviceConfig(geo, m.log)
+	cfg := m.deviceConfig(geo, m.statePath != "")
 	if opt.Queues > 0 {
 		cfg.Queues = opt.Queues
 	}
@@ -97,6 +98,10 @@ func (m *Manager) Attach(ctx context.Context, opt AttachOptions) (DeviceInfo, er
 		return DeviceInfo{}, fmt.Errorf("attach %s: %w", backing.name, err)
 	}
 	m.devices[d.path()] = d
+	if err := m.saveLocked(); err != nil {
+		delete(m.devices, d.path())
+		return DeviceInfo{}, errors.Join(fmt.Errorf("attach %s: %w", backing.name, err), d.close())
+	}
 	m.log.Info("attached", "device", d.path(), "backing", backing.name, "size", geo.Size)
 	return d.info(), nil
 }
@@ -121,9 +126,10 @@ func (m *Manager) Detach(ctx context.Context, ref string, force bool) error {
 		}
 	}
 	delete(m.devices, d.path())
+	saveErr := m.saveLocked()
 	m.mu.Unlock()
 	m.log.Info("detaching", "device", d.path(), "force", force)
-	return d.close()
+	return errors.Join(d.close(), saveErr)
 }
 
 // checkUnusedLocked fails with ErrBusy, naming the holders, while blk is
@@ -137,6 +143,15 @@ func (m *Manager) checkUnusedLocked(ctx context.Context, blk BlockDevice) error 
 		return fmt.Errorf("%w: %s is open or mounted (%s); unmount or close it, or use --force", ErrBusy, blk.Path(), strings.Join(holders, ", "))
 	}
 	return nil
+}
+
+// deviceConfig is the ublk configuration of a device over a backing of
+// geometry geo, tagged as ours; a recoverable one outlives the daemon.
+func (m *Manager) deviceConfig(geo storage.Geometry, recoverable bool) ublk.Config {
+	cfg := DeviceConfig(geo, m.log)
+	cfg.Owner = m.owner
+	cfg.Recoverable = recoverable
+	return cfg
 }
 
 // close stops the served device, then flushes and closes the backing device.

@@ -46,6 +46,20 @@
 // device the manager serves, so that no storage is written through the COW
 // path of a device it serves.
 //
+// # Surviving the daemon
+//
+// With Config.StatePath set, filtered devices are created recoverable and
+// tagged with an owner derived from the path, and the state file records
+// each one (ublk id, name, backing and its identity), rewritten atomically
+// under Manager.mu before an attach or detach is answered (state.go). When
+// the daemon dies the kernel holds their I/O; Recover, run by the next
+// daemon before its first request, reopens each backing, checks that it is
+// the same file and serves the same /dev/ublkbN again. Snapshots live in
+// memory and are lost with the daemon: their images, tagged as ours but not
+// recorded, are deleted. That is also why replaying the writes the dead
+// daemon had taken (REISSUE) is safe: no saved chunk remains for a replayed
+// write to overwrite.
+//
 // # Errors
 //
 // Every error carries an errno: that of the failed system call, or of its

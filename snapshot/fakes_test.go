@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -17,8 +18,9 @@ import (
 )
 
 // fakeServer is a BlockServer that serves nothing: its devices only
-// record their handler. Hooks let tests look at the moment a device is
-// served and make Close hang.
+// record their handler. Its kernel table answers Scan and lets tests
+// crash the daemon (crash) and recover. Hooks let tests look at the moment
+// a device is served and make Close hang.
 type fakeServer struct {
 	mu      sync.Mutex
 	next    int                                   // number of the next device; guarded by mu
@@ -26,15 +28,19 @@ type fakeServer struct {
 	onServe func(cfg ublk.Config, h ublk.Handler) // called by Serve, if set
 	closeCh chan struct{}                         // if set, Close waits until it is closed
 	served  []*fakeBlock                          // guarded by mu
+	kernel  map[int]*ublk.Info                    // the devices that exist, by number; guarded by mu
+	removed []int                                 // numbers passed to Remove; guarded by mu
 }
 
 type fakeBlock struct {
 	srv    *fakeServer
+	n      int
 	path   string
 	dev    uint64
 	h      ublk.Handler
 	mu     sync.Mutex
 	closed bool // guarded by mu
+	dead   bool // its server crashed: Close leaves the kernel alone; guarded by srv.mu
 }
 
 func (s *fakeServer) Serve(_ context.Context, cfg ublk.Config, h ublk.Handler) (BlockDevice, error) {
@@ -45,15 +51,80 @@ func (s *fakeServer) Serve(_ context.Context, cfg ublk.Config, h ublk.Handler) (
 	defer s.mu.Unlock()
 	n := s.next
 	s.next++
+	var flags uint64
+	if cfg.Recoverable {
+		flags = 1 << 3
+	}
+	if s.kernel == nil {
+		s.kernel = map[int]*ublk.Info{}
+	}
+	s.kernel[n] = &ublk.Info{ID: n, State: "live", Owner: cfg.Owner, Flags: flags, Size: cfg.Size}
+	return s.blockLocked(n, h), nil
+}
+
+func (s *fakeServer) blockLocked(n int, h ublk.Handler) *fakeBlock {
 	dev := uint64(1000 + n)
 	if s.devNum != nil {
 		dev = s.devNum(n)
 	}
-	b := &fakeBlock{srv: s, path: fmt.Sprintf("/dev/fake%d", n), dev: dev, h: h}
+	b := &fakeBlock{srv: s, n: n, path: fmt.Sprintf("/dev/fake%d", n), dev: dev, h: h}
 	s.served = append(s.served, b)
-	return b, nil
+	return b
 }
 
+// crash is the death of the serving process: recoverable devices wait
+// for a new server, the others stop; nothing is closed.
+func (s *fakeServer) crash() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, info := range s.kernel {
+		info.State = "dead"
+		if info.Flags&(1<<3) != 0 {
+			info.State = "quiesced"
+		}
+	}
+	for _, b := range s.served {
+		b.dead = true
+	}
+	s.served = nil
+}
+
+func (s *fakeServer) Recover(_ context.Context, n int, cfg ublk.Config, h ublk.Handler) (BlockDevice, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	info, ok := s.kernel[n]
+	switch {
+	case !ok:
+		return nil, syscall.ENODEV
+	case info.State != "quiesced" || info.Owner != cfg.Owner || info.Size != cfg.Size || !cfg.Recoverable:
+		return nil, fmt.Errorf("%w: device %d is %s", ublk.ErrNotRecoverable, n, info.State)
+	}
+	info.State = "live"
+	return s.blockLocked(n, h), nil
+}
+
+func (s *fakeServer) Scan() ([]ublk.Info, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []ublk.Info
+	for _, info := range s.kernel {
+		out = append(out, *info)
+	}
+	return out, nil
+}
+
+func (s *fakeServer) Remove(n int) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.removed = append(s.removed, n)
+	if _, ok := s.kernel[n]; !ok {
+		return syscall.ENODEV
+	}
+	delete(s.kernel, n)
+	return nil
+}
+
+func (b *fakeBlock) ID() int        { return b.n }
 func (b *fakeBlock) Path() string   { return b.path }
 func (b *fakeBlock) DevNum() uint64 { return b.dev }
 func (b *fakeBlock) Close() error {
@@ -66,6 +137,11 @@ func (b *fakeBlock) Close() error {
 		return fmt.Errorf("%s closed twice", b.path)
 	}
 	b.closed = true
+	b.srv.mu.Lock()
+	if !b.dead {
+		delete(b.srv.kernel, b.n)
+	}
+	b.srv.mu.Unlock()
 	return nil
 }
 
@@ -144,7 +220,7 @@ func newEnv(t *testing.T, cfg Config) *env {
 	}
 	e.m = m
 	t.Cleanup(func() {
-		if err := m.Close(); err != nil {
+		if err := e.m.Close(); err != nil {
 			t.Errorf("Close: %v", err)
 		}
 	})

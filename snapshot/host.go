@@ -21,6 +21,12 @@ type BlockServer interface {
 	// Serve creates and starts a device. The device lives until Close,
 	// or until ctx ends.
 	Serve(ctx context.Context, cfg ublk.Config, h ublk.Handler) (BlockDevice, error)
+	// Recover serves device id again after its server died (ublk.Recover).
+	Recover(ctx context.Context, id int, cfg ublk.Config, h ublk.Handler) (BlockDevice, error)
+	// Scan lists the devices of the kernel, whoever serves them.
+	Scan() ([]ublk.Info, error)
+	// Remove stops and deletes device id.
+	Remove(id int) error
 }
 
 // BlockDevice is a served block device.
@@ -29,6 +35,8 @@ type BlockDevice interface {
 	Path() string
 	// DevNum is the device number (st_rdev) of Path.
 	DevNum() uint64
+	// ID is the server's number of the device (N of /dev/ublkbN).
+	ID() int
 	// Close stops the device; it returns once no request is in flight.
 	Close() error
 }
@@ -52,7 +60,22 @@ type UblkServer struct{}
 
 // Serve creates a ublk device.
 func (UblkServer) Serve(ctx context.Context, cfg ublk.Config, h ublk.Handler) (BlockDevice, error) {
-	d, err := ublk.New(ctx, cfg, h)
+	return withDevNum(ublk.New(ctx, cfg, h))
+}
+
+// Recover serves a ublk device again.
+func (UblkServer) Recover(ctx context.Context, id int, cfg ublk.Config, h ublk.Handler) (BlockDevice, error) {
+	return withDevNum(ublk.Recover(ctx, id, cfg, h))
+}
+
+// Scan lists the ublk devices.
+func (UblkServer) Scan() ([]ublk.Info, error) { return ublk.Scan() }
+
+// Remove deletes a ublk device.
+func (UblkServer) Remove(id int) error { return ublk.Remove(id) }
+
+// withDevNum adds the device number of a served device's node.
+func withDevNum(d *ublk.Device, err error) (BlockDevice, error) {
 	if err != nil {
 		return nil, err
 	}

@@ -35,6 +35,10 @@ type Config struct {
 	Host           Host          // nil: System
 	TakeTimeout    time.Duration // 0: DefaultTakeTimeout
 	DestroyTimeout time.Duration // 0: DefaultDestroyTimeout
+	// StatePath is the state file through which a successor daemon
+	// serves the filtered devices again (see Recover); "" keeps none, and
+	// the devices then end with the daemon.
+	StatePath string
 }
 
 // Manager owns the filtered devices and the snapshots; see the package
@@ -46,6 +50,8 @@ type Manager struct {
 	host           Host          // immutable
 	takeTimeout    time.Duration // immutable
 	destroyTimeout time.Duration // immutable
+	statePath      string        // the state file, or ""; immutable
+	owner          uint64        // tag of our ublk devices (ownerTag); immutable
 
 	mu        sync.Mutex
 	devices   map[string]*device   // filtered devices by node path; guarded by mu
@@ -64,6 +70,8 @@ func New(cfg Config) (*Manager, error) {
 		host:           cfg.Host,
 		takeTimeout:    cfg.TakeTimeout,
 		destroyTimeout: cfg.DestroyTimeout,
+		statePath:      cfg.StatePath,
+		owner:          ownerTag(cfg.StatePath),
 		devices:        make(map[string]*device),
 		snapshots:      make(map[string]*snapshot),
 	}
@@ -240,6 +248,9 @@ func (m *Manager) Close() error {
 	for _, d := range devs {
 		errs = append(errs, d.close())
 	}
+	m.mu.Lock()
+	errs = append(errs, m.saveLocked())
+	m.mu.Unlock()
 	return errors.Join(errs...)
 }
 

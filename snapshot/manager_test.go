@@ -226,7 +226,7 @@ func TestImageServedAfterSwitch(t *testing.T) {
 
 // A take whose image cannot be served leaves the snapshot as it was.
 func TestTakeFailureUndoes(t *testing.T) {
-	e := newEnv(t, Config{Server: failingServer{}})
+	e := newEnv(t, Config{Server: failingServer{&fakeServer{}}})
 	_ = e
 	// Attach needs a working server: use a second manager for the device.
 	e2 := newEnv(t, Config{})
@@ -235,7 +235,7 @@ func TestTakeFailureUndoes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e2.m.server = failingServer{}
+	e2.m.server = failingServer{e2.srv}
 	if _, err := e2.m.Take(bg, s.ID); err == nil {
 		t.Fatal("take succeeded with a failing block server")
 	}
@@ -251,7 +251,7 @@ func TestTakeFailureUndoes(t *testing.T) {
 	}
 }
 
-type failingServer struct{}
+type failingServer struct{ *fakeServer }
 
 func (failingServer) Serve(context.Context, ublk.Config, ublk.Handler) (BlockDevice, error) {
 	return nil, syscall.ENOMEM

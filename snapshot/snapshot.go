@@ -267,7 +267,7 @@ func (m *Manager) take(ctx context.Context, s *snapshot) error {
 	}
 	for _, mb := range s.members {
 		logical, physical := mb.area.BlockSizes()
-		cfg := DeviceConfig(storage.Geometry{Size: mb.area.Size(), LogicalBlockSize: logical, PhysicalBlockSize: physical}, m.log)
+		cfg := m.deviceConfig(storage.Geometry{Size: mb.area.Size(), LogicalBlockSize: logical, PhysicalBlockSize: physical}, false)
 		// The image outlives the request: it ends with Destroy or Close.
 		img, err := m.server.Serve(context.WithoutCancel(ctx), cfg, newImageHandler(mb.area, m.log))
 		if err != nil {

@@ -55,6 +55,16 @@ type Config struct {
 	Discard bool
 	// WriteZeroes enables OpWriteZeroes requests.
 	WriteZeroes bool
+	// Recoverable creates the device with UBLK_F_USER_RECOVERY and
+	// UBLK_F_USER_RECOVERY_REISSUE: when the serving process dies the
+	// kernel keeps /dev/ublkbN and holds its requests (those the dead
+	// server had taken are sent again) until Recover attaches a new
+	// server. The handler must tolerate a request served twice.
+	Recoverable bool
+	// Owner is stored in the kernel's record of the device
+	// (ublksrv_flags) and returned by Scan, so that a later process can
+	// tell its own devices from others'.
+	Owner uint64
 	// Logger receives the device's diagnostics; nil means slog.Default().
 	Logger *slog.Logger
 }

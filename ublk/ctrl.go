@@ -109,6 +109,7 @@ var cmdNames = map[uint32]string{
 	cmdGetQueueAff: "GET_QUEUE_AFFINITY", cmdGetDevInfo: "GET_DEV_INFO", cmdAddDev: "ADD_DEV", cmdDelDev: "DEL_DEV",
 	cmdStartDev: "START_DEV", cmdStopDev: "STOP_DEV", cmdSetParams: "SET_PARAMS",
 	cmdGetParams: "GET_PARAMS", cmdGetFeatures: "GET_FEATURES", cmdDelDevAsync: "DEL_DEV_ASYNC",
+	cmdStartUserRecovery: "START_USER_RECOVERY", cmdEndUserRecovery: "END_USER_RECOVERY",
 }
 
 // issue sends one control command on ring and waits for its completion, or
@@ -256,13 +257,33 @@ func (c *Ctrl) QueueAffinity(devID uint32, qid int) (unix.CPUSet, error) {
 // until every tag of every queue has a FETCH pending and serves the
 // partition scan before it completes. Closing cancel aborts the wait.
 func (c *Ctrl) StartDev(devID uint32, cancel <-chan struct{}) error {
+	return c.waitingCmd(cmdStartDev, devID, cancel)
+}
+
+// EndUserRecovery sends END_USER_RECOVERY, which takes START_DEV's place
+// for a recovered device and, like it, waits for every FETCH.
+func (c *Ctrl) EndUserRecovery(devID uint32, cancel <-chan struct{}) error {
+	return c.waitingCmd(cmdEndUserRecovery, devID, cancel)
+}
+
+// waitingCmd runs a command that blocks until the queues are ready on a
+// ring of its own, with this process's pid (the tgid, which 6.16+ checks
+// against the opener of the character device) as its data.
+func (c *Ctrl) waitingCmd(nr, devID uint32, cancel <-chan struct{}) error {
 	ring, err := uring.New(uring.Params{Entries: 2, Flags: uring.SetupSQE128})
 	if err != nil {
-		return &ctrlError{"START_DEV", devID, err}
+		return &ctrlError{cmdNames[nr], devID, err}
 	}
 	defer ring.Close()
-	_, err = c.issue(ring, cmdStartDev, c.encoded, ctrlCmd{DevID: devID, QueueID: noQueueID, Data: uint64(os.Getpid())}, nil, cancel)
+	_, err = c.issue(ring, nr, c.encoded, ctrlCmd{DevID: devID, QueueID: noQueueID, Data: uint64(os.Getpid())}, nil, cancel)
 	return err
+}
+
+// StartUserRecovery sends START_USER_RECOVERY to a quiesced device; the
+// kernel answers EBUSY while the old server's character device is still
+// open or the device is not quiesced yet.
+func (c *Ctrl) StartUserRecovery(devID uint32) error {
+	return c.simple(cmdStartUserRecovery, devID, 0)
 }
 
 // StopDev sends STOP_DEV: the block device goes away and pending FETCHes

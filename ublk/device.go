@@ -33,6 +33,10 @@ type Device struct {
 	info devInfo      // what ADD_DEV negotiated; immutable
 	cdev int          // /dev/ublkcN fd, -1 until opened; closed by Close
 
+	// untouched is set while Recover has not yet claimed the device:
+	// teardown then leaves it in the kernel. Written by setup only.
+	untouched bool
+
 	queues  []*queue      // running queue goroutines; set once before they start
 	started bool          // START_DEV succeeded; written before New returns
 	closing chan struct{} // closed when teardown begins
@@ -51,6 +55,13 @@ type Device struct {
 // deletes the device (as Close does). Config problems are reported before
 // any kernel call.
 func New(ctx context.Context, cfg Config, h Handler) (*Device, error) {
+	return serve(ctx, cfg, h, anyDevID, (*Device).setup)
+}
+
+// serve validates cfg, opens the control device, runs setup (ADD_DEV and
+// START_DEV, or the recovery sequence) for device id, and watches the
+// result: a cancelled ctx or a queue that stops on its own tears it down.
+func serve(ctx context.Context, cfg Config, h Handler, id uint32, setup func(*Device, context.Context) error) (*Device, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -68,9 +79,9 @@ func New(ctx context.Context, cfg Config, h Handler) (*Device, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &Device{cfg: cfg, h: h, log: log, ctrl: ctrl, cdev: -1, id: anyDevID,
+	d := &Device{cfg: cfg, h: h, log: log, ctrl: ctrl, cdev: -1, id: id,
 		closing: make(chan struct{}), failed: make(chan struct{}), done: make(chan struct{})}
-	if err := d.setup(ctx); err != nil {
+	if err := setup(d, ctx); err != nil {
 		d.closeOnce.Do(d.teardown)
 		return nil, err
 	}
@@ -93,23 +104,31 @@ func (d *Device) setup(ctx context.Context) error {
 	feats, err := d.ctrl.Features()
 	switch {
 	case errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, syscall.Errno(enotsupp)):
-		feats = featURingCmdCompInTask | featCmdIoctlEncode // pre-6.5: ask, ADD_DEV masks
+		feats = ^uint64(0) // pre-6.5: ask, ADD_DEV masks
 	case err != nil:
 		return err
 	}
 	want := uint64(featURingCmdCompInTask | featCmdIoctlEncode)
+	const rec = featUserRecovery | featUserRecoveryReissue
+	if d.cfg.Recoverable {
+		want |= rec
+	}
 	info, err := d.ctrl.AddDev(devInfo{
 		NrHwQueues:    uint16(d.cfg.Queues),
 		QueueDepth:    uint16(d.cfg.Depth),
 		MaxIOBufBytes: uint32(d.cfg.MaxIOSize),
 		DevID:         anyDevID,
 		Flags:         want & feats,
+		UblksrvFlags:  d.cfg.Owner,
 	})
 	if err != nil {
 		return err
 	}
 	d.id, d.info = info.DevID, info
 	d.log = d.log.With("ublk", d.id)
+	if d.cfg.Recoverable && info.Flags&rec != rec {
+		return fmt.Errorf("%w: this kernel's ublk has no USER_RECOVERY with REISSUE", ErrNotSupported)
+	}
 	if info.NrHwQueues == 0 || int(info.QueueDepth) != d.cfg.Depth || info.MaxIOBufBytes < pageSize {
 		return fmt.Errorf("ublk: ADD_DEV returned %d queues of depth %d with %d-byte buffers for a request of %d × %d × %d",
 			info.NrHwQueues, info.QueueDepth, info.MaxIOBufBytes, d.cfg.Queues, d.cfg.Depth, d.cfg.MaxIOSize)
@@ -123,11 +142,19 @@ func (d *Device) setup(ctx context.Context) error {
 		return err
 	}
 
-	maxIO := int(info.MaxIOBufBytes)
+	return d.startQueues(ctx, d.ctrl.StartDev)
+}
+
+// startQueues creates a queue per hardware queue the kernel granted,
+// starts their goroutines, waits for their FETCHes and then sends start
+// (START_DEV or END_USER_RECOVERY) from this goroutine while the queues
+// already serve the partition scan.
+func (d *Device) startQueues(ctx context.Context, start func(devID uint32, cancel <-chan struct{}) error) error {
+	info := d.info
 	encoded := info.Flags&featCmdIoctlEncode != 0
 	var qs []*queue
 	for i := 0; i < int(info.NrHwQueues); i++ {
-		q := newQueue(i, d.cfg.Depth, maxIO, d.cdev, encoded, d.h, d.log)
+		q := newQueue(i, int(info.QueueDepth), int(info.MaxIOBufBytes), d.cdev, encoded, d.h, d.log)
 		if d.cfg.PinQueues {
 			set, err := d.ctrl.QueueAffinity(d.id, i)
 			if err != nil {
@@ -139,13 +166,6 @@ func (d *Device) setup(ctx context.Context) error {
 		}
 		qs = append(qs, q)
 	}
-	return d.startQueues(ctx, qs)
-}
-
-// startQueues starts the queue goroutines, waits for their FETCHes and then
-// sends START_DEV from this goroutine while the queues already serve the
-// partition scan.
-func (d *Device) startQueues(ctx context.Context, qs []*queue) error {
 	ready := make(chan error, len(qs))
 	d.queues = qs
 	for _, q := range qs {
@@ -170,7 +190,7 @@ func (d *Device) startQueues(ctx context.Context, qs []*queue) error {
 	}
 	cancel := make(chan struct{})
 	startErr := make(chan error, 1)
-	go func() { startErr <- d.ctrl.StartDev(d.id, cancel) }()
+	go func() { startErr <- start(d.id, cancel) }()
 	var err error
 	select {
 	case err = <-startErr:
@@ -232,6 +252,7 @@ type Info struct {
 	Depth     int    // tags per queue
 	MaxIOSize int    // bytes per request buffer
 	Flags     uint64 // negotiated UBLK_F_* flags
+	Owner     uint64 // Config.Owner of the process that created it
 	ServerPID int    // process serving it, -1 when stopped
 	Size      int64  // bytes
 	DiskMajor uint32 // block device number, 0 before START_DEV
@@ -245,26 +266,41 @@ func (d *Device) Info() (Info, error) {
 		return Info{}, ErrClosed
 	default:
 	}
-	di, err := d.ctrl.DevInfo(d.id)
+	return d.ctrl.info(d.id)
+}
+
+// info asks the kernel about device id (GET_DEV_INFO and GET_PARAMS).
+func (c *Ctrl) info(id uint32) (Info, error) {
+	di, err := c.DevInfo(id)
 	if err != nil {
 		return Info{}, err
 	}
-	p, err := d.ctrl.Params(d.id)
+	p, err := c.Params(id)
 	if err != nil {
 		return Info{}, err
 	}
-	states := map[uint16]string{devStateDead: "dead", devStateLive: "live", 2: "quiesced", 3: "fail-io"}
-	st, ok := states[di.State]
-	if !ok {
-		st = fmt.Sprintf("state(%d)", di.State)
-	}
-	info := Info{ID: int(di.DevID), State: st, Queues: int(di.NrHwQueues), Depth: int(di.QueueDepth),
-		MaxIOSize: int(di.MaxIOBufBytes), Flags: di.Flags, ServerPID: int(di.UblksrvPID),
+	info := Info{ID: int(di.DevID), State: stateName(di.State), Queues: int(di.NrHwQueues), Depth: int(di.QueueDepth),
+		MaxIOSize: int(di.MaxIOBufBytes), Flags: di.Flags, Owner: di.UblksrvFlags, ServerPID: int(di.UblksrvPID),
 		Size: int64(p.Basic.DevSectors) << sectorShift}
 	if p.Types&paramTypeDevt != 0 {
 		info.DiskMajor, info.DiskMinor = p.Devt.DiskMajor, p.Devt.DiskMinor
 	}
 	return info, nil
+}
+
+// stateName names a ublksrv_ctrl_dev_info.state.
+func stateName(st uint16) string {
+	switch st {
+	case devStateDead:
+		return "dead"
+	case devStateLive:
+		return "live"
+	case devStateQuiesced:
+		return "quiesced"
+	case devStateFailIO:
+		return "fail-io"
+	}
+	return fmt.Sprintf("state(%d)", st)
 }
 
 // Done is closed once the device has been stopped and deleted.
@@ -299,7 +335,8 @@ func (d *Device) teardown() {
 	defer close(d.done)
 	close(d.closing)
 	var errs []error
-	if d.id != anyDevID {
+	owned := d.id != anyDevID && !d.untouched
+	if owned {
 		// Also for a device whose START_DEV failed or was cancelled: it
 		// may have gone live in the kernel all the same.
 		if err := d.ctrl.StopDev(d.id); err != nil && d.started {
@@ -318,7 +355,7 @@ func (d *Device) teardown() {
 		}
 		d.cdev = -1
 	}
-	if d.id != anyDevID {
+	if owned {
 		if err := d.ctrl.DelDev(d.id); err != nil {
 			errs = append(errs, err)
 		}
@@ -359,3 +396,7 @@ func (d *Device) stopQueues() {
 		q.closeEventfd()
 	}
 }
+
+// Recoverable reports whether the device outlives its server's death
+// (UBLK_F_USER_RECOVERY).
+func (i Info) Recoverable() bool { return i.Flags&featUserRecovery != 0 }

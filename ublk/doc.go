@@ -21,6 +21,17 @@
 // COMMIT_AND_FETCH (which completes the request and re-arms the tag) for
 // every finished request, all committed in one io_uring_enter.
 //
+// # Surviving the server
+//
+// A device created with Config.Recoverable (USER_RECOVERY with REISSUE)
+// outlives the death of its serving process: the kernel keeps /dev/ublkbN,
+// holds new requests, sends again those the dead server had taken, and
+// waits. Recover (recovery.go) serves it from a new process: it waits for
+// the quiesced state, sends START_USER_RECOVERY, opens /dev/ublkcN, starts
+// the queues and sends END_USER_RECOVERY in place of START_DEV. Config.Owner
+// is kept by the kernel (ublksrv_flags) and returned by Scan, so a process
+// finds its own devices; Remove deletes one.
+//
 // # Handlers and threads
 //
 // Handler.Handle runs first on the queue thread with Request.NoWait true and

@@ -63,6 +63,12 @@ var (
 	ErrInvalidConfig = errors.New("ublk: invalid config")
 	// ErrClosed is returned by operations on a device that was closed.
 	ErrClosed = errors.New("ublk: device closed")
+	// ErrNotSupported is returned when the kernel's ublk lacks a feature
+	// the configuration asks for.
+	ErrNotSupported = errors.New("ublk: not supported by this kernel")
+	// ErrNotRecoverable is returned by Recover for a device that is not
+	// waiting for a new server (not recoverable, live, or not the owner's).
+	ErrNotRecoverable = errors.New("ublk: device cannot be recovered")
 	// ErrNoUblk means the kernel has no ublk driver (no /dev/ublk-control).
 	ErrNoUblk = errors.New("ublk: /dev/ublk-control not available (is ublk_drv loaded?)")
 )

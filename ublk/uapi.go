@@ -31,6 +31,9 @@ const (
 	cmdGetParams   = 0x09
 	cmdGetFeatures = 0x13
 	cmdDelDevAsync = 0x14
+
+	cmdStartUserRecovery = 0x10
+	cmdEndUserRecovery   = 0x11
 )
 
 // ctrlOpcode returns the ioctl-encoded opcode of control command nr, or the
@@ -69,18 +72,21 @@ const (
 
 // Feature flags (ublksrv_ctrl_dev_info.flags, GET_FEATURES mask).
 const (
-	featURingCmdCompInTask = 1 << 1
-	featNeedGetData        = 1 << 2
-	featUserRecovery       = 1 << 3
-	featUnprivilegedDev    = 1 << 5
-	featCmdIoctlEncode     = 1 << 6
-	featUserCopy           = 1 << 7
+	featURingCmdCompInTask  = 1 << 1
+	featNeedGetData         = 1 << 2
+	featUserRecovery        = 1 << 3
+	featUserRecoveryReissue = 1 << 4
+	featUnprivilegedDev     = 1 << 5
+	featCmdIoctlEncode      = 1 << 6
+	featUserCopy            = 1 << 7
 )
 
 // Device states (ublksrv_ctrl_dev_info.state).
 const (
-	devStateDead = 0
-	devStateLive = 1
+	devStateDead     = 0
+	devStateLive     = 1
+	devStateQuiesced = 2 // USER_RECOVERY: no server, requests held
+	devStateFailIO   = 3 // USER_RECOVERY_FAIL_IO (6.13+): no server, requests fail
 )
 
 // Basic attributes (ublk_param_basic.attrs).

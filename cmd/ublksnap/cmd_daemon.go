@@ -65,21 +65,31 @@ func daemonCmd(g *globalFlags) *cobra.Command {
 	return cmd
 }
 
-// serveDaemon runs the daemon until ctx ends, then stops the images, the
-// filtered devices and the server, in that order.
+// serveDaemon serves again the filtered devices an earlier daemon left
+// (see snapshot.Manager.Recover), runs the daemon until ctx ends, then
+// stops the images, the filtered devices and the server, in that order.
 func serveDaemon(ctx context.Context, socket string, params cow.Params, log *slog.Logger) error {
 	if err := daemon.HardenProcess(); err != nil {
 		log.Warn("running without full protection", "err", err)
+	}
+	if err := daemon.DropUblkMounts(); err != nil {
+		return err
 	}
 	l, err := daemon.Listen(socket)
 	if err != nil {
 		return err
 	}
 	defer l.Close()
-	mgr, err := snapshot.New(snapshot.Config{Params: params, Logger: log})
+	statePath := snapshot.StatePathFor(socket)
+	mgr, err := snapshot.New(snapshot.Config{Params: params, Logger: log, StatePath: statePath})
 	if err != nil {
 		return err
 	}
+	rep, err := mgr.Recover(ctx)
+	if err != nil {
+		return fmt.Errorf("recover the devices of an earlier daemon: %w", err)
+	}
+	logRecovery(log, rep)
 	srv := daemon.NewServer(ctx, mgr, version, log) // SIGTERM ends waits
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(l) }()
@@ -98,4 +108,20 @@ func serveDaemon(ctx context.Context, socket string, params cow.Params, log *slo
 	}
 	log.Info("daemon stopped")
 	return nil
+}
+
+// logRecovery summarises what the start-up recovery did.
+func logRecovery(log *slog.Logger, rep snapshot.RecoveryReport) {
+	for _, d := range rep.Recovered {
+		log.Info("device recovered from an earlier daemon", "device", d.Path, "backing", d.Backing, "took", rep.Took[d.Path])
+	}
+	for _, f := range rep.Failed {
+		log.Error("device of an earlier daemon could not be recovered and was deleted", "ublk", f.UblkID, "name", f.Name, "err", f.Err)
+	}
+	for _, f := range rep.Left {
+		log.Error("device of the state file is served by another process; left alone", "ublk", f.UblkID, "name", f.Name, "err", f.Err)
+	}
+	if len(rep.Removed) > 0 {
+		log.Info("deleted devices an earlier daemon left and no record names (its snapshot images)", "ublk", rep.Removed)
+	}
 }

@@ -44,7 +44,13 @@ func ublksnapBin(t testing.TB) string {
 // SIGTERM and checks that it left no ublk device behind.
 func startDaemon(t testing.TB, flags ...string) *daemon {
 	t.Helper()
-	d := &daemon{t: t, bin: ublksnapBin(t), socket: filepath.Join(t.TempDir(), "ublksnap.sock"), log: &bytes.Buffer{}}
+	return startDaemonOn(t, filepath.Join(t.TempDir(), "ublksnap.sock"), flags...)
+}
+
+// startDaemonOn starts a daemon on socket (and the state file beside it).
+func startDaemonOn(t testing.TB, socket string, flags ...string) *daemon {
+	t.Helper()
+	d := &daemon{t: t, bin: ublksnapBin(t), socket: socket, log: &bytes.Buffer{}}
 	d.cmd = exec.Command(d.bin, append([]string{"daemon", "--socket", d.socket}, flags...)...)
 	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
 	if err := d.cmd.Start(); err != nil {

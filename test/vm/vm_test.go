@@ -50,8 +50,10 @@ func TestRunExitStatus(t *testing.T) {
 		if got != tc.want {
 			t.Errorf("test/vm/run -- %q exited %d, want %d", tc.args, got, tc.want)
 		}
-		if took > 60*time.Second {
-			t.Errorf("test/vm/run -- %q took %v, want under 60s", tc.args, took)
+		// A boot takes 5-15 s; the first run also unpacks the kernel, and
+		// a boot that dies early is retried: 2 minutes means something hangs.
+		if took > 120*time.Second {
+			t.Errorf("test/vm/run -- %q took %v, want under 2 minutes", tc.args, took)
 		}
 		t.Logf("test/vm/run -- %q: exit %d in %v", tc.args, got, took.Round(100*time.Millisecond))
 	}

@@ -7,9 +7,12 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"runtime"
+	"strings"
 	"syscall"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -41,7 +44,10 @@ func ReexecInPrivateNamespace(ctx context.Context) (int, error) {
 	cmd := exec.Command(self, os.Args[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.Env = append(os.Environ(), namespaceEnv+"=1")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS, Pdeathsig: syscall.SIGTERM}
+	// A parent killed with SIGKILL takes the child with it as a crash:
+	// the filtered devices wait for the next daemon to recover them,
+	// instead of being deleted under their users.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS, Pdeathsig: syscall.SIGKILL}
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sigs)
@@ -106,6 +112,29 @@ func HardenProcess() error {
 	}
 	if v, err := unix.PrctlRetInt(unix.PR_GET_IO_FLUSHER, 0, 0, 0, 0); err != nil || v != 1 {
 		errs = append(errs, fmt.Errorf("not an I/O flusher (PR_GET_IO_FLUSHER = %d, %v)", v, err))
+	}
+	return errors.Join(errs...)
+}
+
+// DropUblkMounts unmounts, in the daemon's private mount namespace only,
+// every filesystem on a ublk device that the namespace copied from the
+// host when it was made. A daemon started while a filtered device is
+// mounted (a restart) would otherwise hold that mount itself: the user's
+// umount would not end it, and a process holding a mount of a device it
+// serves deadlocks in its exit.
+func DropUblkMounts() error {
+	mounts, err := mountinfo.GetMounts(func(i *mountinfo.Info) (skip, stop bool) {
+		target, err := os.Readlink(fmt.Sprintf("/sys/dev/block/%d:%d", i.Major, i.Minor))
+		return err != nil || !strings.HasPrefix(filepath.Base(target), "ublkb"), false
+	})
+	if err != nil {
+		return fmt.Errorf("list own mounts: %w", err)
+	}
+	var errs []error
+	for i := len(mounts) - 1; i >= 0; i-- { // the latest, and nested, first
+		if err := unix.Unmount(mounts[i].Mountpoint, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) {
+			errs = append(errs, fmt.Errorf("unmount %s (%s) from the daemon's namespace: %w", mounts[i].Mountpoint, mounts[i].Source, err))
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -1,0 +1,244 @@
+package snapshot
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/ublksnap/ublksnap/cow"
+	"github.com/ublksnap/ublksnap/storage"
+	"github.com/ublksnap/ublksnap/ublk"
+)
+
+// The state file records what a successor daemon needs to serve the
+// filtered devices again after this one dies: for each device its ublk id,
+// backing and the backing's identity. It lives on tmpfs (/run) because
+// ublk devices do not outlive a reboot either. Snapshots are not in it:
+// their chunk maps live in memory, so a crash loses them (and a replayed
+// write, USER_RECOVERY_REISSUE, has no saved chunk to overwrite).
+
+// stateVersion is the format of the state file.
+const stateVersion = 1
+
+// ownerMagic marks the ublk devices of ublksnap: the high 32 bits of the
+// owner tag stored in the kernel's ublksrv_flags ("USNP"); the low 32 are
+// a hash of the state file's path, so daemons with different state files
+// leave each other's devices alone.
+const ownerMagic = 0x55534e50
+
+// ownerTag is the tag of devices recorded in statePath.
+func ownerTag(statePath string) uint64 {
+	h := fnv.New32a()
+	h.Write([]byte(statePath))
+	return ownerMagic<<32 | uint64(h.Sum32())
+}
+
+// stateFile is the JSON document of the state file.
+type stateFile struct {
+	Version int           `json:"version"`
+	Devices []deviceEntry `json:"devices"`
+}
+
+// deviceEntry records one filtered device.
+type deviceEntry struct {
+	UblkID  int    `json:"ublk_id"` // N of /dev/ublkbN
+	Name    string `json:"name"`
+	Backing string `json:"backing"` // the path as the user gave it
+	Size    int64  `json:"size"`    // bytes served
+	FsDev   uint64 `json:"fs_dev"`  // identity of the backing at attach
+	Rdev    uint64 `json:"rdev"`
+	Ino     uint64 `json:"ino"`
+}
+
+// saveLocked writes the state file for the devices now served: to a
+// temporary file, synced, then renamed over the old one, so a crash leaves
+// the old or the new record, never a torn one. The caller holds m.mu.
+func (m *Manager) saveLocked() error {
+	if m.statePath == "" {
+		return nil
+	}
+	st := stateFile{Version: stateVersion, Devices: []deviceEntry{}}
+	for _, d := range m.devices {
+		st.Devices = append(st.Devices, deviceEntry{UblkID: d.blk.ID(), Name: d.name, Backing: d.backing.name,
+			Size: d.file.Geometry().Size, FsDev: d.ident.fsDev, Rdev: d.ident.rdev, Ino: d.ident.ino})
+	}
+	data, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return fmt.Errorf("save state: %w", err)
+	}
+	tmp := m.statePath + ".tmp"
+	if err := writeSynced(tmp, data); err != nil {
+		return fmt.Errorf("save state %s: %w", m.statePath, err)
+	}
+	if err := os.Rename(tmp, m.statePath); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("save state %s: %w", m.statePath, err)
+	}
+	return nil
+}
+
+// writeSynced writes data to a new file p and syncs it.
+func writeSynced(p string, data []byte) error {
+	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	return errors.Join(err, f.Close())
+}
+
+// loadState reads the state file; a missing one is an empty state.
+func loadState(p string) (stateFile, error) {
+	data, err := os.ReadFile(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return stateFile{Version: stateVersion}, nil
+	}
+	if err != nil {
+		return stateFile{}, fmt.Errorf("read state %s: %w", p, err)
+	}
+	var st stateFile
+	if err := json.Unmarshal(data, &st); err != nil {
+		return stateFile{}, fmt.Errorf("%w: state file %s is damaged (%v); move it away to start without recovering", ErrInvalid, p, err)
+	}
+	if st.Version != stateVersion {
+		return stateFile{}, fmt.Errorf("%w: state file %s has version %d, this daemon reads %d", ErrInvalid, p, st.Version, stateVersion)
+	}
+	return st, nil
+}
+
+// RecoveryReport says what Recover did with each device it found.
+type RecoveryReport struct {
+	Recovered []DeviceInfo             // served again, same node
+	Took      map[string]time.Duration // how long each recovery took, by node
+	Failed    []RecoveryFailure        // recorded but not served again: deleted
+	Left      []RecoveryFailure        // recorded but live, served by another process: left alone
+	Removed   []int                    // ublk ids of ours no record names (images, stale devices): deleted
+}
+
+// RecoveryFailure is a recorded device that was not served again.
+type RecoveryFailure struct {
+	UblkID int
+	Name   string
+	Err    error
+}
+
+// Recover serves again, after a crash or restart of the daemon, the
+// filtered devices that the state file records: each keeps its
+// /dev/ublkbN and its users see only a pause. A recorded device whose
+// backing cannot be opened, is no longer the same file, or that the kernel
+// refuses to recover is deleted (one attempt, never left half-alive); ublk
+// devices of ours that no record names (the images of a crashed daemon,
+// stale devices) are deleted; other ublk devices are left alone. It must
+// run before the first request. A damaged state file is an error and
+// nothing is touched.
+func (m *Manager) Recover(ctx context.Context) (RecoveryReport, error) {
+	rep := RecoveryReport{Took: map[string]time.Duration{}}
+	if m.statePath == "" {
+		return rep, nil
+	}
+	st, err := loadState(m.statePath)
+	if err != nil {
+		return rep, err
+	}
+	devs, err := m.server.Scan()
+	if err != nil {
+		return rep, fmt.Errorf("recover: %w", err)
+	}
+	recorded := map[int]deviceEntry{}
+	for _, e := range st.Devices {
+		recorded[e.UblkID] = e
+	}
+	for _, info := range devs {
+		if info.Owner != m.owner {
+			continue
+		}
+		e, ok := recorded[info.ID]
+		if !ok {
+			if info.State == "live" {
+				continue // being served; not ours to judge
+			}
+			m.log.Warn("recover: deleting a stale device of ours", "ublk", info.ID, "state", info.State)
+			m.remove(info.ID)
+			rep.Removed = append(rep.Removed, info.ID)
+			continue
+		}
+		delete(recorded, info.ID)
+		start := time.Now()
+		di, err := m.recoverDevice(ctx, e)
+		switch {
+		case errors.Is(err, ublk.ErrNotRecoverable) && info.State == "live":
+			m.log.Error("recover: device is live, served by another process; left alone", "ublk", info.ID, "name", e.Name, "err", err)
+			rep.Left = append(rep.Left, RecoveryFailure{e.UblkID, e.Name, err})
+		case err != nil:
+			m.log.Error("recover: could not serve the device again; deleting it", "ublk", info.ID, "name", e.Name, "backing", e.Backing, "err", err)
+			m.remove(info.ID)
+			rep.Failed = append(rep.Failed, RecoveryFailure{e.UblkID, e.Name, err})
+		default:
+			rep.Took[di.Path] = time.Since(start)
+			m.log.Info("recovered", "device", di.Path, "backing", e.Backing, "took", rep.Took[di.Path])
+			rep.Recovered = append(rep.Recovered, di)
+		}
+	}
+	for _, e := range recorded {
+		err := errors.New("no such ublk device any more")
+		m.log.Error("recover: recorded device is gone", "ublk", e.UblkID, "name", e.Name)
+		rep.Failed = append(rep.Failed, RecoveryFailure{e.UblkID, e.Name, err})
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return rep, m.saveLocked()
+}
+
+// remove deletes ublk device id; one that is already gone is fine.
+func (m *Manager) remove(id int) {
+	if err := m.server.Remove(id); err != nil && !errors.Is(err, syscall.ENODEV) && !errors.Is(err, syscall.ENOENT) {
+		m.log.Error("recover: delete device", "ublk", id, "err", err)
+	}
+}
+
+// recoverDevice opens the recorded backing, checks that it is the same
+// file, and serves the ublk device again.
+func (m *Manager) recoverDevice(ctx context.Context, e deviceEntry) (DeviceInfo, error) {
+	backing, id, err := locate(ctx, "backing", e.Backing, false)
+	if err != nil {
+		return DeviceInfo{}, err
+	}
+	if !id.sameFile(identity{fsDev: e.FsDev, rdev: e.Rdev, ino: e.Ino, exists: true}) {
+		return DeviceInfo{}, fmt.Errorf("%w: %s is no longer the file that was attached", ErrConflict, e.Backing)
+	}
+	file, err := storage.Open(backing.open)
+	if err != nil {
+		return DeviceInfo{}, err
+	}
+	geo := file.Geometry()
+	if geo.Size != e.Size {
+		file.Close()
+		return DeviceInfo{}, fmt.Errorf("%w: %s now has %d bytes, the device %d", ErrConflict, e.Backing, geo.Size, e.Size)
+	}
+	d := &device{name: e.Name, backing: backing, ident: id, file: file, orig: cow.NewOriginal(file), gate: newGate()}
+	cfg := m.deviceConfig(geo, true)
+	d.blk, err = m.server.Recover(context.WithoutCancel(ctx), e.UblkID, cfg, newOriginalHandler(d.orig, d.gate, m.log))
+	if err != nil {
+		file.Close()
+		return DeviceInfo{}, err
+	}
+	m.mu.Lock()
+	m.devices[d.path()] = d
+	m.mu.Unlock()
+	return d.info(), nil
+}
+
+// StatePathFor is where a daemon on socket keeps its state file.
+func StatePathFor(socket string) string {
+	ext := filepath.Ext(socket)
+	return socket[:len(socket)-len(ext)] + ".state.json"
+}

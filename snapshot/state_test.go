@@ -1,0 +1,172 @@
+package snapshot
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/ublksnap/ublksnap/ublk"
+)
+
+// crashAndRestart ends the manager as a crash would, leaving the fake
+// kernel's devices and the state file as they are, and starts a second
+// Manager on the same server and state file, as a restarted daemon would.
+func (e *env) crashAndRestart(statePath string) {
+	e.t.Helper()
+	e.srv.crash()
+	e.m.statePath = "" // a dead process writes nothing
+	if err := e.m.Close(); err != nil {
+		e.t.Fatal(err)
+	}
+	m, err := New(Config{Params: testParams(), Server: e.srv, Host: e.host, StatePath: statePath,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.m = m
+}
+
+// takeSnapshot takes a snapshot of dev and returns its id.
+func (e *env) takeSnapshot(dev string) string {
+	e.t.Helper()
+	s, err := e.m.CreateSnapshot(bg, CreateOptions{Devices: []string{dev}, Storage: e.dir, Limit: 8 << 20})
+	if err == nil {
+		s, err = e.m.Take(bg, s.ID)
+	}
+	if err != nil {
+		e.t.Fatalf("snapshot of %s: %v", dev, err)
+	}
+	return s.ID
+}
+
+func readState(t *testing.T, p string) stateFile {
+	t.Helper()
+	data, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st stateFile
+	if err := json.Unmarshal(data, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func TestStateFileFollowsAttachAndDetach(t *testing.T) {
+	statePath := filepath.Join(t.TempDir(), "d.state.json")
+	e := newEnv(t, Config{StatePath: statePath})
+	a := e.attach("a.img", 1)
+	b := e.attach("b.img", 2)
+	st := readState(t, statePath)
+	if len(st.Devices) != 2 {
+		t.Fatalf("state after two attaches: %+v", st)
+	}
+	for _, d := range e.m.devices {
+		if !d.blk.(*fakeBlock).srv.kernel[d.blk.ID()].Recoverable() {
+			t.Errorf("%s was not created recoverable", d.path())
+		}
+	}
+	if err := e.m.Detach(bg, a, false); err != nil {
+		t.Fatal(err)
+	}
+	st = readState(t, statePath)
+	if len(st.Devices) != 1 || st.Devices[0].Backing != filepath.Join(e.dir, "b.img") {
+		t.Fatalf("state after detaching %s (keeping %s): %+v", a, b, st)
+	}
+	if _, err := os.Stat(statePath + ".tmp"); !os.IsNotExist(err) {
+		t.Errorf("temporary state file left behind: %v", err)
+	}
+}
+
+// After a crash, a successor serves the recorded devices again, deletes
+// the images and stale devices of ours, and leaves others' alone.
+func TestRecoverAfterCrash(t *testing.T) {
+	statePath := filepath.Join(t.TempDir(), "d.state.json")
+	e := newEnv(t, Config{StatePath: statePath})
+	a := e.attach("a.img", 1)
+	e.attach("b.img", 2)
+	id := e.takeSnapshot(a)
+	e.srv.mu.Lock()
+	e.srv.kernel[90] = &ublk.Info{ID: 90, State: "quiesced", Owner: 0x1234, Flags: 1 << 3}    // someone else's
+	e.srv.kernel[91] = &ublk.Info{ID: 91, State: "quiesced", Owner: e.m.owner, Flags: 1 << 3} // ours, unrecorded
+	e.srv.mu.Unlock()
+	image := e.m.snapshots[id].members[0].image.ID()
+	e.crashAndRestart(statePath)
+
+	rep, err := e.m.Recover(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, d := range rep.Recovered {
+		got = append(got, d.Path)
+	}
+	slices.Sort(got)
+	if len(got) != 2 || got[0] != a || len(rep.Failed) != 0 {
+		t.Fatalf("recovered %v, failed %v; want %s and the other device", got, rep.Failed, a)
+	}
+	slices.Sort(rep.Removed)
+	if !slices.Equal(rep.Removed, []int{image, 91}) {
+		t.Errorf("removed %v, want the image %d and the stale device 91", rep.Removed, image)
+	}
+	if _, ok := e.srv.kernel[90]; !ok {
+		t.Error("another owner's device was deleted")
+	}
+	if len(e.m.Status(bg).Devices) != 2 || len(e.m.Snapshots(bg)) != 0 {
+		t.Errorf("status after recovery: %+v", e.m.Status(bg))
+	}
+	// The recovered devices serve through a fresh COW engine: a new
+	// snapshot can be taken.
+	e.takeSnapshot(a)
+}
+
+// A backing replaced while no daemon ran is not served again: the device
+// is deleted and reported.
+func TestRecoverRefusesAReplacedBacking(t *testing.T) {
+	statePath := filepath.Join(t.TempDir(), "d.state.json")
+	e := newEnv(t, Config{StatePath: statePath})
+	e.attach("a.img", 1)
+	p := filepath.Join(e.dir, "a.img")
+	if err := os.Remove(p); err != nil {
+		t.Fatal(err)
+	}
+	e.file("a.img", 4<<20, 9)
+	e.crashAndRestart(statePath)
+	rep, err := e.m.Recover(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Recovered) != 0 || len(rep.Failed) != 1 || !errors.Is(rep.Failed[0].Err, ErrConflict) {
+		t.Fatalf("report %+v, want one failure (ErrConflict)", rep)
+	}
+	if len(e.srv.kernel) != 0 {
+		t.Errorf("the unrecoverable device was left in the kernel: %v", e.srv.kernel)
+	}
+	if st := readState(t, statePath); len(st.Devices) != 0 {
+		t.Errorf("state still records %+v", st.Devices)
+	}
+}
+
+// A damaged state file stops the daemon before it touches any device.
+func TestRecoverWithDamagedStateTouchesNothing(t *testing.T) {
+	statePath := filepath.Join(t.TempDir(), "d.state.json")
+	e := newEnv(t, Config{StatePath: statePath})
+	e.attach("a.img", 1)
+	e.crashAndRestart(statePath)
+	if err := os.WriteFile(statePath, []byte("{\"version\": 1, \"devi"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := e.m.Recover(context.Background())
+	if !errors.Is(err, ErrInvalid) {
+		t.Fatalf("recover with a damaged state file: %v, want ErrInvalid", err)
+	}
+	if len(e.srv.removed) != 0 || len(e.srv.kernel) != 1 {
+		t.Errorf("devices touched: removed %v, kernel %v", e.srv.removed, e.srv.kernel)
+	}
+}
