@@ -79,7 +79,7 @@ cleanup() {
 	done
 	for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null; done
 	if [ -n "$daemon_pid" ]; then
-		kill -TERM "$daemon_pid" 2>/dev/null
+		u shutdown --force
 		wait "$daemon_pid" 2>/dev/null
 	fi
 	umount "$work"

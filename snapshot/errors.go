@@ -42,6 +42,8 @@ var (
 	ErrConflict error = &kind{"conflict", syscall.EALREADY}
 	// ErrBusy: a device is mounted or open (EBUSY).
 	ErrBusy error = &kind{"busy", syscall.EBUSY}
+	// ErrLost: the snapshot died with an earlier daemon (ErrnoLost).
+	ErrLost error = &kind{"snapshot lost", ErrnoLost}
 )
 
 // Errno returns the errno behind err: that of the failed system call, or of

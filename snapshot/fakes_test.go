@@ -149,23 +149,42 @@ func (b *fakeBlock) Close() error {
 type fakeHost struct {
 	mu      sync.Mutex
 	frozen  map[uint64]bool     // devices frozen now; guarded by mu
+	ever    map[uint64]bool     // devices frozen at some time; guarded by mu
 	holders map[uint64][]string // answers of Holders; guarded by mu
+	hang    chan struct{}       // if set, Freeze waits until it is closed
 }
 
 func newFakeHost() *fakeHost {
-	return &fakeHost{frozen: map[uint64]bool{}, holders: map[uint64][]string{}}
+	return &fakeHost{frozen: map[uint64]bool{}, ever: map[uint64]bool{}, holders: map[uint64][]string{}}
 }
 
 func (h *fakeHost) Freeze(_ context.Context, dev uint64) (func() error, error) {
+	if h.hang != nil {
+		<-h.hang
+	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.frozen[dev] = true
+	h.ever[dev] = true
 	return func() error {
 		h.mu.Lock()
 		defer h.mu.Unlock()
 		delete(h.frozen, dev)
 		return nil
 	}, nil
+}
+
+func (h *fakeHost) Thaw(_ context.Context, dev uint64) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	delete(h.frozen, dev)
+	return nil
+}
+
+func (h *fakeHost) wasFrozen(dev uint64) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.ever[dev]
 }
 
 func (h *fakeHost) isFrozen(dev uint64) bool {

@@ -2,7 +2,6 @@ package snapshot
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -49,6 +48,9 @@ type Host interface {
 	// a function that thaws them. A device with no filesystem freezes
 	// nothing.
 	Freeze(ctx context.Context, dev uint64) (thaw func() error, err error)
+	// Thaw thaws the filesystems mounted from dev that are frozen: those
+	// a daemon that died during a take left frozen.
+	Thaw(ctx context.Context, dev uint64) error
 	// Holders describes who has device dev (node path) mounted or open,
 	// one entry each ("mounted on /mnt", "open by pid 42 (fio)"); none
 	// means it may be removed.
@@ -106,7 +108,13 @@ const (
 // mount table of the request's caller, then in init's, then in its own,
 // and their mount points are opened through the root of the table's
 // process.
-type System struct{}
+type System struct {
+	// FreezeHolder is the command of a freeze holder process
+	// (RunFreezeHolder) that freezes and later thaws the filesystems, so
+	// that a daemon dying during a take never leaves them frozen (see
+	// freeze.go); empty: the daemon's own threads freeze them.
+	FreezeHolder []string
+}
 
 // mountTable is a mount table and the root its mount points are opened
 // under.
@@ -152,44 +160,6 @@ func mountsOf(ctx context.Context, dev uint64) ([]mount, error) {
 		}
 	}
 	return out, nil
-}
-
-// Freeze freezes every filesystem mounted from dev with FIFREEZE.
-func (System) Freeze(ctx context.Context, dev uint64) (func() error, error) {
-	mps, err := mountsOf(ctx, dev)
-	if err != nil {
-		return nil, err
-	}
-	var frozen []*os.File
-	thaw := func() error {
-		var errs []error
-		for _, d := range frozen {
-			if err := unix.IoctlSetInt(int(d.Fd()), ioctlFITHAW, 0); err != nil {
-				errs = append(errs, fmt.Errorf("thaw %s: %w", d.Name(), err))
-			}
-			d.Close()
-		}
-		frozen = nil
-		return errors.Join(errs...)
-	}
-	for _, mp := range mps {
-		d, err := os.Open(mp.open)
-		if err != nil {
-			thaw()
-			return nil, fmt.Errorf("freeze %s: %w", mp.path, err)
-		}
-		// A second mount of an already frozen filesystem answers EBUSY.
-		if err := unix.IoctlSetInt(int(d.Fd()), ioctlFIFREEZE, 0); err != nil {
-			d.Close()
-			if errors.Is(err, unix.EBUSY) {
-				continue
-			}
-			thaw()
-			return nil, fmt.Errorf("freeze %s: %w", mp.path, err)
-		}
-		frozen = append(frozen, d)
-	}
-	return thaw, nil
 }
 
 // Holders finds the mounts of dev, the processes that have it open, and a

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"sync"
 	"syscall"
@@ -54,8 +55,15 @@ type Manager struct {
 	owner          uint64        // tag of our ublk devices (ownerTag); immutable
 
 	mu        sync.Mutex
-	devices   map[string]*device   // filtered devices by node path; guarded by mu
-	snapshots map[string]*snapshot // snapshots by UUID; guarded by mu
+	devices   map[string]*device       // filtered devices by node path; guarded by mu
+	snapshots map[string]*snapshot     // snapshots by UUID; guarded by mu
+	lost      map[string]*lostSnapshot // snapshots an earlier daemon died with, by UUID; guarded by mu
+
+	freezing    []string          // nodes whose filesystems a take is freezing now; guarded by mu
+	unrecovered []RecoveryFailure // devices Recover could not serve again; guarded by mu
+
+	shutdownOnce sync.Once
+	shutdown     chan struct{} // closed when Shutdown accepted a stop for good
 }
 
 // New returns a Manager with no devices.
@@ -74,6 +82,8 @@ func New(cfg Config) (*Manager, error) {
 		owner:          ownerTag(cfg.StatePath),
 		devices:        make(map[string]*device),
 		snapshots:      make(map[string]*snapshot),
+		lost:           make(map[string]*lostSnapshot),
+		shutdown:       make(chan struct{}),
 	}
 	if m.log == nil {
 		m.log = slog.Default()
@@ -102,6 +112,7 @@ const (
 	StateTaken     State = "taken"     // images are served
 	StateCorrupted State = "corrupted" // at least one member's diff area failed
 	StateNone      State = "none"      // (DeviceState) the device is in no snapshot
+	StateLost      State = "lost"      // an earlier daemon died with it (ErrnoLost)
 )
 
 // DeviceInfo describes a filtered device.
@@ -150,6 +161,9 @@ type DeviceState struct {
 type Status struct {
 	Devices   []DeviceInfo
 	Snapshots []SnapshotInfo
+	// Unrecovered are the devices of an earlier daemon that Recover could
+	// not serve again (and deleted, or left to the process serving them).
+	Unrecovered []RecoveryFailure
 }
 
 // deviceLocked finds a filtered device by its node or name.
@@ -172,6 +186,9 @@ func (m *Manager) deviceLocked(ref string) (*device, error) {
 func (m *Manager) snapshotLocked(id string) (*snapshot, error) {
 	if s, ok := m.snapshots[id]; ok {
 		return s, nil
+	}
+	if _, ok := m.lost[id]; ok {
+		return nil, fmt.Errorf("%w: snapshot %s died with an earlier daemon; destroy it to forget it", ErrLost, id)
 	}
 	return nil, fmt.Errorf("%w: snapshot %s not found (see ublksnap snapshot collect)", ErrNotFound, id)
 }
@@ -200,8 +217,11 @@ func (m *Manager) checkOffServedLocked(what string, p userPath, id identity) err
 func (m *Manager) Snapshots(context.Context) []string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	ids := make([]string, 0, len(m.snapshots))
+	ids := make([]string, 0, len(m.snapshots)+len(m.lost))
 	for id := range m.snapshots {
+		ids = append(ids, id)
+	}
+	for id := range m.lost {
 		ids = append(ids, id)
 	}
 	sort.Strings(ids)
@@ -220,19 +240,87 @@ func (m *Manager) Status(context.Context) Status {
 	for _, s := range m.snapshots {
 		st.Snapshots = append(st.Snapshots, s.info())
 	}
+	for _, l := range m.lost {
+		st.Snapshots = append(st.Snapshots, l.info())
+	}
+	st.Unrecovered = slices.Clone(m.unrecovered)
 	sort.Slice(st.Snapshots, func(i, j int) bool { return st.Snapshots[i].ID < st.Snapshots[j].ID })
 	return st
+}
+
+// Shutdown asks for a stop for good: it refuses (ErrBusy, naming the
+// holders) while a filtered device or an image is mounted or open, unless
+// force; then ShutdownRequested is closed, and the daemon is expected to
+// stop answering and Close.
+func (m *Manager) Shutdown(ctx context.Context, force bool) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !force {
+		for _, d := range m.devices {
+			if err := m.checkUnusedLocked(ctx, d.blk); err != nil {
+				return fmt.Errorf("shutdown: %w", err)
+			}
+		}
+		for _, s := range m.snapshots {
+			for _, mb := range s.members {
+				if mb.image != nil {
+					if err := m.checkUnusedLocked(ctx, mb.image); err != nil {
+						return fmt.Errorf("shutdown: image of %s: %w", mb.dev.path(), err)
+					}
+				}
+			}
+		}
+	}
+	m.shutdownOnce.Do(func() { close(m.shutdown) })
+	return nil
+}
+
+// ShutdownRequested is closed once Shutdown accepted a stop for good.
+func (m *Manager) ShutdownRequested() <-chan struct{} { return m.shutdown }
+
+// Leave ends the manager for a successor daemon (a planned restart): the
+// snapshots are released and recorded lost (their chunk maps live in
+// memory), the backings flushed and the state saved; the filtered devices
+// are not stopped. The caller then exits: the kernel holds their I/O until
+// the next daemon's Recover serves them again.
+func (m *Manager) Leave() error {
+	m.mu.Lock()
+	snaps := m.removeSnapshotsLocked()
+	for _, s := range snaps {
+		m.lost[s.id] = &lostSnapshot{id: s.id, devices: s.memberPaths()}
+	}
+	errs := []error{m.saveLocked()}
+	m.mu.Unlock()
+	for _, s := range snaps {
+		m.log.Warn("snapshot released for the restart; it will be reported lost", "id", s.id)
+		errs = append(errs, m.teardown(s))
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, d := range m.devices {
+		if err := d.orig.Flush(); err != nil {
+			errs = append(errs, fmt.Errorf("flush %s: %w", d.path(), err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// removeSnapshotsLocked takes every snapshot out of the manager and
+// returns them, for the caller to tear down without the lock.
+func (m *Manager) removeSnapshotsLocked() []*snapshot {
+	snaps := make([]*snapshot, 0, len(m.snapshots))
+	for id, s := range m.snapshots {
+		snaps = append(snaps, s)
+		delete(m.snapshots, id)
+	}
+	return snaps
 }
 
 // Close stops everything: the snapshots first, then the filtered devices,
 // flushing every backing device.
 func (m *Manager) Close() error {
 	m.mu.Lock()
-	snaps := make([]*snapshot, 0, len(m.snapshots))
-	for id, s := range m.snapshots {
-		snaps = append(snaps, s)
-		delete(m.snapshots, id)
-	}
+	snaps := m.removeSnapshotsLocked()
 	m.mu.Unlock()
 	var errs []error
 	for _, s := range snaps {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/google/uuid"
@@ -21,6 +22,7 @@ type snapshot struct {
 	storage      *storage.DiffStorage // shared by all members; immutable
 	storageIdent identity             // where the storage lives; immutable
 	created      *createdFile         // a storage file the manager created, or nil; immutable
+	storageName  string               // the storage as the user named it; immutable
 	limit        int64                // bytes; immutable
 	taken        bool                 // the members are in COW and have images; guarded by Manager.mu
 	members      []*member            // in the order added; guarded by Manager.mu
@@ -64,7 +66,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, opt CreateOptions) (Snapsh
 	if err := m.checkStorageLocked(p, id); err != nil {
 		return SnapshotInfo{}, err
 	}
-	s := &snapshot{id: uuid.NewString(), storageIdent: id, limit: opt.Limit}
+	s := &snapshot{id: uuid.NewString(), storageIdent: id, storageName: p.name, limit: opt.Limit}
 	for _, ref := range opt.Devices {
 		d, err := m.deviceLocked(ref)
 		if err != nil {
@@ -79,6 +81,9 @@ func (m *Manager) CreateSnapshot(ctx context.Context, opt CreateOptions) (Snapsh
 		if s.created, err = createFile(p.open); err != nil {
 			return SnapshotInfo{}, fmt.Errorf("difference storage: %w", err)
 		}
+		if created, err := identify(p.open); err == nil {
+			s.storageIdent = created
+		}
 	}
 	s.storage, err = storage.NewFile(p.open, storageSectors(opt.Limit),
 		storage.Options{MinimumSectors: m.params.DiffStorageMinimum, Logger: m.log})
@@ -92,6 +97,7 @@ func (m *Manager) CreateSnapshot(ctx context.Context, opt CreateOptions) (Snapsh
 		mb.dev.snap = s
 	}
 	m.snapshots[s.id] = s
+	m.saveOrWarnLocked()
 	m.log.Info("snapshot created", "id", s.id, "storage", p.name, "limit", opt.Limit, "devices", len(s.members))
 	return s.info(), nil
 }
@@ -137,6 +143,16 @@ func (m *Manager) checkStorageLocked(p userPath, id identity) error {
 	return nil
 }
 
+// memberPaths returns the nodes of the members; the caller holds
+// Manager.mu.
+func (s *snapshot) memberPaths() []string {
+	out := make([]string, len(s.members))
+	for i, mb := range s.members {
+		out[i] = mb.dev.path()
+	}
+	return out
+}
+
 // checkMember reports why d cannot join s.
 func (s *snapshot) checkMember(d *device) error {
 	switch {
@@ -159,6 +175,9 @@ func (s *snapshot) checkMember(d *device) error {
 func (m *Manager) Snapshot(_ context.Context, id string) (SnapshotInfo, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if l, ok := m.lost[id]; ok {
+		return l.info(), nil
+	}
 	s, err := m.snapshotLocked(id)
 	if err != nil {
 		return SnapshotInfo{}, err
@@ -186,6 +205,7 @@ func (m *Manager) AddDevice(_ context.Context, id, ref string) (SnapshotInfo, er
 	}
 	s.members = append(s.members, &member{dev: d})
 	d.snap = s
+	m.saveOrWarnLocked()
 	return s.info(), nil
 }
 
@@ -286,6 +306,14 @@ func (m *Manager) take(ctx context.Context, s *snapshot) error {
 // switchToCOW freezes the members' filesystems, pauses their writes, gives
 // every member its difference area at once, resumes and thaws.
 func (m *Manager) switchToCOW(ctx context.Context, s *snapshot) error {
+	pctx, cancel := context.WithTimeout(ctx, m.takeTimeout)
+	defer cancel()
+	// Recorded first: if the daemon dies before the thaw, the next one
+	// thaws these devices' filesystems (Recover).
+	for _, mb := range s.members {
+		m.freezing = append(m.freezing, mb.dev.path())
+	}
+	m.saveOrWarnLocked()
 	var thaws []func() error
 	defer func() {
 		for _, thaw := range thaws {
@@ -293,16 +321,16 @@ func (m *Manager) switchToCOW(ctx context.Context, s *snapshot) error {
 				m.log.Error("thaw after take", "id", s.id, "err", err)
 			}
 		}
+		m.freezing = m.freezing[:0]
+		m.saveOrWarnLocked()
 	}()
 	for _, mb := range s.members {
-		thaw, err := m.host.Freeze(ctx, mb.dev.blk.DevNum())
+		thaw, err := m.freeze(pctx, mb.dev.blk.DevNum())
 		if err != nil {
 			return fmt.Errorf("freeze the filesystems of %s: %w", mb.dev.path(), err)
 		}
 		thaws = append(thaws, thaw)
 	}
-	pctx, cancel := context.WithTimeout(ctx, m.takeTimeout)
-	defer cancel()
 	paused := s.members[:0:0]
 	defer func() {
 		for _, mb := range paused {
@@ -319,6 +347,35 @@ func (m *Manager) switchToCOW(ctx context.Context, s *snapshot) error {
 		mb.dev.orig.SetDiffArea(mb.area)
 	}
 	return nil
+}
+
+// freeze freezes the filesystems of dev within ctx's deadline. A freeze
+// that does not finish in time (it writes back, and a device can hang) is
+// abandoned: the take fails, and if the freeze completes later its
+// filesystems are thawed at once.
+func (m *Manager) freeze(ctx context.Context, dev uint64) (func() error, error) {
+	type result struct {
+		thaw func() error
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		thaw, err := m.host.Freeze(ctx, dev)
+		done <- result{thaw, err}
+	}()
+	select {
+	case r := <-done:
+		return r.thaw, r.err
+	case <-ctx.Done():
+		go func() {
+			if r := <-done; r.err == nil {
+				if err := r.thaw(); err != nil {
+					m.log.Error("thaw after an abandoned freeze", "err", err)
+				}
+			}
+		}()
+		return nil, fmt.Errorf("%w: the freeze did not finish in time: %w", ErrBusy, ctx.Err())
+	}
 }
 
 // release undoes a take, fully or in part: it closes the difference
@@ -362,6 +419,10 @@ func (m *Manager) release(s *snapshot) error {
 // storage.ErrTimeout when none came.
 func (m *Manager) WaitEvent(ctx context.Context, id string, timeout time.Duration) (storage.Event, error) {
 	m.mu.Lock()
+	if l, ok := m.lost[id]; ok {
+		m.mu.Unlock()
+		return l.event(), nil
+	}
 	s, err := m.snapshotLocked(id)
 	m.mu.Unlock()
 	if err != nil {
@@ -396,6 +457,13 @@ func (m *Manager) WaitEvent(ctx context.Context, id string, timeout time.Duratio
 // background.
 func (m *Manager) Destroy(ctx context.Context, id string, force bool) error {
 	m.mu.Lock()
+	if _, ok := m.lost[id]; ok {
+		delete(m.lost, id)
+		m.saveOrWarnLocked()
+		m.mu.Unlock()
+		m.log.Info("lost snapshot forgotten", "id", id)
+		return nil
+	}
 	s, err := m.snapshotLocked(id)
 	if err != nil {
 		m.mu.Unlock()
@@ -413,6 +481,7 @@ func (m *Manager) Destroy(ctx context.Context, id string, force bool) error {
 		}
 	}
 	delete(m.snapshots, id)
+	m.saveOrWarnLocked()
 	m.mu.Unlock()
 	err = m.teardown(s)
 	m.log.Info("snapshot destroyed", "id", id, "err", err)
@@ -460,6 +529,11 @@ func (m *Manager) DeviceState(_ context.Context, ref string) (DeviceState, error
 	}
 	st := DeviceState{Device: d.path(), State: StateNone}
 	if d.snap == nil {
+		for _, l := range m.lost {
+			if slices.Contains(l.devices, d.path()) {
+				st.Snapshot, st.State, st.Errno = l.id, StateLost, ErrnoLost
+			}
+		}
 		return st, nil
 	}
 	st.Snapshot, st.State = d.snap.id, d.snap.state()
@@ -488,6 +562,24 @@ func (s *snapshot) state() State {
 		}
 	}
 	return StateTaken
+}
+
+// event is what a waiter on a lost snapshot gets: its first member
+// corrupted with ErrnoLost.
+func (l *lostSnapshot) event() storage.Event {
+	e := storage.Event{Time: time.Now(), Code: storage.EventCorrupted, Errno: ErrnoLost}
+	if len(l.devices) > 0 {
+		e.Device = l.devices[0]
+	}
+	return e
+}
+
+func (l *lostSnapshot) info() SnapshotInfo {
+	out := SnapshotInfo{ID: l.id, State: StateLost, Members: []MemberInfo{}}
+	for _, d := range l.devices {
+		out.Members = append(out.Members, MemberInfo{Device: d, Errno: ErrnoLost})
+	}
+	return out
 }
 
 func (s *snapshot) info() SnapshotInfo {

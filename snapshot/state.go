@@ -8,8 +8,11 @@ import (
 	"hash/fnv"
 	"os"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/storage"
@@ -41,9 +44,38 @@ func ownerTag(statePath string) uint64 {
 
 // stateFile is the JSON document of the state file.
 type stateFile struct {
-	Version int           `json:"version"`
-	Devices []deviceEntry `json:"devices"`
+	Version   int             `json:"version"`
+	Devices   []deviceEntry   `json:"devices"`
+	Snapshots []snapshotEntry `json:"snapshots,omitempty"`
+	// Freezing lists the devices whose filesystems a take was freezing:
+	// the next daemon thaws them.
+	Freezing []string `json:"freezing,omitempty"`
 }
+
+// snapshotEntry records a snapshot, so that a successor can report it
+// lost and release the storage file it created.
+type snapshotEntry struct {
+	ID      string   `json:"id"`
+	Devices []string `json:"devices"` // member nodes
+	Lost    bool     `json:"lost,omitempty"`
+	// CreatedStorage is a storage file the manager created (as the user
+	// named it), with its identity; removed once the snapshot is lost.
+	CreatedStorage string `json:"created_storage,omitempty"`
+	StorageDev     uint64 `json:"storage_dev,omitempty"`
+	StorageIno     uint64 `json:"storage_ino,omitempty"`
+}
+
+// lostSnapshot is a snapshot of an earlier daemon that died with it (its
+// chunk maps were in memory). It is reported, with ErrnoLost, until it is
+// destroyed.
+type lostSnapshot struct {
+	id      string   // immutable
+	devices []string // member nodes; immutable
+}
+
+// ErrnoLost is the error code of the members of a lost snapshot, in
+// DeviceState, SnapshotInfo and the corrupted event that WaitEvent gives.
+const ErrnoLost = syscall.ENOTRECOVERABLE
 
 // deviceEntry records one filtered device.
 type deviceEntry struct {
@@ -63,10 +95,20 @@ func (m *Manager) saveLocked() error {
 	if m.statePath == "" {
 		return nil
 	}
-	st := stateFile{Version: stateVersion, Devices: []deviceEntry{}}
+	st := stateFile{Version: stateVersion, Devices: []deviceEntry{}, Freezing: m.freezing}
 	for _, d := range m.devices {
 		st.Devices = append(st.Devices, deviceEntry{UblkID: d.blk.ID(), Name: d.name, Backing: d.backing.name,
 			Size: d.file.Geometry().Size, FsDev: d.ident.fsDev, Rdev: d.ident.rdev, Ino: d.ident.ino})
+	}
+	for _, s := range m.snapshots {
+		e := snapshotEntry{ID: s.id, Devices: s.memberPaths()}
+		if s.created != nil {
+			e.CreatedStorage, e.StorageDev, e.StorageIno = s.storageName, s.storageIdent.fsDev, s.storageIdent.ino
+		}
+		st.Snapshots = append(st.Snapshots, e)
+	}
+	for _, l := range m.lost {
+		st.Snapshots = append(st.Snapshots, snapshotEntry{ID: l.id, Devices: l.devices, Lost: true})
 	}
 	data, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
@@ -81,6 +123,15 @@ func (m *Manager) saveLocked() error {
 		return fmt.Errorf("save state %s: %w", m.statePath, err)
 	}
 	return nil
+}
+
+// writeSynced writes data to a new file p and syncs it.
+// saveOrWarnLocked saves the state where a failure costs only the report
+// of a lost snapshot after a crash.
+func (m *Manager) saveOrWarnLocked() {
+	if err := m.saveLocked(); err != nil {
+		m.log.Warn("snapshots are not recorded: a crash would not report them lost", "err", err)
+	}
 }
 
 // writeSynced writes data to a new file p and syncs it.
@@ -126,9 +177,10 @@ type RecoveryReport struct {
 
 // RecoveryFailure is a recorded device that was not served again.
 type RecoveryFailure struct {
-	UblkID int
-	Name   string
-	Err    error
+	UblkID  int
+	Name    string
+	Backing string
+	Err     error
 }
 
 // Recover serves again, after a crash or restart of the daemon, the
@@ -163,7 +215,7 @@ func (m *Manager) Recover(ctx context.Context) (RecoveryReport, error) {
 		}
 		e, ok := recorded[info.ID]
 		if !ok {
-			if info.State == "live" {
+			if info.State == "live" && processAlive(info.ServerPID) {
 				continue // being served; not ours to judge
 			}
 			m.log.Warn("recover: deleting a stale device of ours", "ublk", info.ID, "state", info.State)
@@ -177,25 +229,79 @@ func (m *Manager) Recover(ctx context.Context) (RecoveryReport, error) {
 		switch {
 		case errors.Is(err, ublk.ErrNotRecoverable) && info.State == "live":
 			m.log.Error("recover: device is live, served by another process; left alone", "ublk", info.ID, "name", e.Name, "err", err)
-			rep.Left = append(rep.Left, RecoveryFailure{e.UblkID, e.Name, err})
+			rep.Left = append(rep.Left, RecoveryFailure{e.UblkID, e.Name, e.Backing, err})
 		case err != nil:
 			m.log.Error("recover: could not serve the device again; deleting it", "ublk", info.ID, "name", e.Name, "backing", e.Backing, "err", err)
 			m.remove(info.ID)
-			rep.Failed = append(rep.Failed, RecoveryFailure{e.UblkID, e.Name, err})
+			rep.Failed = append(rep.Failed, RecoveryFailure{e.UblkID, e.Name, e.Backing, err})
 		default:
 			rep.Took[di.Path] = time.Since(start)
 			m.log.Info("recovered", "device", di.Path, "backing", e.Backing, "took", rep.Took[di.Path])
 			rep.Recovered = append(rep.Recovered, di)
 		}
 	}
+	for _, e := range st.Snapshots {
+		m.loseSnapshot(e)
+	}
+	m.thawLeftFrozen(ctx, st.Freezing)
 	for _, e := range recorded {
 		err := errors.New("no such ublk device any more")
 		m.log.Error("recover: recorded device is gone", "ublk", e.UblkID, "name", e.Name)
-		rep.Failed = append(rep.Failed, RecoveryFailure{e.UblkID, e.Name, err})
+		rep.Failed = append(rep.Failed, RecoveryFailure{e.UblkID, e.Name, e.Backing, err})
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.unrecovered = append(slices.Clone(rep.Failed), rep.Left...)
 	return rep, m.saveLocked()
+}
+
+// thawLeftFrozen thaws the filesystems of the recovered devices that a
+// take of the earlier daemon was freezing when it died.
+func (m *Manager) thawLeftFrozen(ctx context.Context, nodes []string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, n := range nodes {
+		d, ok := m.devices[n]
+		if !ok {
+			continue
+		}
+		if err := m.host.Thaw(ctx, d.blk.DevNum()); err != nil {
+			m.log.Error("thaw the filesystems a take left frozen", "device", n, "err", err)
+		} else {
+			m.log.Warn("thawed the filesystems of a take the earlier daemon did not finish", "device", n)
+		}
+	}
+}
+
+// loseSnapshot reports a snapshot of an earlier daemon lost and removes
+// the storage file it had created, if that is still the same file.
+func (m *Manager) loseSnapshot(e snapshotEntry) {
+	if !e.Lost {
+		m.log.Error("snapshot lost: the daemon that held it ended without saving it", "id", e.ID, "devices", e.Devices)
+	}
+	if e.CreatedStorage != "" {
+		id, err := identify(e.CreatedStorage)
+		switch {
+		case err == nil && id.exists && id.fsDev == e.StorageDev && id.ino == e.StorageIno:
+			if err := os.Remove(e.CreatedStorage); err != nil {
+				m.log.Error("remove the difference storage of a lost snapshot", "id", e.ID, "file", e.CreatedStorage, "err", err)
+			}
+		case err == nil && id.exists:
+			m.log.Warn("the difference storage of a lost snapshot was replaced; left alone", "id", e.ID, "file", e.CreatedStorage)
+		}
+	}
+	m.mu.Lock()
+	m.lost[e.ID] = &lostSnapshot{id: e.ID, devices: e.Devices}
+	m.mu.Unlock()
+}
+
+// processAlive reports whether process pid exists.
+func processAlive(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	err := unix.Kill(pid, 0)
+	return err == nil || errors.Is(err, unix.EPERM)
 }
 
 // remove deletes ublk device id; one that is already gone is fine.

@@ -66,8 +66,10 @@ func daemonCmd(g *globalFlags) *cobra.Command {
 }
 
 // serveDaemon serves again the filtered devices an earlier daemon left
-// (see snapshot.Manager.Recover), runs the daemon until ctx ends, then
-// stops the images, the filtered devices and the server, in that order.
+// (see snapshot.Manager.Recover) and runs the daemon. When ctx ends
+// (SIGTERM) it leaves the filtered devices to the next daemon; after
+// `ublksnap shutdown` it stops the images, the filtered devices and the
+// server, in that order.
 func serveDaemon(ctx context.Context, socket string, params cow.Params, log *slog.Logger) error {
 	if err := daemon.HardenProcess(); err != nil {
 		log.Warn("running without full protection", "err", err)
@@ -80,8 +82,13 @@ func serveDaemon(ctx context.Context, socket string, params cow.Params, log *slo
 		return err
 	}
 	defer l.Close()
+	self, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("find own executable: %w", err)
+	}
 	statePath := snapshot.StatePathFor(socket)
-	mgr, err := snapshot.New(snapshot.Config{Params: params, Logger: log, StatePath: statePath})
+	mgr, err := snapshot.New(snapshot.Config{Params: params, Logger: log, StatePath: statePath,
+		Host: snapshot.System{FreezeHolder: []string{self, freezeHolderName}}})
 	if err != nil {
 		return err
 	}
@@ -94,15 +101,28 @@ func serveDaemon(ctx context.Context, socket string, params cow.Params, log *slo
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(l) }()
 	log.Info("daemon listening", "socket", socket, "pid", os.Getpid())
+	forGood := false
 	select {
 	case <-ctx.Done():
+	case <-mgr.ShutdownRequested():
+		forGood = true
 	case err := <-served:
 		return fmt.Errorf("serve %s: %w", socket, err)
 	}
-	log.Info("stopping: images first, then filtered devices")
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	srv.Shutdown(sctx)
+	if !forGood {
+		// SIGTERM or SIGINT: a restart. The filtered devices stay and
+		// wait for the next daemon; the process exits with them served.
+		log.Info("leaving the filtered devices to the next daemon (ublksnap shutdown stops them)")
+		if err := mgr.Leave(); err != nil {
+			return fmt.Errorf("leave: %w", err)
+		}
+		log.Info("daemon stopped; devices wait for the next one")
+		return nil
+	}
+	log.Info("stopping for good: images first, then filtered devices")
 	if err := mgr.Close(); err != nil {
 		return fmt.Errorf("stop: %w", err)
 	}

@@ -49,6 +49,13 @@ func statusText(w io.Writer, s api.Status) error {
 				bytesText(m.ChunkSize), m.ChunksCopied, m.ErrorCode)
 		}
 	}
+	if len(s.Unrecovered) > 0 {
+		fmt.Fprintln(tw)
+		fmt.Fprintf(tw, "NOT RECOVERED\tNAME\tBACKING\tERROR\n")
+		for _, u := range s.Unrecovered {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", u.Device, u.Name, u.Backing, u.Error)
+		}
+	}
 	return tw.Flush()
 }
 

@@ -23,7 +23,7 @@ cleanup() {
 	[ -n "$writer_pid" ] && kill "$writer_pid" 2>/dev/null && wait "$writer_pid" 2>/dev/null
 	umount "$work/image" "$work/fs" 2>/dev/null
 	if [ -n "$daemon_pid" ]; then
-		kill -TERM "$daemon_pid" && wait "$daemon_pid"
+		u shutdown --force && wait "$daemon_pid"
 	fi
 	rm -rf "$work"
 }
@@ -100,6 +100,6 @@ say "cleaning up: unmount, destroy the snapshot, detach, stop the daemon"
 umount "$work/image" "$work/fs"
 u snapshot destroy --id "$id"
 u detach --device "$dev"
-kill -TERM "$daemon_pid" && wait "$daemon_pid"
+u shutdown && wait "$daemon_pid"
 daemon_pid=
 say "demo finished: the snapshot showed a consistent point in time while the device kept changing"

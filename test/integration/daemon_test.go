@@ -41,7 +41,7 @@ func ublksnapBin(t testing.TB) string {
 }
 
 // startDaemon starts a daemon on a private socket; cleanup stops it with
-// SIGTERM and checks that it left no ublk device behind.
+// ublksnap shutdown --force and checks that it left no ublk device behind.
 func startDaemon(t testing.TB, flags ...string) *daemon {
 	t.Helper()
 	return startDaemonOn(t, filepath.Join(t.TempDir(), "ublksnap.sock"), flags...)
@@ -71,7 +71,8 @@ func startDaemonOn(t testing.TB, socket string, flags ...string) *daemon {
 	return d
 }
 
-// stop sends SIGTERM, waits, and checks that no ublk device is left.
+// stop stops the daemon for good (shutdown --force), waits, and checks
+// that no ublk device is left.
 func (d *daemon) stop() {
 	d.t.Helper()
 	if d.cmd.ProcessState != nil {
@@ -82,7 +83,10 @@ func (d *daemon) stop() {
 			d.t.Logf("daemon log:\n%s", d.log)
 		}
 	}()
-	d.cmd.Process.Signal(syscall.SIGTERM)
+	if _, errOut, err := d.try("shutdown", "--force"); err != nil {
+		d.t.Errorf("ublksnap shutdown --force: %v: %s", err, errOut)
+		d.cmd.Process.Signal(syscall.SIGTERM)
+	}
 	done := make(chan error, 1)
 	go func() { done <- d.cmd.Wait() }()
 	select {
@@ -92,7 +96,7 @@ func (d *daemon) stop() {
 		}
 	case <-time.After(60 * time.Second):
 		d.cmd.Process.Kill()
-		d.t.Errorf("daemon did not stop within 60s of SIGTERM; its log:\n%s", d.log)
+		d.t.Errorf("daemon did not stop within 60s of shutdown; its log:\n%s", d.log)
 	}
 	if left, _ := filepath.Glob("/dev/ublk[bc]*"); len(left) > 0 {
 		d.t.Errorf("ublk devices left after the daemon stopped: %v", left)

@@ -17,6 +17,8 @@
 //	POST   /v1/snapshots/{id}/take          → Snapshot
 //	GET    /v1/snapshots/{id}/event?timeout_ms=N   Event (Code "timeout" if none came)
 //	GET    /v1/snapshot-info?device=DEV     SnapshotInfo
+//	POST   /v1/shutdown?force=BOOL          stop for good: every device and image is
+//	                                        deleted (refused while one is open or mounted, unless force)
 //
 // Sizes are bytes and sector counts are 512-byte units, as named.
 package api
@@ -141,6 +143,17 @@ type Status struct {
 	Version   string     `json:"version"`
 	Devices   []Device   `json:"devices"`
 	Snapshots []Snapshot `json:"snapshots"`
+	// Unrecovered lists the devices of an earlier daemon that this one
+	// could not serve again.
+	Unrecovered []Unrecovered `json:"unrecovered,omitempty"`
+}
+
+// Unrecovered is a device of an earlier daemon that was not served again.
+type Unrecovered struct {
+	Device  string `json:"device"` // /dev/ublkbN it was
+	Name    string `json:"name"`
+	Backing string `json:"backing"`
+	Error   string `json:"error"`
 }
 
 // Error codes carried in Error.Code.
@@ -150,6 +163,7 @@ const (
 	CodeConflict   = "conflict"    // state forbids it: already taken, member elsewhere, busy
 	CodeForbidden  = "forbidden"   // no permission (EPERM, EACCES, EROFS)
 	CodeNoSpace    = "no_space"    // out of space (ENOSPC)
+	CodeLost       = "lost"        // the snapshot died with an earlier daemon (ENOTRECOVERABLE)
 	CodeInternal   = "internal"
 )
 

@@ -113,6 +113,11 @@ func (c *Client) Detach(ctx context.Context, device string, force bool) error {
 	return c.do(ctx, http.MethodDelete, "/v1/devices", q, nil, nil)
 }
 
+// Shutdown stops the daemon for good.
+func (c *Client) Shutdown(ctx context.Context, force bool) error {
+	return c.do(ctx, http.MethodPost, "/v1/shutdown", url.Values{"force": {strconv.FormatBool(force)}}, nil, nil)
+}
+
 // Snapshots lists the snapshot UUIDs.
 func (c *Client) Snapshots(ctx context.Context) ([]string, error) {
 	var ids []string

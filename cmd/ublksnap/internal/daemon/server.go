@@ -6,7 +6,8 @@
 //
 // Errors keep their errno on the wire (api.Error.Errno) and choose the
 // status: EINVAL → 400, EPERM/EACCES → 403, ENOENT/ENODEV → 404,
-// EBUSY/EEXIST/EALREADY → 409, ENOSPC → 507, anything else → 500.
+// EBUSY/EEXIST/EALREADY → 409, ENOSPC → 507, ENOTRECOVERABLE (a snapshot
+// lost with an earlier daemon) → 410, anything else → 500.
 package daemon
 
 import (
@@ -52,6 +53,7 @@ type Service interface {
 	WaitEvent(ctx context.Context, id string, timeout time.Duration) (storage.Event, error)
 	Destroy(ctx context.Context, id string, force bool) error
 	DeviceState(ctx context.Context, device string) (snapshot.DeviceState, error)
+	Shutdown(ctx context.Context, force bool) error
 }
 
 var _ Service = (*snapshot.Manager)(nil)
@@ -138,6 +140,13 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 			return nil, err
 		}
 		return struct{}{}, svc.Detach(r.Context(), r.URL.Query().Get("device"), force)
+	})
+	h("POST /v1/shutdown", func(r *http.Request) (any, error) {
+		force, err := boolParam(r, "force")
+		if err != nil {
+			return nil, err
+		}
+		return struct{}{}, svc.Shutdown(r.Context(), force)
 	})
 	h("GET /v1/snapshots", func(r *http.Request) (any, error) { return svc.Snapshots(r.Context()), nil })
 	h("POST /v1/snapshots", func(r *http.Request) (any, error) {
@@ -259,6 +268,8 @@ func wireError(err error) api.Error {
 		e.Status, e.Code = http.StatusConflict, api.CodeConflict
 	case syscall.ENOSPC:
 		e.Status, e.Code = http.StatusInsufficientStorage, api.CodeNoSpace
+	case syscall.ENOTRECOVERABLE:
+		e.Status, e.Code = http.StatusGone, api.CodeLost
 	}
 	return e
 }

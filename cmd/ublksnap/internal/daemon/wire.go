@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"fmt"
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
 	"github.com/ublksnap/ublksnap/snapshot"
 	"github.com/ublksnap/ublksnap/storage"
@@ -30,6 +31,10 @@ func statusToWire(st snapshot.Status, version string) api.Status {
 	for _, s := range st.Snapshots {
 		ws, _ := snapshotToWire(s, nil)
 		out.Snapshots = append(out.Snapshots, ws)
+	}
+	for _, f := range st.Unrecovered {
+		out.Unrecovered = append(out.Unrecovered, api.Unrecovered{Device: fmt.Sprintf("/dev/ublkb%d", f.UblkID),
+			Name: f.Name, Backing: f.Backing, Error: f.Err.Error()})
 	}
 	return out
 }

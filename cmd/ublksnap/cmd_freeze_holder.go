@@ -1,0 +1,23 @@
+package main
+
+import (
+	"github.com/spf13/cobra"
+
+	"github.com/ublksnap/ublksnap/snapshot"
+)
+
+// freezeHolderName is the hidden command the daemon runs to freeze
+// filesystems from a process of their own (snapshot.RunFreezeHolder).
+const freezeHolderName = "freeze-holder"
+
+func freezeHolderCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:    freezeHolderName + " MOUNTPOINT...",
+		Short:  "Freeze filesystems until standard input ends (run by the daemon)",
+		Hidden: true,
+		Args:   cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return snapshot.RunFreezeHolder(args, cmd.InOrStdin(), cmd.OutOrStdout())
+		},
+	}
+}

@@ -1,0 +1,155 @@
+package snapshot
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Freezing a filesystem syncs it: writeback to the device being frozen,
+// which this daemon serves. A daemon thread blocked in FIFREEZE when the
+// daemon dies keeps the dying process (and its /dev/ublkcN) alive while
+// that writeback waits for a new server, which cannot start until the
+// character device is closed: a deadlock, and a filesystem left frozen.
+// A freeze holder is a separate process that freezes, waits on a pipe and
+// thaws when the daemon says so or dies (the pipe ends): the daemon then
+// exits at once, and the holder's freeze and thaw finish once the next
+// daemon serves the device.
+
+// frozenMark is the holder's answer once every filesystem is frozen.
+const frozenMark = "frozen"
+
+// Freeze freezes every filesystem mounted from dev, in a freeze holder
+// process when s.FreezeHolder is set.
+func (s System) Freeze(ctx context.Context, dev uint64) (func() error, error) {
+	mps, err := mountsOf(ctx, dev)
+	if err != nil {
+		return nil, err
+	}
+	if len(mps) == 0 {
+		return func() error { return nil }, nil
+	}
+	if len(s.FreezeHolder) == 0 {
+		return freezeMounts(mps)
+	}
+	return s.holdFreeze(mps)
+}
+
+// holdFreeze runs a freeze holder for mps and waits for its answer.
+func (s System) holdFreeze(mps []mount) (func() error, error) {
+	args := append([]string{}, s.FreezeHolder[1:]...)
+	for _, mp := range mps {
+		args = append(args, mp.open)
+	}
+	cmd := exec.Command(s.FreezeHolder[0], args...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start freeze holder: %w", err)
+	}
+	line, _ := bufio.NewReader(out).ReadString('\n')
+	if strings.TrimSpace(line) != frozenMark {
+		in.Close()
+		err := cmd.Wait()
+		return nil, fmt.Errorf("freeze %s: %s (%v)", mps[0].path, strings.TrimSpace(stderr.String()), err)
+	}
+	return func() error {
+		in.Close()
+		if err := cmd.Wait(); err != nil {
+			return fmt.Errorf("thaw %s: %s (%v)", mps[0].path, strings.TrimSpace(stderr.String()), err)
+		}
+		return nil
+	}, nil
+}
+
+// RunFreezeHolder is the body of a freeze holder process: it freezes the
+// filesystems mounted at paths, writes "frozen" to out, and thaws them
+// when in ends, whether the daemon closed it or died. On a failure it
+// thaws what it froze and returns the error.
+func RunFreezeHolder(paths []string, in io.Reader, out io.Writer) error {
+	mps := make([]mount, len(paths))
+	for i, p := range paths {
+		mps[i] = mount{path: p, open: p}
+	}
+	thaw, err := freezeMounts(mps)
+	if err != nil {
+		return err
+	}
+	if _, err := fmt.Fprintln(out, frozenMark); err != nil {
+		return errors.Join(err, thaw())
+	}
+	io.Copy(io.Discard, in)
+	return thaw()
+}
+
+// freezeMounts freezes the filesystems of mps with FIFREEZE and returns
+// the function that thaws them; on failure it thaws what it froze.
+func freezeMounts(mps []mount) (func() error, error) {
+	var frozen []*os.File
+	thaw := func() error {
+		var errs []error
+		for _, d := range frozen {
+			if err := unix.IoctlSetInt(int(d.Fd()), ioctlFITHAW, 0); err != nil {
+				errs = append(errs, fmt.Errorf("thaw %s: %w", d.Name(), err))
+			}
+			d.Close()
+		}
+		frozen = nil
+		return errors.Join(errs...)
+	}
+	for _, mp := range mps {
+		d, err := os.Open(mp.open)
+		if err != nil {
+			thaw()
+			return nil, fmt.Errorf("freeze %s: %w", mp.path, err)
+		}
+		// A second mount of an already frozen filesystem answers EBUSY.
+		if err := unix.IoctlSetInt(int(d.Fd()), ioctlFIFREEZE, 0); err != nil {
+			d.Close()
+			if errors.Is(err, unix.EBUSY) {
+				continue
+			}
+			thaw()
+			return nil, fmt.Errorf("freeze %s: %w", mp.path, err)
+		}
+		frozen = append(frozen, d)
+	}
+	return thaw, nil
+}
+
+// Thaw thaws every filesystem mounted from dev; one that is not frozen
+// is left as it is.
+func (System) Thaw(ctx context.Context, dev uint64) error {
+	mps, err := mountsOf(ctx, dev)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, mp := range mps {
+		d, err := os.Open(mp.open)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("thaw %s: %w", mp.path, err))
+			continue
+		}
+		if err := unix.IoctlSetInt(int(d.Fd()), ioctlFITHAW, 0); err != nil && !errors.Is(err, unix.EINVAL) {
+			errs = append(errs, fmt.Errorf("thaw %s: %w", mp.path, err))
+		}
+		d.Close()
+	}
+	return errors.Join(errs...)
+}
