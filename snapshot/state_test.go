@@ -266,3 +266,50 @@ func TestRecoverThawsWhatATakeLeftFrozen(t *testing.T) {
 		t.Errorf("state still says freezing: %v", st.Freezing)
 	}
 }
+
+// Shutdown for good is refused while a device or an image is held, and
+// accepted with force.
+func TestShutdownRefusesWhileHeld(t *testing.T) {
+	e := newEnv(t, Config{})
+	a := e.attach("a.img", 1)
+	e.host.setHolders(e.m.devices[a].blk.DevNum(), "mounted on /mnt")
+	if err := e.m.Shutdown(bg, false); !errors.Is(err, ErrBusy) {
+		t.Fatalf("shutdown with a mounted device: %v, want ErrBusy", err)
+	}
+	select {
+	case <-e.m.ShutdownRequested():
+		t.Fatal("a refused shutdown was signalled")
+	default:
+	}
+	if err := e.m.Shutdown(bg, true); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-e.m.ShutdownRequested():
+	default:
+		t.Fatal("an accepted shutdown was not signalled")
+	}
+}
+
+// Leave (SIGTERM) keeps the filtered devices for the next daemon and
+// reports the snapshots lost.
+func TestLeaveKeepsDevicesAndLosesSnapshots(t *testing.T) {
+	statePath := filepath.Join(t.TempDir(), "d.state.json")
+	e := newEnv(t, Config{StatePath: statePath})
+	a := e.attach("a.img", 1)
+	id := e.takeSnapshot(a)
+	dev := e.m.devices[a].blk.(*fakeBlock)
+	if err := e.m.Leave(); err != nil {
+		t.Fatal(err)
+	}
+	if dev.closed {
+		t.Fatal("Leave stopped the filtered device")
+	}
+	if n := len(e.srv.kernel); n != 1 {
+		t.Errorf("%d devices left in the kernel, want the filtered one only (the image stopped)", n)
+	}
+	st := readState(t, statePath)
+	if len(st.Devices) != 1 || len(st.Snapshots) != 1 || st.Snapshots[0].ID != id || !st.Snapshots[0].Lost {
+		t.Errorf("state after Leave: %+v, want the device and snapshot %s lost", st, id)
+	}
+}
