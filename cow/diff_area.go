@@ -69,6 +69,9 @@ type DiffArea struct {
 	storeQueue      []*Chunk
 	storeProcessing bool
 	storeIdle       broadcast.Signal
+	// draining makes the store worker store every queued chunk (Drain);
+	// set once, under storeMu.
+	draining bool
 
 	buffers *diffBufferPool // the chunk buffers, bounded
 
@@ -307,7 +310,7 @@ func (da *DiffArea) storeNeededLocked() bool {
 	if n == 0 || da.ctx.Err() != nil {
 		return false
 	}
-	return n > da.params.ChunkMaximumInQueue || da.corrupted.Load() || da.buffers.starving()
+	return n > da.params.ChunkMaximumInQueue || da.corrupted.Load() || da.buffers.starving() || da.draining
 }
 
 // storeWorker stores queued chunks while storeNeededLocked holds (blksnap's

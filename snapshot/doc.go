@@ -54,11 +54,16 @@
 // under Manager.mu before an attach or detach is answered (state.go). When
 // the daemon dies the kernel holds their I/O; Recover, run by the next
 // daemon before its first request, reopens each backing, checks that it is
-// the same file and serves the same /dev/ublkbN again. Snapshots live in
-// memory and are lost with the daemon: their images, tagged as ours but not
-// recorded, are deleted. That is also why replaying the writes the dead
-// daemon had taken (REISSUE) is safe: no saved chunk remains for a replayed
-// write to overwrite.
+// the same file and serves the same /dev/ublkbN again. After a crash the
+// snapshots are lost (their chunk maps lived in memory): their images,
+// tagged as ours but not recorded, are deleted, and they are reported
+// lost until destroyed. That is also why replaying the writes the dead
+// daemon had taken (REISSUE) is safe: no saved chunk remains for a
+// replayed write to overwrite. A planned restart (Leave) saves taken
+// snapshots instead (persist.go): their members' writes stay paused from
+// the save until the next daemon has attached the restored areas, so a
+// replayed write meets the restored chunk map and is copied, or not, as
+// it would have been.
 //
 // # Errors
 //

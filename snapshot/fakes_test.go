@@ -3,10 +3,10 @@ package snapshot
 import (
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -232,7 +232,7 @@ func newEnv(t *testing.T, cfg Config) *env {
 	if cfg.Params == (cow.Params{}) {
 		cfg.Params = testParams()
 	}
-	cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	cfg.Logger = slog.New(slog.NewTextHandler(testLog{t}, nil))
 	m, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -277,4 +277,12 @@ func (e *env) dirDev() uint64 {
 		e.t.Fatal(err)
 	}
 	return st.Dev
+}
+
+// testLog sends log lines to the test's log.
+type testLog struct{ t *testing.T }
+
+func (l testLog) Write(p []byte) (int, error) {
+	l.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
 }

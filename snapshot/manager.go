@@ -61,6 +61,7 @@ type Manager struct {
 
 	freezing    []string          // nodes whose filesystems a take is freezing now; guarded by mu
 	unrecovered []RecoveryFailure // devices Recover could not serve again; guarded by mu
+	leaving     []snapshotEntry   // snapshots Leave saved for the next daemon; guarded by mu
 
 	shutdownOnce sync.Once
 	shutdown     chan struct{} // closed when Shutdown accepted a stop for good
@@ -278,22 +279,35 @@ func (m *Manager) Shutdown(ctx context.Context, force bool) error {
 // ShutdownRequested is closed once Shutdown accepted a stop for good.
 func (m *Manager) ShutdownRequested() <-chan struct{} { return m.shutdown }
 
-// Leave ends the manager for a successor daemon (a planned restart): the
-// snapshots are released and recorded lost (their chunk maps live in
-// memory), the backings flushed and the state saved; the filtered devices
-// are not stopped. The caller then exits: the kernel holds their I/O until
+// Leave ends the manager for a successor daemon (a planned restart): taken
+// snapshots are saved for it (persist.go), the others released and
+// recorded lost, the backings flushed and the state saved; the filtered
+// devices are not stopped. The caller then exits: the kernel holds their I/O until
 // the next daemon's Recover serves them again.
 func (m *Manager) Leave() error {
 	m.mu.Lock()
-	snaps := m.removeSnapshotsLocked()
-	for _, s := range snaps {
+	var drop, saved []*snapshot
+	for _, s := range m.removeSnapshotsLocked() {
+		e, err := m.saveSnapshotLocked(s)
+		if err == nil {
+			m.leaving = append(m.leaving, e)
+			saved = append(saved, s)
+			m.log.Info("snapshot saved for the next daemon", "id", s.id)
+			continue
+		}
+		m.log.Warn("snapshot released for the restart; it will be reported lost", "id", s.id, "err", err)
 		m.lost[s.id] = &lostSnapshot{id: s.id, devices: s.memberPaths()}
+		drop = append(drop, s)
 	}
 	errs := []error{m.saveLocked()}
 	m.mu.Unlock()
-	for _, s := range snaps {
-		m.log.Warn("snapshot released for the restart; it will be reported lost", "id", s.id)
+	for _, s := range drop {
 		errs = append(errs, m.teardown(s))
+	}
+	// The saved snapshots' files stay as they are for the next daemon;
+	// their members' writes wait in the paused gates until then.
+	for _, s := range saved {
+		m.abandon(s)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -23,9 +23,12 @@ type snapshot struct {
 	storageIdent identity             // where the storage lives; immutable
 	created      *createdFile         // a storage file the manager created, or nil; immutable
 	storageName  string               // the storage as the user named it; immutable
-	limit        int64                // bytes; immutable
-	taken        bool                 // the members are in COW and have images; guarded by Manager.mu
-	members      []*member            // in the order added; guarded by Manager.mu
+	// storagePaths maps each path the storage opened to the path the
+	// user gave (Save records the latter); guarded by Manager.mu.
+	storagePaths map[string]string
+	limit        int64     // bytes; immutable
+	taken        bool      // the members are in COW and have images; guarded by Manager.mu
+	members      []*member // in the order added; guarded by Manager.mu
 }
 
 // member is an original device in a snapshot and, once taken, its image
@@ -66,7 +69,8 @@ func (m *Manager) CreateSnapshot(ctx context.Context, opt CreateOptions) (Snapsh
 	if err := m.checkStorageLocked(p, id); err != nil {
 		return SnapshotInfo{}, err
 	}
-	s := &snapshot{id: uuid.NewString(), storageIdent: id, storageName: p.name, limit: opt.Limit}
+	s := &snapshot{id: uuid.NewString(), storageIdent: id, storageName: p.name, limit: opt.Limit,
+		storagePaths: map[string]string{p.open: p.name}}
 	for _, ref := range opt.Devices {
 		d, err := m.deviceLocked(ref)
 		if err != nil {
@@ -238,6 +242,7 @@ func (m *Manager) AppendStorage(ctx context.Context, id, path string, ranges []R
 	if err := s.storage.Append(p.open, sr); err != nil {
 		return SnapshotInfo{}, fmt.Errorf("append storage %s: %w", p.name, err)
 	}
+	s.storagePaths[p.open] = p.name
 	return s.info(), nil
 }
 
@@ -285,15 +290,8 @@ func (m *Manager) take(ctx context.Context, s *snapshot) error {
 	if err := m.switchToCOW(ctx, s); err != nil {
 		return err
 	}
-	for _, mb := range s.members {
-		logical, physical := mb.area.BlockSizes()
-		cfg := m.deviceConfig(storage.Geometry{Size: mb.area.Size(), LogicalBlockSize: logical, PhysicalBlockSize: physical}, false)
-		// The image outlives the request: it ends with Destroy or Close.
-		img, err := m.server.Serve(context.WithoutCancel(ctx), cfg, newImageHandler(mb.area, m.log))
-		if err != nil {
-			return fmt.Errorf("image of %s: %w", mb.dev.path(), err)
-		}
-		mb.image = img
+	if err := m.serveImages(ctx, s); err != nil {
+		return err
 	}
 	for _, mb := range s.members {
 		if corrupted, errno := mb.area.Corrupted(); corrupted {
@@ -345,6 +343,21 @@ func (m *Manager) switchToCOW(ctx context.Context, s *snapshot) error {
 	}
 	for _, mb := range s.members {
 		mb.dev.orig.SetDiffArea(mb.area)
+	}
+	return nil
+}
+
+// serveImages serves an image device for every member over its area.
+func (m *Manager) serveImages(ctx context.Context, s *snapshot) error {
+	for _, mb := range s.members {
+		logical, physical := mb.area.BlockSizes()
+		cfg := m.deviceConfig(storage.Geometry{Size: mb.area.Size(), LogicalBlockSize: logical, PhysicalBlockSize: physical}, false)
+		// The image outlives the request: it ends with Destroy or Close.
+		img, err := m.server.Serve(context.WithoutCancel(ctx), cfg, newImageHandler(mb.area, m.log))
+		if err != nil {
+			return fmt.Errorf("image of %s: %w", mb.dev.path(), err)
+		}
+		mb.image = img
 	}
 	return nil
 }

@@ -63,6 +63,9 @@ type snapshotEntry struct {
 	CreatedStorage string `json:"created_storage,omitempty"`
 	StorageDev     uint64 `json:"storage_dev,omitempty"`
 	StorageIno     uint64 `json:"storage_ino,omitempty"`
+	// Saved is set by a planned restart (Leave): the snapshot goes on in
+	// the next daemon.
+	Saved *savedSnapshot `json:"saved,omitempty"`
 }
 
 // lostSnapshot is a snapshot of an earlier daemon that died with it (its
@@ -110,6 +113,7 @@ func (m *Manager) saveLocked() error {
 	for _, l := range m.lost {
 		st.Snapshots = append(st.Snapshots, snapshotEntry{ID: l.id, Devices: l.devices, Lost: true})
 	}
+	st.Snapshots = append(st.Snapshots, m.leaving...)
 	data, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
 		return fmt.Errorf("save state: %w", err)
@@ -209,6 +213,20 @@ func (m *Manager) Recover(ctx context.Context) (RecoveryReport, error) {
 	for _, e := range st.Devices {
 		recorded[e.UblkID] = e
 	}
+	// First open every recorded backing, so that the saved snapshots'
+	// areas are attached before their members serve a single write.
+	type pending struct {
+		e    deviceEntry
+		live bool // the kernel shows it live: maybe another process serves it
+		d    *device
+	}
+	var opened []*pending
+	members := map[int]*device{}
+	fail := func(e deviceEntry, err error) {
+		m.log.Error("recover: could not serve the device again; deleting it", "ublk", e.UblkID, "name", e.Name, "backing", e.Backing, "err", err)
+		m.remove(e.UblkID)
+		rep.Failed = append(rep.Failed, RecoveryFailure{e.UblkID, e.Name, e.Backing, err})
+	}
 	for _, info := range devs {
 		if info.Owner != m.owner {
 			continue
@@ -224,24 +242,60 @@ func (m *Manager) Recover(ctx context.Context) (RecoveryReport, error) {
 			continue
 		}
 		delete(recorded, info.ID)
+		d, err := m.openRecorded(ctx, e)
+		if err != nil {
+			fail(e, err)
+			continue
+		}
+		opened = append(opened, &pending{e: e, live: info.State == "live", d: d})
+		members[e.UblkID] = d
+	}
+	type restoredSnapshot struct {
+		s *snapshot
+		e snapshotEntry
+	}
+	var restored []restoredSnapshot
+	for _, e := range st.Snapshots {
+		if e.Saved != nil && !e.Lost {
+			s, err := m.restoreSnapshot(e, members)
+			if err == nil {
+				restored = append(restored, restoredSnapshot{s, e})
+				continue
+			}
+			m.log.Error("recover: the saved snapshot cannot go on", "id", e.ID, "err", err)
+		}
+		m.loseSnapshot(e)
+	}
+	served := map[*device]bool{}
+	for _, p := range opened {
 		start := time.Now()
-		di, err := m.recoverDevice(ctx, e)
+		cfg := m.deviceConfig(p.d.file.Geometry(), true)
+		blk, err := m.server.Recover(context.WithoutCancel(ctx), p.e.UblkID, cfg, newOriginalHandler(p.d.orig, p.d.gate, m.log))
 		switch {
-		case errors.Is(err, ublk.ErrNotRecoverable) && info.State == "live":
-			m.log.Error("recover: device is live, served by another process; left alone", "ublk", info.ID, "name", e.Name, "err", err)
-			rep.Left = append(rep.Left, RecoveryFailure{e.UblkID, e.Name, e.Backing, err})
+		case errors.Is(err, ublk.ErrNotRecoverable) && p.live:
+			m.log.Error("recover: device is live, served by another process; left alone", "ublk", p.e.UblkID, "name", p.e.Name, "err", err)
+			rep.Left = append(rep.Left, RecoveryFailure{p.e.UblkID, p.e.Name, p.e.Backing, err})
+			p.d.file.Close()
 		case err != nil:
-			m.log.Error("recover: could not serve the device again; deleting it", "ublk", info.ID, "name", e.Name, "backing", e.Backing, "err", err)
-			m.remove(info.ID)
-			rep.Failed = append(rep.Failed, RecoveryFailure{e.UblkID, e.Name, e.Backing, err})
+			fail(p.e, err)
+			p.d.file.Close()
 		default:
-			rep.Took[di.Path] = time.Since(start)
-			m.log.Info("recovered", "device", di.Path, "backing", e.Backing, "took", rep.Took[di.Path])
-			rep.Recovered = append(rep.Recovered, di)
+			p.d.blk = blk
+			served[p.d] = true
+			m.mu.Lock()
+			m.devices[p.d.path()] = p.d
+			m.mu.Unlock()
+			rep.Took[p.d.path()] = time.Since(start)
+			m.log.Info("recovered", "device", p.d.path(), "backing", p.e.Backing, "took", rep.Took[p.d.path()])
+			rep.Recovered = append(rep.Recovered, p.d.info())
 		}
 	}
-	for _, e := range st.Snapshots {
-		m.loseSnapshot(e)
+	for _, r := range restored {
+		if err := m.resumeSnapshot(ctx, r.s, served); err != nil {
+			m.log.Error("recover: the saved snapshot cannot go on", "id", r.s.id, "err", err)
+			m.abandon(r.s)
+			m.loseSnapshot(r.e)
+		}
 	}
 	m.thawLeftFrozen(ctx, st.Freezing)
 	for _, e := range recorded {
@@ -311,36 +365,47 @@ func (m *Manager) remove(id int) {
 	}
 }
 
-// recoverDevice opens the recorded backing, checks that it is the same
-// file, and serves the ublk device again.
-func (m *Manager) recoverDevice(ctx context.Context, e deviceEntry) (DeviceInfo, error) {
+// openRecorded opens the recorded backing of a device and checks that it
+// is the same file, of the same size; the device is not served yet.
+func (m *Manager) openRecorded(ctx context.Context, e deviceEntry) (*device, error) {
 	backing, id, err := locate(ctx, "backing", e.Backing, false)
 	if err != nil {
-		return DeviceInfo{}, err
+		return nil, err
 	}
 	if !id.sameFile(identity{fsDev: e.FsDev, rdev: e.Rdev, ino: e.Ino, exists: true}) {
-		return DeviceInfo{}, fmt.Errorf("%w: %s is no longer the file that was attached", ErrConflict, e.Backing)
+		return nil, fmt.Errorf("%w: %s is no longer the file that was attached", ErrConflict, e.Backing)
 	}
 	file, err := storage.Open(backing.open)
 	if err != nil {
-		return DeviceInfo{}, err
+		return nil, err
 	}
-	geo := file.Geometry()
-	if geo.Size != e.Size {
+	if size := file.Geometry().Size; size != e.Size {
 		file.Close()
-		return DeviceInfo{}, fmt.Errorf("%w: %s now has %d bytes, the device %d", ErrConflict, e.Backing, geo.Size, e.Size)
+		return nil, fmt.Errorf("%w: %s now has %d bytes, the device %d", ErrConflict, e.Backing, size, e.Size)
 	}
-	d := &device{name: e.Name, backing: backing, ident: id, file: file, orig: cow.NewOriginal(file), gate: newGate()}
-	cfg := m.deviceConfig(geo, true)
-	d.blk, err = m.server.Recover(context.WithoutCancel(ctx), e.UblkID, cfg, newOriginalHandler(d.orig, d.gate, m.log))
-	if err != nil {
-		file.Close()
-		return DeviceInfo{}, err
+	return &device{name: e.Name, backing: backing, ident: id, file: file, orig: cow.NewOriginal(file), gate: newGate()}, nil
+}
+
+// resumeSnapshot puts a restored snapshot back in the manager and serves
+// its images, once all its members are served again. On failure the
+// caller abandons it.
+func (m *Manager) resumeSnapshot(ctx context.Context, s *snapshot, served map[*device]bool) error {
+	for _, mb := range s.members {
+		if !served[mb.dev] {
+			return fmt.Errorf("member %s is not served again", mb.dev.backing.name)
+		}
 	}
 	m.mu.Lock()
-	m.devices[d.path()] = d
-	m.mu.Unlock()
-	return d.info(), nil
+	defer m.mu.Unlock()
+	if err := m.serveImages(ctx, s); err != nil {
+		return err
+	}
+	for _, mb := range s.members {
+		mb.dev.snap = s
+	}
+	m.snapshots[s.id] = s
+	m.log.Info("snapshot resumed from the earlier daemon", "id", s.id, "images", len(s.members))
+	return nil
 }
 
 // StatePathFor is where a daemon on socket keeps its state file.

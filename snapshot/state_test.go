@@ -1,10 +1,10 @@
 package snapshot
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -27,7 +27,7 @@ func (e *env) crashAndRestart(statePath string) {
 		e.t.Fatal(err)
 	}
 	m, err := New(Config{Params: testParams(), Server: e.srv, Host: e.host, StatePath: statePath,
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		Logger: slog.New(slog.NewTextHandler(testLog{e.t}, nil))})
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -311,5 +311,74 @@ func TestLeaveKeepsDevicesAndLosesSnapshots(t *testing.T) {
 	st := readState(t, statePath)
 	if len(st.Devices) != 1 || len(st.Snapshots) != 1 || st.Snapshots[0].ID != id || !st.Snapshots[0].Lost {
 		t.Errorf("state after Leave: %+v, want the device and snapshot %s lost", st, id)
+	}
+}
+
+// A taken snapshot whose storage is a named file survives a planned
+// restart: the image shows the same data, later writes to the original
+// keep it so, and destroy works.
+func TestSnapshotSurvivesPlannedRestart(t *testing.T) {
+	statePath := filepath.Join(t.TempDir(), "d.state.json")
+	e := newEnv(t, Config{StatePath: statePath})
+	a := e.attach("a.img", 1)
+	store := filepath.Join(e.dir, "store")
+	s, err := e.m.CreateSnapshot(bg, CreateOptions{Devices: []string{a}, Storage: store, Limit: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.m.Take(bg, s.ID); err != nil {
+		t.Fatal(err)
+	}
+	write := func(off int64, fill byte) {
+		t.Helper()
+		buf := bytes.Repeat([]byte{fill}, 64<<10)
+		if err := e.m.devices[a].orig.Write(bg, off, buf, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	image := func() []byte {
+		t.Helper()
+		mb := e.m.snapshots[s.ID].members[0]
+		buf := make([]byte, mb.area.Size())
+		if err := mb.area.ReadImage(bg, buf, 0, false); err != nil {
+			t.Fatal(err)
+		}
+		return buf
+	}
+	write(0, 7)
+	write(1<<20, 8)
+	before := image()
+	if before[0] != 1 || before[1<<20] != 1 {
+		t.Fatal("the image does not show the data of the take")
+	}
+
+	if err := e.m.Leave(); err != nil {
+		t.Fatal(err)
+	}
+	e.crashAndRestart(statePath) // the process exits after Leave
+	rep, err := e.m.Recover(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Recovered) != 1 {
+		t.Fatalf("recovered %+v", rep)
+	}
+	info, err := e.m.Snapshot(bg, s.ID)
+	if err != nil || info.State != StateTaken || info.Members[0].Image == "" {
+		t.Fatalf("snapshot after the restart: %+v, %v; want taken with an image", info, err)
+	}
+	if !bytes.Equal(image(), before) {
+		t.Fatal("the image after the restart differs from before")
+	}
+	write(0, 9)
+	write(2<<20, 9)
+	if !bytes.Equal(image(), before) {
+		t.Fatal("writes to the original after the restart changed the image")
+	}
+	if err := e.m.Destroy(bg, s.ID, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(store); !os.IsNotExist(err) {
+		t.Errorf("destroy left the storage file it created: %v", err)
 	}
 }

@@ -173,6 +173,7 @@ type File struct {
 	f      *os.File   // the open file; immutable
 	fd     int        // f's descriptor; immutable
 	block  bool       // a block device rather than a regular file; immutable
+	temp   bool       // an unnamed file (OpenTemp) that vanishes on close; immutable
 	mapped []byte     // MAP_SHARED view of the file with OpenOptions.Mmap; immutable
 	mu     sync.Mutex // guards geo.Size and serialises Grow
 	geo    Geometry   // the geometry; only Size changes, by Grow, under mu
@@ -260,7 +261,11 @@ func OpenTemp(dir string) (*File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create unnamed file in %s: %w", dir, err)
 	}
-	return newFile(f, false)
+	d, err := newFile(f, false)
+	if d != nil {
+		d.temp = true
+	}
+	return d, err
 }
 
 // newFile probes the geometry of an open file; it closes f on failure.

@@ -155,16 +155,25 @@ func TestDaemonCrashRecovery(t *testing.T) {
 }
 
 // TestDaemonPlannedRestart stops the daemon with SIGTERM under a mounted
-// filesystem: the filtered device stays, a second daemon on the same
+// filesystem: the filtered devices stay, a second daemon on the same
 // socket is refused, a damaged state file stops a new daemon before it
-// touches anything, and the next daemon serves the device again, reporting
-// the snapshot it held lost.
+// touches anything, and the next daemon serves the devices again. A
+// snapshot kept in a named file goes on (its image reads the same before
+// and after, also after more writes to the original); one kept in an
+// unnamed file in a directory is reported lost.
 func TestDaemonPlannedRestart(t *testing.T) {
 	d := startDaemon(t)
 	_, dev := d.attach(128 << 20)
 	dir := mkfsMount(t, dev)
 	sums := writeTree(t, dir, 30)
 	id, _ := d.snapshot(t.TempDir(), "64MiB", dev)
+
+	_, dev2 := d.attach(64 << 20)
+	run(t, "dd", "if=/dev/urandom", "of="+dev2, "bs=1M", "count=64", "oflag=direct")
+	store := filepath.Join(t.TempDir(), "store")
+	id2, images := d.snapshot(store, "64MiB", dev2)
+	run(t, "dd", "if=/dev/zero", "of="+dev2, "bs=1M", "count=8", "seek=4", "oflag=direct")
+	before := deviceMD5(t, images[0])
 
 	// A second daemon on the same socket: refused, nothing touched.
 	out, err := exec.Command(d.bin, "daemon", "--socket", d.socket).CombinedOutput()
@@ -200,6 +209,37 @@ func TestDaemonPlannedRestart(t *testing.T) {
 
 	d2 := startDaemonOn(t, d.socket)
 	checkTree(t, dir, sums)
+	var st struct {
+		Snapshots []struct {
+			ID, State string
+			Devices   []struct{ Device, Image string }
+		}
+	}
+	d2.cliJSON(&st, "status")
+	var sn struct {
+		ID, State string
+		Devices   []struct{ Device, Image string }
+	}
+	for _, s := range st.Snapshots {
+		if s.ID == id2 {
+			sn = s
+		}
+	}
+	if sn.State != "taken" || len(sn.Devices) != 1 || sn.Devices[0].Image == "" {
+		t.Fatalf("snapshot %s after the restart: %+v, want taken with an image", id2, st)
+	}
+	if got := deviceMD5(t, sn.Devices[0].Image); got != before {
+		t.Fatalf("the image reads differently after the restart: md5 %s, was %s", got, before)
+	}
+	run(t, "dd", "if=/dev/urandom", "of="+dev2, "bs=1M", "count=16", "seek=32", "oflag=direct")
+	if got := deviceMD5(t, sn.Devices[0].Image); got != before {
+		t.Fatalf("writes to the original after the restart changed the image: md5 %s, was %s", got, before)
+	}
+	d2.cli("snapshot", "destroy", "--id", id2)
+	if _, err := os.Stat(store); !os.IsNotExist(err) {
+		t.Errorf("destroy left the storage file it created: %v", err)
+	}
+	d2.cli("detach", "--device", dev2)
 	info := d2.cli("snapshot", "info", "--device", dev)
 	if !strings.Contains(info, "snapshot="+id) || !strings.Contains(info, "state=lost") || !strings.Contains(info, "error_code=-131") {
 		t.Errorf("snapshot info after the restart:\n%s\nwant snapshot %s lost with error code -131 (ENOTRECOVERABLE)", info, id)
