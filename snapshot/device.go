@@ -23,6 +23,8 @@ type device struct {
 	orig    *cow.Original // COW engine entry of the device; immutable
 	gate    *gate         // admits its data-changing requests; immutable
 	blk     BlockDevice   // the served /dev/ublkbN; immutable
+	queues  int           // ublk queues asked for; immutable
+	depth   int           // ublk queue depth asked for; immutable
 	snap    *snapshot     // the snapshot it is a member of, or nil; guarded by Manager.mu
 }
 
@@ -87,7 +89,8 @@ func (m *Manager) Attach(ctx context.Context, opt AttachOptions) (DeviceInfo, er
 		file.Close()
 		return DeviceInfo{}, fmt.Errorf("%w: attach %s: %v", ErrInvalid, backing.name, err)
 	}
-	d := &device{name: opt.Name, backing: backing, ident: id, file: file, orig: cow.NewOriginal(file), gate: newGate()}
+	d := &device{name: opt.Name, backing: backing, ident: id, file: file, orig: cow.NewOriginal(file), gate: newGate(),
+		queues: cfg.Queues, depth: cfg.Depth}
 	if d.name == "" {
 		d.name = filepath.Base(backing.name)
 	}

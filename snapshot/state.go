@@ -50,6 +50,9 @@ type stateFile struct {
 	// Freezing lists the devices whose filesystems a take was freezing:
 	// the next daemon thaws them.
 	Freezing []string `json:"freezing,omitempty"`
+	// Params are the daemon's blksnap parameters; a successor with other
+	// ones says so (saved snapshots need the same chunk size).
+	Params *cow.Params `json:"params,omitempty"`
 }
 
 // snapshotEntry records a snapshot, so that a successor can report it
@@ -86,7 +89,9 @@ type deviceEntry struct {
 	Name    string `json:"name"`
 	Backing string `json:"backing"` // the path as the user gave it
 	Size    int64  `json:"size"`    // bytes served
-	FsDev   uint64 `json:"fs_dev"`  // identity of the backing at attach
+	Queues  int    `json:"queues"`  // as asked for at attach (the kernel's count rules on recovery)
+	Depth   int    `json:"depth"`
+	FsDev   uint64 `json:"fs_dev"` // identity of the backing at attach
 	Rdev    uint64 `json:"rdev"`
 	Ino     uint64 `json:"ino"`
 }
@@ -98,10 +103,10 @@ func (m *Manager) saveLocked() error {
 	if m.statePath == "" {
 		return nil
 	}
-	st := stateFile{Version: stateVersion, Devices: []deviceEntry{}, Freezing: m.freezing}
+	st := stateFile{Version: stateVersion, Devices: []deviceEntry{}, Freezing: m.freezing, Params: &m.params}
 	for _, d := range m.devices {
 		st.Devices = append(st.Devices, deviceEntry{UblkID: d.blk.ID(), Name: d.name, Backing: d.backing.name,
-			Size: d.file.Geometry().Size, FsDev: d.ident.fsDev, Rdev: d.ident.rdev, Ino: d.ident.ino})
+			Size: d.file.Geometry().Size, Queues: d.queues, Depth: d.depth, FsDev: d.ident.fsDev, Rdev: d.ident.rdev, Ino: d.ident.ino})
 	}
 	for _, s := range m.snapshots {
 		e := snapshotEntry{ID: s.id, Devices: s.memberPaths()}
@@ -208,6 +213,9 @@ func (m *Manager) Recover(ctx context.Context) (RecoveryReport, error) {
 	devs, err := m.server.Scan()
 	if err != nil {
 		return rep, fmt.Errorf("recover: %w", err)
+	}
+	if st.Params != nil && *st.Params != m.params {
+		m.log.Warn("recover: the blksnap parameters differ from the earlier daemon's; saved snapshots need the same chunk size", "earlier", *st.Params, "now", m.params)
 	}
 	recorded := map[int]deviceEntry{}
 	for _, e := range st.Devices {
@@ -383,7 +391,8 @@ func (m *Manager) openRecorded(ctx context.Context, e deviceEntry) (*device, err
 		file.Close()
 		return nil, fmt.Errorf("%w: %s now has %d bytes, the device %d", ErrConflict, e.Backing, size, e.Size)
 	}
-	return &device{name: e.Name, backing: backing, ident: id, file: file, orig: cow.NewOriginal(file), gate: newGate()}, nil
+	return &device{name: e.Name, backing: backing, ident: id, file: file, orig: cow.NewOriginal(file), gate: newGate(),
+		queues: e.Queues, depth: e.Depth}, nil
 }
 
 // resumeSnapshot puts a restored snapshot back in the manager and serves

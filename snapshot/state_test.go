@@ -66,7 +66,7 @@ func TestStateFileFollowsAttachAndDetach(t *testing.T) {
 	a := e.attach("a.img", 1)
 	b := e.attach("b.img", 2)
 	st := readState(t, statePath)
-	if len(st.Devices) != 2 {
+	if len(st.Devices) != 2 || st.Devices[0].Queues < 1 || st.Devices[0].Depth < 1 || st.Params == nil || *st.Params != testParams() {
 		t.Fatalf("state after two attaches: %+v", st)
 	}
 	for _, d := range e.m.devices {
