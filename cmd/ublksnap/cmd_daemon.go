@@ -30,7 +30,12 @@ func daemonCmd(g *globalFlags) *cobra.Command {
 		Short: "Run the daemon that owns the devices and snapshots (root)",
 		Long: "The daemon serves the CLI on a unix socket, in its own mount namespace.\n" +
 			"The parameters are blksnap's, with dashes for underscores (see cow.Params);\n" +
-			"sizes take units (64MiB, 1GiB; a bare number is bytes).",
+			"sizes take units (64MiB, 1GiB; a bare number is bytes).\n\n" +
+			"Its filtered devices outlive it. SIGTERM or SIGINT ends the daemon but leaves\n" +
+			"them, their I/O waiting, with the taken snapshots kept in a named file or block\n" +
+			"device, to the next daemon on the same socket, which serves them again; after a\n" +
+			"crash the same happens, but snapshots are lost. `ublksnap shutdown` stops\n" +
+			"everything for good.",
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkParams(cmd, &params); err != nil {
