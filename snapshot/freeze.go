@@ -8,7 +8,9 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"os/signal"
 	"strings"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -81,7 +83,14 @@ func (s System) holdFreeze(mps []mount) (func() error, error) {
 // filesystems mounted at paths, writes "frozen" to out, and thaws them
 // when in ends, whether the daemon closed it or died. On a failure it
 // thaws what it froze and returns the error.
+//
+// Its freeze may end long after the daemon died (the writeback waits for
+// the next daemon, which may already have tried to thaw): the answer then
+// meets a closed pipe, and the holder must live to thaw. So it ignores
+// SIGPIPE, which would otherwise kill a Go program writing to a closed
+// standard output, and leave the filesystem frozen for good.
 func RunFreezeHolder(paths []string, in io.Reader, out io.Writer) error {
+	signal.Ignore(syscall.SIGPIPE)
 	mps := make([]mount, len(paths))
 	for i, p := range paths {
 		mps[i] = mount{path: p, open: p}
