@@ -10,7 +10,7 @@ VM_TIMEOUT ?= 2700
 KERNELS    ?= 6.12 7
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build test test-unit test-vm bench demo lint clean
+.PHONY: all build test test-unit test-vm bench bench-backup demo lint clean
 
 all: build
 
@@ -55,6 +55,13 @@ bench: build
 			[ -e "$$p" ] || continue; n=$${p##*/profile-}; \
 			$(GO) tool pprof -top -nodecount 30 "$$p" >bench/results/$$k-profile-$${n%.pb.gz}.txt 2>/dev/null; \
 		done; \
+	done
+
+## bench-backup: full and incremental backup of 1 GiB, restore, and the fio cost of change tracking, one VM boot per kernel line
+bench-backup: build
+	@mkdir -p bench/results
+	@for k in $(KERNELS); do \
+		$(VM) --kernel $$k --mem 6144 --timeout 3600 -- bench/backup.sh | grep '^{\|^kernel' | tee bench/results/backup-$$k.jsonl || exit 1; \
 	done
 
 ## demo: attach, snapshot under writes, verify the image (in the VM when the host has no ublk; 6.12, UBLKSNAP_VM_KERNEL=7 for 7.x)

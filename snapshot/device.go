@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/ublksnap/ublksnap/cbt"
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/ublk"
@@ -22,6 +23,7 @@ type device struct {
 	file    *storage.File // the open backing device; immutable
 	orig    *cow.Original // COW engine entry of the device; immutable
 	gate    *gate         // admits its data-changing requests; immutable
+	track   *cbt.Map      // change tracking of the device; immutable (the map has its lock)
 	blk     BlockDevice   // the served /dev/ublkbN; immutable
 	queues  int           // ublk queues asked for; immutable
 	depth   int           // ublk queue depth asked for; immutable
@@ -94,8 +96,9 @@ func (m *Manager) Attach(ctx context.Context, opt AttachOptions) (DeviceInfo, er
 	if d.name == "" {
 		d.name = filepath.Base(backing.name)
 	}
+	d.track = m.loadCBT(d)
 	// The device outlives the request: it ends with Detach or Close.
-	d.blk, err = m.server.Serve(context.WithoutCancel(ctx), cfg, newOriginalHandler(d.orig, d.gate, m.log))
+	d.blk, err = m.server.Serve(context.WithoutCancel(ctx), cfg, newOriginalHandler(d.orig, d.gate, d.track, m.log))
 	if err != nil {
 		file.Close()
 		return DeviceInfo{}, fmt.Errorf("attach %s: %w", backing.name, err)
@@ -132,7 +135,7 @@ func (m *Manager) Detach(ctx context.Context, ref string, force bool) error {
 	saveErr := m.saveLocked()
 	m.mu.Unlock()
 	m.log.Info("detaching", "device", d.path(), "force", force)
-	return errors.Join(d.close(), saveErr)
+	return errors.Join(m.closeDevice(d), saveErr)
 }
 
 // checkUnusedLocked fails with ErrBusy, naming the holders, while blk is
@@ -155,6 +158,19 @@ func (m *Manager) deviceConfig(geo storage.Geometry, recoverable bool) ublk.Conf
 	cfg.Owner = m.owner
 	cfg.Recoverable = recoverable
 	return cfg
+}
+
+// closeDevice stops a device taken out of the manager and keeps the
+// change tracking map of a backing file for its next attach.
+func (m *Manager) closeDevice(d *device) error {
+	err := d.close()
+	if err == nil && d.ident.rdev == 0 {
+		// Every write is done: the map is whole until the file changes.
+		if err := m.saveCBT(d); err != nil {
+			m.log.Warn("change tracking will start a new generation at the next attach", "backing", d.backing.name, "err", err)
+		}
+	}
+	return err
 }
 
 // close stops the served device, then flushes and closes the backing device.

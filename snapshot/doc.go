@@ -37,6 +37,15 @@
 // every member to COW at one instant, and resumes them. The pause is
 // bounded by Config.TakeTimeout; filesystems are frozen around it.
 //
+// # Change tracking
+//
+// Every device has a cbt.Map from attach on: its handler marks each
+// admitted change inside the gate, a take switches the maps of all
+// members while their gates are paused, and image writes and MarkDirty
+// mark both maps. Maps are saved only when no write can have been missed
+// (cbt.go): at a planned restart, with the gates paused for good, and at
+// the detach of a regular file; a crash starts a new generation.
+//
 // # Where paths are resolved
 //
 // Paths in requests are absolute and resolved in the caller's view of the

@@ -8,6 +8,7 @@ import (
 	"runtime/debug"
 	"syscall"
 
+	"github.com/ublksnap/ublksnap/cbt"
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/ublk"
@@ -28,20 +29,22 @@ import (
 // (so that a take can pause them) and then the COW engine, which copies the
 // chunks they touch into the snapshot before they change the original.
 type originalHandler struct {
-	orig *cow.Original // the backing device and its current diff area; immutable
-	gate *gate         // admits the data-changing requests; immutable
-	log  *slog.Logger  // immutable
+	orig  *cow.Original // the backing device and its current diff area; immutable
+	gate  *gate         // admits the data-changing requests; immutable
+	track *cbt.Map      // marked by every admitted change, or nil; immutable
+	log   *slog.Logger  // immutable
 }
 
-// newOriginalHandler returns the handler of a filtered device.
-func newOriginalHandler(orig *cow.Original, g *gate, log *slog.Logger) ublk.Handler {
-	return &originalHandler{orig: orig, gate: g, log: log}
+// newOriginalHandler returns the handler of a filtered device; track, if
+// not nil, records the blocks its requests change.
+func newOriginalHandler(orig *cow.Original, g *gate, track *cbt.Map, log *slog.Logger) ublk.Handler {
+	return &originalHandler{orig: orig, gate: g, track: track, log: log}
 }
 
 // NewPassthrough returns the handler of a plain pass-through device over
 // dev: a filtered device that is in no snapshot (ublksnap dev serve).
 func NewPassthrough(dev *storage.File, log *slog.Logger) ublk.Handler {
-	return newOriginalHandler(cow.NewOriginal(dev), newGate(), log)
+	return newOriginalHandler(cow.NewOriginal(dev), newGate(), nil, log)
 }
 
 // DeviceConfig returns the ublk configuration of a device presenting a
@@ -93,6 +96,11 @@ func (h *originalHandler) Handle(req *ublk.Request) (err error) {
 		return err
 	}
 	entered = true
+	// Marked inside the gate: a take switches the map while no change is
+	// admitted, so each change counts in the interval it was made in.
+	if h.track != nil {
+		h.track.Mark(req.Offset, int64(req.Length))
+	}
 	if fua {
 		err = h.orig.WriteFUA(context.Background(), req.Offset, req.Buf, false)
 		h.gate.Leave() // not deferred: the recover above leaves on a panic
@@ -165,13 +173,15 @@ func (h *originalHandler) panicked(req *ublk.Request, r any) error {
 // ErrWouldBlock (EAGAIN) on the queue goroutine whenever it would wait, and
 // the ublk package then retries on a worker.
 type imageHandler struct {
-	area *cow.DiffArea // immutable
-	log  *slog.Logger  // immutable
+	area  *cow.DiffArea // immutable
+	track *cbt.Map      // the change tracking of the image's device, or nil; immutable
+	log   *slog.Logger  // immutable
 }
 
-// newImageHandler returns the handler of a snapshot image.
-func newImageHandler(area *cow.DiffArea, log *slog.Logger) ublk.Handler {
-	return &imageHandler{area: area, log: log}
+// newImageHandler returns the handler of a snapshot image; its changes
+// mark both maps of track (this backup and the next copy them).
+func newImageHandler(area *cow.DiffArea, track *cbt.Map, log *slog.Logger) ublk.Handler {
+	return &imageHandler{area: area, track: track, log: log}
 }
 
 func (h *imageHandler) Handle(req *ublk.Request) (err error) {
@@ -183,6 +193,9 @@ func (h *imageHandler) Handle(req *ublk.Request) (err error) {
 		}
 	}()
 	ctx, nowait := context.Background(), req.NoWait()
+	if h.track != nil && req.Op != ublk.OpRead && req.Op != ublk.OpFlush {
+		h.track.MarkBoth(req.Offset, int64(req.Length))
+	}
 	switch req.Op {
 	case ublk.OpRead:
 		return h.area.ReadImage(ctx, req.Buf, req.Offset, nowait)

@@ -31,7 +31,7 @@ func (d *spaceDevice) WriteZeroes(off, n int64) error {
 // would-block without touching the device, and a worker serves them.
 func TestOriginalHandlerSpaceOpsOnWorkers(t *testing.T) {
 	dev := &spaceDevice{MemDevice: storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})}
-	h := newOriginalHandler(cow.NewOriginal(dev), newGate(), quietLog)
+	h := newOriginalHandler(cow.NewOriginal(dev), newGate(), nil, quietLog)
 	for _, op := range []ublk.Op{ublk.OpDiscard, ublk.OpWriteZeroes} {
 		for _, flags := range []ublk.Flags{0, ublk.FlagNoUnmap} {
 			r := ublk.NewRequest(op, flags, 0, 64<<10, nil, true, func(error) {})

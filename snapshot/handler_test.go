@@ -65,7 +65,7 @@ var quietLog = slog.New(slog.NewTextHandler(io.Discard, nil))
 // only its own write durable.
 func TestOriginalHandlerNeverBlocksTheQueue(t *testing.T) {
 	dev := &countingDevice{Device: storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})}
-	h := newOriginalHandler(cow.NewOriginal(dev), newGate(), quietLog)
+	h := newOriginalHandler(cow.NewOriginal(dev), newGate(), nil, quietLog)
 	buf := make([]byte, 4096)
 	for _, tc := range []struct {
 		name string
@@ -94,7 +94,7 @@ func TestOriginalHandlerNeverBlocksTheQueue(t *testing.T) {
 	}
 	// A device with a no-wait read serves cached reads on the queue thread.
 	mem := storage.NewMemDevice("mem", storage.Geometry{Size: 1 << 20})
-	if err := newOriginalHandler(cow.NewOriginal(mem), newGate(), quietLog).Handle(req(ublk.OpRead, 0, 0, buf, true)); err != nil {
+	if err := newOriginalHandler(cow.NewOriginal(mem), newGate(), nil, quietLog).Handle(req(ublk.OpRead, 0, 0, buf, true)); err != nil {
 		t.Errorf("no-wait read of a memory device: %v", err)
 	}
 }
@@ -141,7 +141,7 @@ func TestImageHandlerNeverBlocksTheQueue(t *testing.T) {
 	for da.Stats().ChunksInState[cow.ChunkStored] == 0 && time.Now().Before(deadline) {
 		time.Sleep(time.Millisecond)
 	}
-	h := newImageHandler(da, quietLog)
+	h := newImageHandler(da, nil, quietLog)
 	reads := dev.reads.Load() + diff.reads.Load()
 	buf := make([]byte, 4096)
 	for _, off := range []int64{0, 512 << 10} { // a stored chunk, an untouched one
@@ -163,7 +163,7 @@ func TestHandlerPanicCorruptsOnlyTheSnapshot(t *testing.T) {
 	dev := &countingDevice{Device: storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})}
 	orig, da, ds := snapshotOf(t, dev, nil)
 	g := newGate()
-	h := newOriginalHandler(orig, g, quietLog)
+	h := newOriginalHandler(orig, g, nil, quietLog)
 	// Copy chunk 0 first, so the write below runs synchronously.
 	if err := orig.Write(context.Background(), 0, make([]byte, 4096), false); err != nil {
 		t.Fatal(err)
@@ -209,8 +209,8 @@ func TestOriginalHandlerAllocations(t *testing.T) {
 	}
 	buf := make([]byte, 4096)
 	for name, h := range map[string]ublk.Handler{
-		"no snapshot":  newOriginalHandler(cow.NewOriginal(storage.NewMemDevice("plain", storage.Geometry{Size: 1 << 20})), newGate(), quietLog),
-		"copied chunk": newOriginalHandler(orig, newGate(), quietLog),
+		"no snapshot":  newOriginalHandler(cow.NewOriginal(storage.NewMemDevice("plain", storage.Geometry{Size: 1 << 20})), newGate(), nil, quietLog),
+		"copied chunk": newOriginalHandler(orig, newGate(), nil, quietLog),
 	} {
 		for _, tc := range []struct {
 			op     ublk.Op

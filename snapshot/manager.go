@@ -315,8 +315,25 @@ func (m *Manager) Leave() error {
 		if err := d.orig.Flush(); err != nil {
 			errs = append(errs, fmt.Errorf("flush %s: %w", d.path(), err))
 		}
+		m.leaveCBT(d)
 	}
 	return errors.Join(errs...)
+}
+
+// leaveCBT pauses the changes to d for good (the next daemon gets them
+// again) and saves its change tracking map, which then misses nothing.
+// A map that cannot be saved whole is not saved: the next daemon starts a
+// new generation.
+func (m *Manager) leaveCBT(d *device) {
+	ctx, cancel := context.WithTimeout(context.Background(), m.destroyTimeout)
+	defer cancel()
+	err := d.gate.Pause(ctx)
+	if err == nil {
+		err = m.saveCBT(d)
+	}
+	if err != nil {
+		m.log.Warn("change tracking of the device will start a new generation", "device", d.path(), "err", err)
+	}
 }
 
 // removeSnapshotsLocked takes every snapshot out of the manager and
@@ -348,7 +365,7 @@ func (m *Manager) Close() error {
 	}
 	m.mu.Unlock()
 	for _, d := range devs {
-		errs = append(errs, d.close())
+		errs = append(errs, m.closeDevice(d))
 	}
 	m.mu.Lock()
 	errs = append(errs, m.saveLocked())

@@ -343,6 +343,7 @@ func (m *Manager) switchToCOW(ctx context.Context, s *snapshot) error {
 	}
 	for _, mb := range s.members {
 		mb.dev.orig.SetDiffArea(mb.area)
+		mb.dev.track.Switch()
 	}
 	return nil
 }
@@ -353,7 +354,7 @@ func (m *Manager) serveImages(ctx context.Context, s *snapshot) error {
 		logical, physical := mb.area.BlockSizes()
 		cfg := m.deviceConfig(storage.Geometry{Size: mb.area.Size(), LogicalBlockSize: logical, PhysicalBlockSize: physical}, false)
 		// The image outlives the request: it ends with Destroy or Close.
-		img, err := m.server.Serve(context.WithoutCancel(ctx), cfg, newImageHandler(mb.area, m.log))
+		img, err := m.server.Serve(context.WithoutCancel(ctx), cfg, newImageHandler(mb.area, mb.dev.track, m.log))
 		if err != nil {
 			return fmt.Errorf("image of %s: %w", mb.dev.path(), err)
 		}

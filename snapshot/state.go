@@ -278,7 +278,7 @@ func (m *Manager) Recover(ctx context.Context) (RecoveryReport, error) {
 	for _, p := range opened {
 		start := time.Now()
 		cfg := m.deviceConfig(p.d.file.Geometry(), true)
-		blk, err := m.server.Recover(context.WithoutCancel(ctx), p.e.UblkID, cfg, newOriginalHandler(p.d.orig, p.d.gate, m.log))
+		blk, err := m.server.Recover(context.WithoutCancel(ctx), p.e.UblkID, cfg, newOriginalHandler(p.d.orig, p.d.gate, p.d.track, m.log))
 		switch {
 		case errors.Is(err, ublk.ErrNotRecoverable) && p.live:
 			m.log.Error("recover: device is live, served by another process; left alone", "ublk", p.e.UblkID, "name", p.e.Name, "err", err)
@@ -391,8 +391,10 @@ func (m *Manager) openRecorded(ctx context.Context, e deviceEntry) (*device, err
 		file.Close()
 		return nil, fmt.Errorf("%w: %s now has %d bytes, the device %d", ErrConflict, e.Backing, size, e.Size)
 	}
-	return &device{name: e.Name, backing: backing, ident: id, file: file, orig: cow.NewOriginal(file), gate: newGate(),
-		queues: e.Queues, depth: e.Depth}, nil
+	d := &device{name: e.Name, backing: backing, ident: id, file: file, orig: cow.NewOriginal(file), gate: newGate(),
+		queues: e.Queues, depth: e.Depth}
+	d.track = m.loadCBT(d)
+	return d, nil
 }
 
 // resumeSnapshot puts a restored snapshot back in the manager and serves

@@ -5,7 +5,8 @@
 # It attaches a file as a filtered device, puts ext4 with some files on it,
 # takes a snapshot while a writer keeps changing those files, mounts the
 # snapshot image and checks that it shows the files as they were at the
-# take, prints `ublksnap status`, and cleans up.
+# take, prints `ublksnap status`, makes a full and an incremental backup,
+# restores them and checks them against the snapshot image, and cleans up.
 set -euo pipefail
 
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -96,9 +97,33 @@ echo "the image holds the writer's first $k new files and its counter says $k: o
 say "ublksnap status"
 u status
 
-say "cleaning up: unmount, destroy the snapshot, detach, stop the daemon"
-umount "$work/image" "$work/fs"
+say "a full backup of the snapshot held now, restored and checked against the image"
+umount "$work/image"
+u backup --device "$dev" --output "$work/backup/full"
+u restore --manifest "$work/backup/full/manifest.json" --output "$work/restored-full.img"
+[ "$(md5sum <"$image")" = "$(md5sum <"$work/restored-full.img")" ]
+echo "restored image = snapshot image (md5 $(md5sum <"$image" | cut -c1-12)...)"
 u snapshot destroy --id "$id"
+
+say "30 more files on the original; change tracking since the full backup"
+for i in $(seq 1 30); do head -c 65536 /dev/urandom >"$work/fs/later$i"; done
+sync
+u cbt info --device "$dev"
+
+say "an incremental backup: it takes its own snapshot, copies only the changed blocks, destroys the snapshot"
+u backup --device "$dev" --output "$work/backup/inc1" --since "$work/backup/full/manifest.json"
+echo "disk used: full $(du -sh "$work/backup/full" | cut -f1), incremental $(du -sh "$work/backup/inc1" | cut -f1)"
+
+say "restoring the chain (full + incremental): a clean ext4 with the later files"
+u restore --manifest "$work/backup/inc1/manifest.json" --output "$work/restored-inc.img"
+fsck.ext4 -fn "$work/restored-inc.img" >/dev/null
+mount -o ro,loop,noload "$work/restored-inc.img" "$work/image"
+[ -e "$work/image/later30" ]
+umount "$work/image"
+echo "the restored chain is a clean ext4 with the files written after the full backup"
+
+say "cleaning up: unmount, detach, stop the daemon"
+umount "$work/fs"
 u detach --device "$dev"
 u shutdown && wait "$daemon_pid"
 daemon_pid=

@@ -178,3 +178,33 @@ type Error struct {
 }
 
 func (e *Error) Error() string { return e.Message }
+
+// CBTInfo describes the change tracking map of a filtered device.
+type CBTInfo struct {
+	Device     string `json:"device"`
+	BlockSize  int64  `json:"block_size"`  // bytes per tracking block
+	BlockCount int64  `json:"block_count"` // blocks; the last may be partial
+	Capacity   int64  `json:"capacity"`    // device size in bytes
+	Generation string `json:"generation"`  // UUID; a new one means the history is lost
+	Changes    uint8  `json:"changes"`     // the number of the last take
+}
+
+// CBTMap is the read map of a filtered device: one byte per block, the
+// number of the interval in which the block last changed.
+type CBTMap struct {
+	CBTInfo
+	Map []byte `json:"map"`
+}
+
+// Extent is a byte range of a device.
+type Extent struct {
+	Offset int64 `json:"offset"`
+	Length int64 `json:"length"`
+}
+
+// MarkDirtyRequest marks byte ranges of a device changed, in this backup
+// and the next.
+type MarkDirtyRequest struct {
+	Device string   `json:"device"`
+	Ranges []Extent `json:"ranges"`
+}

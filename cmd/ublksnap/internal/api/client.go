@@ -181,3 +181,22 @@ func (c *Client) SnapshotInfo(ctx context.Context, device string) (SnapshotInfo,
 	err := c.do(ctx, http.MethodGet, "/v1/snapshot-info", url.Values{"device": {device}}, nil, &i)
 	return i, err
 }
+
+// CBTInfo returns the change tracking state of a device.
+func (c *Client) CBTInfo(ctx context.Context, device string) (CBTInfo, error) {
+	var i CBTInfo
+	err := c.do(ctx, http.MethodGet, "/v1/cbt", url.Values{"device": {device}}, nil, &i)
+	return i, err
+}
+
+// CBTMap returns the read map of a device.
+func (c *Client) CBTMap(ctx context.Context, device string) (CBTMap, error) {
+	var m CBTMap
+	err := c.do(ctx, http.MethodGet, "/v1/cbt/map", url.Values{"device": {device}}, nil, &m)
+	return m, err
+}
+
+// MarkDirty marks byte ranges of a device changed.
+func (c *Client) MarkDirty(ctx context.Context, req MarkDirtyRequest) error {
+	return c.do(ctx, http.MethodPost, "/v1/cbt/dirty", nil, req, nil)
+}

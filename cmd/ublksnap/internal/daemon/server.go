@@ -28,6 +28,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ublksnap/ublksnap/cbt"
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
 	"github.com/ublksnap/ublksnap/snapshot"
 	"github.com/ublksnap/ublksnap/storage"
@@ -54,6 +55,9 @@ type Service interface {
 	Destroy(ctx context.Context, id string, force bool) error
 	DeviceState(ctx context.Context, device string) (snapshot.DeviceState, error)
 	Shutdown(ctx context.Context, force bool) error
+	CBTInfo(device string) (cbt.Info, error)
+	CBTMap(device string) ([]byte, cbt.Info, error)
+	MarkDirty(device string, ranges []cbt.Extent) error
 }
 
 var _ Service = (*snapshot.Manager)(nil)
@@ -205,6 +209,27 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	h("GET /v1/snapshot-info", func(r *http.Request) (any, error) {
 		st, err := svc.DeviceState(r.Context(), r.URL.Query().Get("device"))
 		return api.SnapshotInfo{Device: st.Device, Snapshot: st.Snapshot, State: string(st.State), Image: st.Image, ErrorCode: -int(st.Errno)}, err
+	})
+	h("GET /v1/cbt", func(r *http.Request) (any, error) {
+		dev := r.URL.Query().Get("device")
+		i, err := svc.CBTInfo(dev)
+		return cbtInfoToWire(dev, i), err
+	})
+	h("GET /v1/cbt/map", func(r *http.Request) (any, error) {
+		dev := r.URL.Query().Get("device")
+		m, i, err := svc.CBTMap(dev)
+		return api.CBTMap{CBTInfo: cbtInfoToWire(dev, i), Map: m}, err
+	})
+	h("POST /v1/cbt/dirty", func(r *http.Request) (any, error) {
+		var req api.MarkDirtyRequest
+		if err := decode(r, &req); err != nil {
+			return nil, err
+		}
+		ranges := make([]cbt.Extent, len(req.Ranges))
+		for i, e := range req.Ranges {
+			ranges[i] = cbt.Extent{Offset: e.Offset, Length: e.Length}
+		}
+		return struct{}{}, svc.MarkDirty(req.Device, ranges)
 	})
 	// Go's profiler, for profiles of a real run (root only): for example
 	// curl --unix-socket SOCK 'http://ublksnap/debug/pprof/profile?seconds=10'.

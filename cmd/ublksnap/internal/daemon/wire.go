@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"fmt"
+	"github.com/ublksnap/ublksnap/cbt"
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
 	"github.com/ublksnap/ublksnap/snapshot"
 	"github.com/ublksnap/ublksnap/storage"
@@ -45,4 +46,9 @@ func eventToWire(e storage.Event) api.Event {
 		out.Device, out.Errno, out.Error = e.Device, int(e.Errno), e.Errno.Error()
 	}
 	return out
+}
+
+func cbtInfoToWire(device string, i cbt.Info) api.CBTInfo {
+	return api.CBTInfo{Device: device, BlockSize: i.BlockSize, BlockCount: i.BlockCount, Capacity: i.Capacity,
+		Generation: i.Generation.String(), Changes: i.Changes}
 }
