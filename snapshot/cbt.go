@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ublksnap/ublksnap/cbt"
+	"github.com/ublksnap/ublksnap/storage"
 )
 
 // Change tracking (package cbt) starts when a device is attached: every
@@ -44,11 +45,12 @@ func (m *Manager) cbtPath(id identity) string {
 }
 
 // backingStamp is what changes when a regular file is written: its size,
-// mtime and ctime in nanoseconds. A block device's stamp is all zero.
-func backingStamp(p string) ([3]int64, error) {
-	var st unix.Stat_t
-	if err := unix.Stat(p, &st); err != nil {
-		return [3]int64{}, fmt.Errorf("stat %s: %w", p, err)
+// mtime and ctime in nanoseconds, from the open backing (the path may be
+// in a caller's view that is gone). A block device's stamp is all zero.
+func backingStamp(f *storage.File) ([3]int64, error) {
+	st, err := f.Stat()
+	if err != nil {
+		return [3]int64{}, err
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return [3]int64{}, nil
@@ -67,7 +69,7 @@ func (m *Manager) saveCBT(d *device) error {
 	if err != nil {
 		return err
 	}
-	stamp, err := backingStamp(d.backing.open)
+	stamp, err := backingStamp(d.file)
 	if err != nil {
 		return err
 	}
@@ -97,7 +99,7 @@ func (m *Manager) loadCBT(d *device) *cbt.Map {
 		return cbt.New(size, m.cbtParams())
 	}
 	os.Remove(p)
-	tm, err := m.decodeCBT(b, d.backing.open, size)
+	tm, err := m.decodeCBT(b, d.file, size)
 	if err != nil {
 		m.log.Warn("change tracking starts a new generation", "backing", d.backing.name, "reason", err)
 		return cbt.New(size, m.cbtParams())
@@ -106,14 +108,14 @@ func (m *Manager) loadCBT(d *device) *cbt.Map {
 	return tm
 }
 
-// decodeCBT checks the stamp of a saved map against the backing at p and
-// loads the map.
-func (m *Manager) decodeCBT(b []byte, p string, size int64) (*cbt.Map, error) {
+// decodeCBT checks the stamp of a saved map against the open backing f
+// and loads the map.
+func (m *Manager) decodeCBT(b []byte, f *storage.File, size int64) (*cbt.Map, error) {
 	var saved [3]int64
 	if err := binary.Read(bytes.NewReader(b), binary.LittleEndian, &saved); err != nil {
 		return nil, fmt.Errorf("%w: no stamp", cbt.ErrBadSave)
 	}
-	stamp, err := backingStamp(p)
+	stamp, err := backingStamp(f)
 	if err != nil {
 		return nil, err
 	}

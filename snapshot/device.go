@@ -163,19 +163,31 @@ func (m *Manager) deviceConfig(geo storage.Geometry, recoverable bool) ublk.Conf
 // closeDevice stops a device taken out of the manager and keeps the
 // change tracking map of a backing file for its next attach.
 func (m *Manager) closeDevice(d *device) error {
-	err := d.close()
-	if err == nil && d.ident.rdev == 0 {
+	if d.ident.rdev != 0 {
+		return d.close()
+	}
+	var saveErr error
+	err := d.closeThen(func() {
 		// Every write is done: the map is whole until the file changes.
-		if err := m.saveCBT(d); err != nil {
-			m.log.Warn("change tracking will start a new generation at the next attach", "backing", d.backing.name, "err", err)
-		}
+		saveErr = m.saveCBT(d)
+	})
+	if err == nil && saveErr != nil {
+		m.log.Warn("change tracking will start a new generation at the next attach", "backing", d.backing.name, "err", saveErr)
 	}
 	return err
 }
 
 // close stops the served device, then flushes and closes the backing device.
-func (d *device) close() error {
-	err := errors.Join(d.blk.Close(), d.orig.Flush(), d.file.Close())
+func (d *device) close() error { return d.closeThen(nil) }
+
+// closeThen is close, running last (if not nil and all went well) after
+// the last write and before the backing is closed.
+func (d *device) closeThen(last func()) error {
+	err := errors.Join(d.blk.Close(), d.orig.Flush())
+	if err == nil && last != nil {
+		last()
+	}
+	err = errors.Join(err, d.file.Close())
 	if err != nil {
 		return fmt.Errorf("detach %s: %w", d.path(), err)
 	}

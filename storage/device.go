@@ -413,6 +413,15 @@ func (d *File) copyMapped(p []byte, off int64, toFile bool) (n int, err error) {
 	return copy(p, d.mapped[off:]), nil
 }
 
+// Stat returns the file's status (fstat).
+func (d *File) Stat() (unix.Stat_t, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(d.fd, &st); err != nil {
+		return st, fmt.Errorf("stat %s: %w", d.Name(), err)
+	}
+	return st, nil
+}
+
 // same reports whether st (of a path) is this file or block device.
 func (d *File) same(st *unix.Stat_t) bool {
 	var own unix.Stat_t

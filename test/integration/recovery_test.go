@@ -47,9 +47,23 @@ func (d *daemon) crash() {
 	select {
 	case <-waited:
 	case <-time.After(2 * time.Minute):
-		stacks, _ := os.ReadFile("/proc/" + strconv.Itoa(child) + "/stack")
-		d.t.Fatalf("the killed daemon %d has not exited after 2 minutes; kernel stack:\n%s", child, stacks)
+		d.t.Fatalf("the killed daemon %d (child %d) has not exited after 2 minutes:\n%s\n%s", pid, child, taskStacks(pid), taskStacks(child))
 	}
+}
+
+// taskStacks describes every thread of process pid: state, wait channel
+// and kernel stack.
+func taskStacks(pid int) string {
+	var b strings.Builder
+	tasks, _ := filepath.Glob("/proc/" + strconv.Itoa(pid) + "/task/*")
+	fmt.Fprintf(&b, "process %d: %d threads\n", pid, len(tasks))
+	for _, task := range tasks {
+		stat, _ := os.ReadFile(task + "/stat")
+		wchan, _ := os.ReadFile(task + "/wchan")
+		stack, _ := os.ReadFile(task + "/stack")
+		fmt.Fprintf(&b, "%s wchan %s\n%s\n", strings.TrimSpace(string(stat)), wchan, stack)
+	}
+	return b.String()
 }
 
 // TestDaemonCrashRecovery kills the daemon under fio writing through ext4
