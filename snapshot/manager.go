@@ -40,11 +40,6 @@ type Config struct {
 	// serves the filtered devices again (see Recover); "" keeps none, and
 	// the devices then end with the daemon.
 	StatePath string
-	// ImageStarter is the command of a helper process that sends the
-	// START_DEV of an image, given the device number and this process's
-	// pid (ublk.StartDev), so that a daemon killed during a take can exit
-	// (ublk.Config.Starter); nil: the daemon sends it itself.
-	ImageStarter []string
 }
 
 // Manager owns the filtered devices and the snapshots; see the package
@@ -58,7 +53,6 @@ type Manager struct {
 	destroyTimeout time.Duration // immutable
 	statePath      string        // the state file, or ""; immutable
 	owner          uint64        // tag of our ublk devices (ownerTag); immutable
-	imageStarter   []string      // Config.ImageStarter; immutable
 
 	mu        sync.Mutex
 	devices   map[string]*device       // filtered devices by node path; guarded by mu
@@ -86,7 +80,6 @@ func New(cfg Config) (*Manager, error) {
 		takeTimeout:    cfg.TakeTimeout,
 		destroyTimeout: cfg.DestroyTimeout,
 		statePath:      cfg.StatePath,
-		imageStarter:   cfg.ImageStarter,
 		owner:          ownerTag(cfg.StatePath),
 		devices:        make(map[string]*device),
 		snapshots:      make(map[string]*snapshot),

@@ -353,9 +353,6 @@ func (m *Manager) serveImages(ctx context.Context, s *snapshot) error {
 	for _, mb := range s.members {
 		logical, physical := mb.area.BlockSizes()
 		cfg := m.deviceConfig(storage.Geometry{Size: mb.area.Size(), LogicalBlockSize: logical, PhysicalBlockSize: physical}, false)
-		if len(m.imageStarter) > 0 {
-			cfg.Starter = helperStarter(m.imageStarter)
-		}
 		// The image outlives the request: it ends with Destroy or Close.
 		img, err := m.server.Serve(context.WithoutCancel(ctx), cfg, newImageHandler(mb.area, mb.dev.track, m.log))
 		if err != nil {

@@ -1,7 +1,6 @@
 package ublk
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -66,15 +65,6 @@ type Config struct {
 	// (ublksrv_flags) and returned by Scan, so that a later process can
 	// tell its own devices from others'.
 	Owner uint64
-	// Starter, if set, sends START_DEV for the device in place of this
-	// process (see StartDev): it must return once the device started or
-	// ctx ended. START_DEV scans the new disk for partitions with reads
-	// that this process serves, on an io_uring worker of the process
-	// that sent it; if this process is killed meanwhile, its exit waits
-	// for that worker and the worker for a read only this process could
-	// serve (Linux 6.12 and others). Sent by another process, the
-	// killed server exits, the read fails and the sender goes on.
-	Starter func(ctx context.Context, devID uint32) error
 	// Logger receives the device's diagnostics; nil means slog.Default().
 	Logger *slog.Logger
 }

@@ -260,18 +260,6 @@ func (c *Ctrl) StartDev(devID uint32, cancel <-chan struct{}) error {
 	return c.waitingCmd(cmdStartDev, devID, cancel)
 }
 
-// StartDev sends START_DEV for device devID served by process serverPID
-// (the opener of its character device) from this process, and waits for
-// it: the body of a Config.Starter helper process.
-func StartDev(devID uint32, serverPID int) error {
-	c, err := OpenCtrl()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	return c.pidCmd(cmdStartDev, devID, serverPID, nil)
-}
-
 // EndUserRecovery sends END_USER_RECOVERY, which takes START_DEV's place
 // for a recovered device and, like it, waits for every FETCH.
 func (c *Ctrl) EndUserRecovery(devID uint32, cancel <-chan struct{}) error {
@@ -282,17 +270,12 @@ func (c *Ctrl) EndUserRecovery(devID uint32, cancel <-chan struct{}) error {
 // ring of its own, with this process's pid (the tgid, which 6.16+ checks
 // against the opener of the character device) as its data.
 func (c *Ctrl) waitingCmd(nr, devID uint32, cancel <-chan struct{}) error {
-	return c.pidCmd(nr, devID, os.Getpid(), cancel)
-}
-
-// pidCmd runs waitingCmd's command with the server's pid as its data.
-func (c *Ctrl) pidCmd(nr, devID uint32, pid int, cancel <-chan struct{}) error {
 	ring, err := uring.New(uring.Params{Entries: 2, Flags: uring.SetupSQE128})
 	if err != nil {
 		return &ctrlError{cmdNames[nr], devID, err}
 	}
 	defer ring.Close()
-	_, err = c.issue(ring, nr, c.encoded, ctrlCmd{DevID: devID, QueueID: noQueueID, Data: uint64(pid)}, nil, cancel)
+	_, err = c.issue(ring, nr, c.encoded, ctrlCmd{DevID: devID, QueueID: noQueueID, Data: uint64(os.Getpid())}, nil, cancel)
 	return err
 }
 

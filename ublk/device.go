@@ -142,22 +142,7 @@ func (d *Device) setup(ctx context.Context) error {
 		return err
 	}
 
-	start := d.ctrl.StartDev
-	if d.cfg.Starter != nil {
-		start = func(devID uint32, cancel <-chan struct{}) error {
-			sctx, stop := context.WithCancel(context.Background())
-			defer stop()
-			go func() {
-				select {
-				case <-cancel:
-					stop()
-				case <-sctx.Done():
-				}
-			}()
-			return d.cfg.Starter(sctx, devID)
-		}
-	}
-	return d.startQueues(ctx, start)
+	return d.startQueues(ctx, d.ctrl.StartDev)
 }
 
 // startQueues creates a queue per hardware queue the kernel granted,

@@ -93,7 +93,7 @@ func serveDaemon(ctx context.Context, socket string, params cow.Params, log *slo
 	}
 	statePath := snapshot.StatePathFor(socket)
 	mgr, err := snapshot.New(snapshot.Config{Params: params, Logger: log, StatePath: statePath,
-		Host: snapshot.System{FreezeHolder: []string{self, freezeHolderName}}, ImageStarter: []string{self, ublkStartName}})
+		Host: snapshot.System{FreezeHolder: []string{self, freezeHolderName}}})
 	if err != nil {
 		return err
 	}

