@@ -59,9 +59,11 @@ bench: build
 
 ## bench-backup: full and incremental backup of 1 GiB, restore, and the fio cost of change tracking, one VM boot per kernel line
 bench-backup: build
-	@mkdir -p bench/results
+	@mkdir -p bench/out bench/results
 	@for k in $(KERNELS); do \
-		$(VM) --kernel $$k --mem 6144 --timeout 3600 -- bench/backup.sh | grep '^{\|^kernel' | tee bench/results/backup-$$k.jsonl || exit 1; \
+		$(VM) --kernel $$k --mem 6144 --timeout 3600 -- bench/backup.sh >bench/out/backup-$$k.log 2>&1; rc=$$?; \
+		grep '^{\|^kernel' bench/out/backup-$$k.log | tee bench/results/backup-$$k.jsonl; \
+		[ $$rc = 0 ] || { tail -n 30 bench/out/backup-$$k.log; exit 1; }; \
 	done
 
 ## demo: attach, snapshot under writes, verify the image (in the VM when the host has no ublk; 6.12, UBLKSNAP_VM_KERNEL=7 for 7.x)

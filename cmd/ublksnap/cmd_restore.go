@@ -50,7 +50,7 @@ them match. A missing or altered backup is an error that names it.`,
 			read, err := backup.Restore(cmd.Context(), chain, output, func(done, _ int64) { p.Set(done) })
 			p.Finish()
 			if err != nil {
-				return fmt.Errorf("restore: %w", err)
+				return err // it says "restore: ..." or names the broken link
 			}
 			res := restoreResult{Output: output, Size: m.DeviceSize, Links: len(chain), Read: read, Seconds: time.Since(start).Seconds()}
 			return printResult(cmd, g.json, res, func(w io.Writer) {

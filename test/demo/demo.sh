@@ -127,4 +127,4 @@ umount "$work/fs"
 u detach --device "$dev"
 u shutdown && wait "$daemon_pid"
 daemon_pid=
-say "demo finished: the snapshot showed a consistent point in time while the device kept changing"
+say "demo finished: the snapshot showed a consistent point in time while the device kept changing, and its backups restored to the same bytes"

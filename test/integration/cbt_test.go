@@ -427,3 +427,50 @@ func TestCBTWrapForcesAFullBackup(t *testing.T) {
 		t.Fatalf("backup at take 255: %+v, want full for a new generation", wrapped)
 	}
 }
+
+// TestCBTMarkDirtyFile marks the extents of a file on a mounted ext4
+// (FIEMAP): the next backup's changes hold all of its blocks.
+func TestCBTMarkDirtyFile(t *testing.T) {
+	d := startDaemon(t)
+	_, dev := d.attach(32 << 20)
+	dir := mkfsMount(t, dev)
+	f := filepath.Join(dir, "f")
+	data := make([]byte, 600<<10)
+	for i := range data {
+		data[i] = byte(i * 7)
+	}
+	if err := os.WriteFile(f, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "sync")
+	store := t.TempDir()
+	id, _ := d.snapshot(store, "16MiB", dev)
+	before := d.cbtInfo(dev)
+	d.cli("snapshot", "destroy", "--id", id)
+	d.cli("cbt", "mark-dirty", "--device", dev, "--file", f)
+	id, _ = d.snapshot(store, "16MiB", dev)
+	defer d.cli("snapshot", "destroy", "--id", id)
+	got, full := d.changedBlocks(dev, before.point(), before.BlockSize)
+	changed := map[int64]bool{}
+	for _, b := range got {
+		changed[b] = true
+	}
+	// The file's blocks, by FIEMAP through filefrag's view of it.
+	out := run(t, "filefrag", "-e", "-b512", f)
+	var n int
+	for _, line := range strings.Split(out, "\n") {
+		var idx, lstart, lend, pstart, pend int64
+		if _, err := fmt.Sscanf(strings.ReplaceAll(strings.ReplaceAll(line, ":", " "), "..", " "), "%d %d %d %d %d", &idx, &lstart, &lend, &pstart, &pend); err != nil {
+			continue
+		}
+		for s := pstart; s <= pend; s += before.BlockSize / 512 {
+			n++
+			if !changed[s*512/before.BlockSize] {
+				t.Fatalf("sector %d of %s is not in the changes %v (full %v)\n%s", s, f, got, full, out)
+			}
+		}
+	}
+	if n == 0 || full {
+		t.Fatalf("filefrag found no extents, or changes were full (%v):\n%s", full, out)
+	}
+}
