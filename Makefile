@@ -21,9 +21,10 @@ build:
 ## test: unit tests on the host under -race, then the suite on a real ublk kernel
 test: test-unit test-vm
 
-## test-unit: host tests, race detector on
+## test-unit: host tests, race detector on, then 30 s of fuzzing the NBD server's parser
 test-unit:
 	$(GO) test -race -count=1 -timeout 20m ./...
+	$(GO) test -run '^$$' -fuzz FuzzConnection -fuzztime 30s ./nbd
 
 ## test-vm: the harness's own tests on the host, then the integration suite in one VM boot per kernel line
 test-vm: build

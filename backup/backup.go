@@ -10,6 +10,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/ublksnap/ublksnap/internal/atomicfile"
 )
 
 // pieceSize is how much is read, hashed and written at a time.
@@ -104,7 +106,7 @@ func Write(ctx context.Context, src io.ReaderAt, opt Options) (m *Manifest, err 
 	if err != nil {
 		return nil, err
 	}
-	if err := writeFileSynced(m.path, append(b, '\n')); err != nil {
+	if err := atomicfile.WriteFile(m.path, append(b, '\n'), 0o644); err != nil {
 		return nil, fmt.Errorf("backup: %w", err)
 	}
 	return m, nil
@@ -128,40 +130,6 @@ func allZero(p []byte) bool {
 		}
 	}
 	return true
-}
-
-// writeFileSynced writes p through a temporary file, synced and renamed,
-// and syncs the directory.
-func writeFileSynced(p string, data []byte) error {
-	tmp := p + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, p)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return syncDir(filepath.Dir(p))
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // Restore rebuilds at output, which must not exist, the image that the
@@ -223,7 +191,7 @@ func Restore(ctx context.Context, chain []*Manifest, output string, progress fun
 	if err := os.Rename(tmp, output); err != nil {
 		return done, fmt.Errorf("restore: %w", err)
 	}
-	return done, syncDir(filepath.Dir(output))
+	return done, atomicfile.SyncDir(filepath.Dir(output))
 }
 
 // restoreLink reads every extent of link l, checks it, and writes to out

@@ -1,10 +1,13 @@
 package cbt
 
 import (
+	"errors"
 	"math/rand/v2"
 	"reflect"
 	"sync"
 	"testing"
+
+	"github.com/google/uuid"
 )
 
 var defaults = Params{MinShift: 16, MaxShift: 26, MaxCount: 2097152}
@@ -225,5 +228,63 @@ func BenchmarkMark4K(b *testing.B) {
 	m := New(1<<30, defaults)
 	for i := 0; b.Loop(); i++ {
 		m.Mark(int64(i%262144)*4096, 4096)
+	}
+}
+
+// TestRunsMatchChanged: Runs over random windows agrees block by block
+// with Changed, for every point of the history, and refuses points it
+// cannot answer.
+func TestRunsMatchChanged(t *testing.T) {
+	const capacity = 100<<16 + 1000 // 101 blocks, the last partial
+	m := New(capacity, defaults)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for take := 0; take < 6; take++ {
+		for i := 0; i < 20; i++ {
+			m.Mark(rng.Int64N(capacity-4096)&^511, 4096)
+		}
+		m.Switch()
+	}
+	rm, info := m.ReadMap()
+	for since := uint8(0); since <= info.Changes; since++ {
+		p := Point{info.Generation, since}
+		changed := make([]bool, capacity>>9+1)
+		ext, _ := Changed(rm, info, p)
+		for _, e := range ext {
+			for s := e.Offset >> 9; s < (e.Offset+e.Length+511)>>9; s++ {
+				changed[s] = true
+			}
+		}
+		for i := 0; i < 50; i++ {
+			off := rng.Int64N(capacity) &^ 511
+			length := 1 + rng.Int64N(capacity)
+			maxRuns := 1 + rng.IntN(8)
+			runs, err := m.Runs(p, off, length, maxRuns)
+			if err != nil || len(runs) == 0 {
+				t.Fatalf("Runs(%v, %d, %d): %v %v", p, off, length, runs, err)
+			}
+			pos := off
+			for j, r := range runs {
+				if j > 0 && r.Changed == runs[j-1].Changed {
+					t.Fatalf("Runs(%v, %d, %d): runs %d and %d not merged: %v", p, off, length, j-1, j, runs)
+				}
+				for s := pos >> 9; s < (pos+r.Length+511)>>9; s++ {
+					if changed[s] != r.Changed {
+						t.Fatalf("Runs(%v, %d, %d): sector %d changed=%v, Changed says %v", p, off, length, s, r.Changed, changed[s])
+					}
+				}
+				pos += r.Length
+			}
+			if pos > capacity || (len(runs) < maxRuns && pos < min(off+length, capacity)) {
+				t.Fatalf("Runs(%v, %d, %d) ends at %d", p, off, length, pos)
+			}
+		}
+	}
+	for _, p := range []Point{{uuid.New(), 1}, {info.Generation, info.Changes + 1}} {
+		if _, err := m.Runs(p, 0, 4096, 1); !errors.Is(err, ErrOtherGeneration) {
+			t.Errorf("Runs since %v: %v, want ErrOtherGeneration", p, err)
+		}
+	}
+	if _, err := m.Runs(Point{info.Generation, 0}, capacity, 1, 1); !errors.Is(err, ErrRange) {
+		t.Errorf("Runs past the end: %v", err)
 	}
 }

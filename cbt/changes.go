@@ -1,6 +1,7 @@
 package cbt
 
 import (
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -63,4 +64,46 @@ func Changed(readMap []byte, info Info, since Point) (ext []Extent, full bool) {
 		cur = &ext[len(ext)-1]
 	}
 	return ext, full
+}
+
+// ErrOtherGeneration reports a point that the map cannot answer for: of
+// another generation, or newer than the map's last take.
+var ErrOtherGeneration = errors.New("cbt: the point is not in this map's history")
+
+// Run is a stretch of bytes that all changed, or all did not.
+type Run struct {
+	Length  int64
+	Changed bool
+}
+
+// Runs describes the read map from byte off for about length bytes:
+// consecutive runs of blocks changed or not since the point since, at most
+// maxRuns of them. The first run starts at off; the last one ends at a
+// block boundary, so it may reach past off+length (or stop short of it
+// when maxRuns is reached).
+func (m *Map) Runs(since Point, off, length int64, maxRuns int) ([]Run, error) {
+	if off < 0 || length <= 0 || off >= m.capacity {
+		return nil, fmt.Errorf("runs [%d+%d] of a %d-byte map: %w", off, length, m.capacity, ErrRange)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if since.Generation != m.generation || since.Changes > m.previous {
+		return nil, fmt.Errorf("%w: %s, the map is at %s", ErrOtherGeneration, since, Point{m.generation, m.previous})
+	}
+	var runs []Run
+	end := min(off+length, m.capacity)
+	for pos := off; pos < end; {
+		b := pos >> m.shift
+		next := min((b+1)<<m.shift, m.capacity)
+		changed := m.read[b] > since.Changes
+		if n := len(runs); n > 0 && runs[n-1].Changed == changed {
+			runs[n-1].Length += next - pos
+		} else if n == maxRuns {
+			break
+		} else {
+			runs = append(runs, Run{Length: next - pos, Changed: changed})
+		}
+		pos = next
+	}
+	return runs, nil
 }

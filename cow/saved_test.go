@@ -81,7 +81,7 @@ func TestSaveAndRestoreDiffArea(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	ds2, err := storage.Restore(layout, func(d storage.LayoutDevice) string { return d.Path }, storage.Options{MinimumSectors: p.DiffStorageMinimum})
+	ds2, err := storage.Restore(layout, nil, storage.Options{MinimumSectors: p.DiffStorageMinimum})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ublksnap/ublksnap/cbt"
+	"github.com/ublksnap/ublksnap/internal/atomicfile"
 	"github.com/ublksnap/ublksnap/storage"
 )
 
@@ -79,7 +80,7 @@ func (m *Manager) saveCBT(d *device) error {
 	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
 		return err
 	}
-	if err := writeSynced(p, buf.Bytes()); err != nil {
+	if err := atomicfile.WriteFile(p, buf.Bytes(), 0o600); err != nil {
 		return fmt.Errorf("save the change tracking map of %s: %w", d.backing.name, err)
 	}
 	return nil

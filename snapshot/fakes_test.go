@@ -58,7 +58,7 @@ func (s *fakeServer) Serve(_ context.Context, cfg ublk.Config, h ublk.Handler) (
 	if s.kernel == nil {
 		s.kernel = map[int]*ublk.Info{}
 	}
-	s.kernel[n] = &ublk.Info{ID: n, State: "live", Owner: cfg.Owner, Flags: flags, Size: cfg.Size}
+	s.kernel[n] = &ublk.Info{ID: n, State: ublk.StateLive, Owner: cfg.Owner, Flags: flags, Size: cfg.Size}
 	return s.blockLocked(n, h), nil
 }
 
@@ -78,9 +78,9 @@ func (s *fakeServer) crash() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, info := range s.kernel {
-		info.State = "dead"
+		info.State = ublk.StateDead
 		if info.Flags&(1<<3) != 0 {
-			info.State = "quiesced"
+			info.State = ublk.StateQuiesced
 		}
 	}
 	for _, b := range s.served {
@@ -96,10 +96,10 @@ func (s *fakeServer) Recover(_ context.Context, n int, cfg ublk.Config, h ublk.H
 	switch {
 	case !ok:
 		return nil, syscall.ENODEV
-	case info.State != "quiesced" || info.Owner != cfg.Owner || info.Size != cfg.Size || !cfg.Recoverable:
+	case info.State != ublk.StateQuiesced || info.Owner != cfg.Owner || info.Size != cfg.Size || !cfg.Recoverable:
 		return nil, fmt.Errorf("%w: device %d is %s", ublk.ErrNotRecoverable, n, info.State)
 	}
-	info.State = "live"
+	info.State = ublk.StateLive
 	return s.blockLocked(n, h), nil
 }
 

@@ -109,34 +109,25 @@ func RunFreezeHolder(paths []string, in io.Reader, out io.Writer) error {
 // freezeMounts freezes the filesystems of mps with FIFREEZE and returns
 // the function that thaws them; on failure it thaws what it froze.
 func freezeMounts(mps []mount) (func() error, error) {
-	var frozen []*os.File
+	var frozen []mount
 	thaw := func() error {
 		var errs []error
-		for _, d := range frozen {
-			if err := unix.IoctlSetInt(int(d.Fd()), ioctlFITHAW, 0); err != nil {
-				errs = append(errs, fmt.Errorf("thaw %s: %w", d.Name(), err))
-			}
-			d.Close()
+		for _, mp := range frozen {
+			errs = append(errs, fsIoctl(mp, "thaw", ioctlFITHAW))
 		}
 		frozen = nil
 		return errors.Join(errs...)
 	}
 	for _, mp := range mps {
-		d, err := os.Open(mp.open)
-		if err != nil {
+		err := fsIoctl(mp, "freeze", ioctlFIFREEZE)
+		switch {
+		case errors.Is(err, unix.EBUSY): // a second mount of a frozen filesystem
+		case err != nil:
 			thaw()
-			return nil, fmt.Errorf("freeze %s: %w", mp.path, err)
+			return nil, err
+		default:
+			frozen = append(frozen, mp)
 		}
-		// A second mount of an already frozen filesystem answers EBUSY.
-		if err := unix.IoctlSetInt(int(d.Fd()), ioctlFIFREEZE, 0); err != nil {
-			d.Close()
-			if errors.Is(err, unix.EBUSY) {
-				continue
-			}
-			thaw()
-			return nil, fmt.Errorf("freeze %s: %w", mp.path, err)
-		}
-		frozen = append(frozen, d)
 	}
 	return thaw, nil
 }
@@ -150,15 +141,23 @@ func (System) Thaw(ctx context.Context, dev uint64) error {
 	}
 	var errs []error
 	for _, mp := range mps {
-		d, err := os.Open(mp.open)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("thaw %s: %w", mp.path, err))
-			continue
+		if err := fsIoctl(mp, "thaw", ioctlFITHAW); !errors.Is(err, unix.EINVAL) {
+			errs = append(errs, err)
 		}
-		if err := unix.IoctlSetInt(int(d.Fd()), ioctlFITHAW, 0); err != nil && !errors.Is(err, unix.EINVAL) {
-			errs = append(errs, fmt.Errorf("thaw %s: %w", mp.path, err))
-		}
-		d.Close()
 	}
 	return errors.Join(errs...)
+}
+
+// fsIoctl applies FIFREEZE or FITHAW (req, named what) to the filesystem
+// mounted at mp.
+func fsIoctl(mp mount, what string, req uint) error {
+	d, err := os.Open(mp.open)
+	if err == nil {
+		err = unix.IoctlSetInt(int(d.Fd()), req, 0)
+		d.Close()
+	}
+	if err != nil {
+		return fmt.Errorf("%s %s: %w", what, mp.path, err)
+	}
+	return nil
 }

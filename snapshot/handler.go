@@ -193,6 +193,9 @@ func (h *imageHandler) Handle(req *ublk.Request) (err error) {
 		}
 	}()
 	ctx, nowait := context.Background(), req.NoWait()
+	// Marked before the change, and so also when the change fails (it
+	// may have been applied in part), and again when a nowait attempt is
+	// retried: marking is idempotent.
 	if h.track != nil && req.Op != ublk.OpRead && req.Op != ublk.OpFlush {
 		h.track.MarkBoth(req.Offset, int64(req.Length))
 	}

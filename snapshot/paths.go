@@ -40,6 +40,15 @@ func callerOf(ctx context.Context) Caller {
 	return c
 }
 
+// CallerPath returns the absolute path p of the caller of ctx as this
+// process opens it.
+func CallerPath(ctx context.Context, p string) (string, error) {
+	if !filepath.IsAbs(p) {
+		return "", fmt.Errorf("%w: %q is not an absolute path", ErrInvalid, p)
+	}
+	return callerOf(ctx).Root + filepath.Clean(p), nil
+}
+
 // userPath is a path as the user named it and as the daemon opens it.
 type userPath struct {
 	name string // as given, for messages and reports

@@ -109,19 +109,12 @@ func (m *Manager) saveSnapshotLocked(s *snapshot) (snapshotEntry, error) {
 func (m *Manager) restoreSnapshot(e snapshotEntry, members map[int]*device) (*snapshot, error) {
 	sv := e.Saved
 	names := sv.StorageNames
-	ds, err := storage.Restore(sv.Storage, func(d storage.LayoutDevice) string {
-		for i, ld := range sv.Storage.Devices {
-			if ld == d && i < len(names) {
-				return names[i]
-			}
-		}
-		return d.Path
-	}, storage.Options{MinimumSectors: m.params.DiffStorageMinimum, Logger: m.log})
+	ds, err := storage.Restore(sv.Storage, names, storage.Options{MinimumSectors: m.params.DiffStorageMinimum, Logger: m.log})
 	if err != nil {
 		return nil, err
 	}
-	s := &snapshot{id: e.ID, storage: ds, storageName: e.CreatedStorage, limit: sv.Limit, taken: true,
-		storagePaths: map[string]string{}}
+	s := newSnapshot(e.ID, map[string]string{})
+	s.storage, s.storageName, s.limit, s.taken = ds, e.CreatedStorage, sv.Limit, true
 	for _, n := range names {
 		s.storagePaths[n] = n // the restored storage opened the user's paths
 	}
@@ -156,6 +149,7 @@ func (m *Manager) restoreSnapshot(e snapshotEntry, members map[int]*device) (*sn
 // storage, leaving its files as they are: for a snapshot that could not
 // be brought back, or one saved for the next daemon.
 func (m *Manager) abandon(s *snapshot) {
+	s.end()
 	ctx, cancel := context.WithTimeout(context.Background(), m.destroyTimeout)
 	defer cancel()
 	for _, mb := range s.members {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -29,7 +30,18 @@ type snapshot struct {
 	limit        int64     // bytes; immutable
 	taken        bool      // the members are in COW and have images; guarded by Manager.mu
 	members      []*member // in the order added; guarded by Manager.mu
+	// ended is closed (once, by end) when the snapshot leaves the manager
+	// for good: its image readers stop.
+	ended   chan struct{}
+	endOnce sync.Once
 }
+
+func newSnapshot(id string, storagePaths map[string]string) *snapshot {
+	return &snapshot{id: id, storagePaths: storagePaths, ended: make(chan struct{})}
+}
+
+// end tells the snapshot's image readers that it is going away.
+func (s *snapshot) end() { s.endOnce.Do(func() { close(s.ended) }) }
 
 // member is an original device in a snapshot and, once taken, its image
 // (blksnap's snapimage).
@@ -69,8 +81,8 @@ func (m *Manager) CreateSnapshot(ctx context.Context, opt CreateOptions) (Snapsh
 	if err := m.checkStorageLocked(p, id); err != nil {
 		return SnapshotInfo{}, err
 	}
-	s := &snapshot{id: uuid.NewString(), storageIdent: id, storageName: p.name, limit: opt.Limit,
-		storagePaths: map[string]string{p.open: p.name}}
+	s := newSnapshot(uuid.NewString(), map[string]string{p.open: p.name})
+	s.storageIdent, s.storageName, s.limit = id, p.name, opt.Limit
 	for _, ref := range opt.Devices {
 		d, err := m.deviceLocked(ref)
 		if err != nil {
@@ -353,6 +365,9 @@ func (m *Manager) serveImages(ctx context.Context, s *snapshot) error {
 	for _, mb := range s.members {
 		logical, physical := mb.area.BlockSizes()
 		cfg := m.deviceConfig(storage.Geometry{Size: mb.area.Size(), LogicalBlockSize: logical, PhysicalBlockSize: physical}, false)
+		// Like blksnap's images (GENHD_FL_NO_PART), and because a
+		// daemon killed during a take's partition scan hangs on 6.12.
+		cfg.NoPartitionScan = true
 		// The image outlives the request: it ends with Destroy or Close.
 		img, err := m.server.Serve(context.WithoutCancel(ctx), cfg, newImageHandler(mb.area, mb.dev.track, m.log))
 		if err != nil {
@@ -505,6 +520,7 @@ func (m *Manager) Destroy(ctx context.Context, id string, force bool) error {
 // teardown releases a snapshot that left the manager, waiting at most the
 // destroy timeout, then frees its members for other snapshots.
 func (m *Manager) teardown(s *snapshot) error {
+	s.end()
 	done := make(chan error, 1)
 	go func() {
 		err := m.release(s)

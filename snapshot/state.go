@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ublksnap/ublksnap/cow"
+	"github.com/ublksnap/ublksnap/internal/atomicfile"
 	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/ublk"
 )
@@ -123,37 +124,18 @@ func (m *Manager) saveLocked() error {
 	if err != nil {
 		return fmt.Errorf("save state: %w", err)
 	}
-	tmp := m.statePath + ".tmp"
-	if err := writeSynced(tmp, data); err != nil {
-		return fmt.Errorf("save state %s: %w", m.statePath, err)
-	}
-	if err := os.Rename(tmp, m.statePath); err != nil {
-		os.Remove(tmp)
+	if err := atomicfile.WriteFile(m.statePath, data, 0o600); err != nil {
 		return fmt.Errorf("save state %s: %w", m.statePath, err)
 	}
 	return nil
 }
 
-// writeSynced writes data to a new file p and syncs it.
 // saveOrWarnLocked saves the state where a failure costs only the report
 // of a lost snapshot after a crash.
 func (m *Manager) saveOrWarnLocked() {
 	if err := m.saveLocked(); err != nil {
 		m.log.Warn("snapshots are not recorded: a crash would not report them lost", "err", err)
 	}
-}
-
-// writeSynced writes data to a new file p and syncs it.
-func writeSynced(p string, data []byte) error {
-	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	return errors.Join(err, f.Close())
 }
 
 // loadState reads the state file; a missing one is an empty state.
@@ -241,7 +223,7 @@ func (m *Manager) Recover(ctx context.Context) (RecoveryReport, error) {
 		}
 		e, ok := recorded[info.ID]
 		if !ok {
-			if info.State == "live" && processAlive(info.ServerPID) {
+			if info.State == ublk.StateLive && processAlive(info.ServerPID) {
 				continue // being served; not ours to judge
 			}
 			m.log.Warn("recover: deleting a stale device of ours", "ublk", info.ID, "state", info.State)
@@ -255,7 +237,7 @@ func (m *Manager) Recover(ctx context.Context) (RecoveryReport, error) {
 			fail(e, err)
 			continue
 		}
-		opened = append(opened, &pending{e: e, live: info.State == "live", d: d})
+		opened = append(opened, &pending{e: e, live: info.State == ublk.StateLive, d: d})
 		members[e.UblkID] = d
 	}
 	type restoredSnapshot struct {

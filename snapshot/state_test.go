@@ -103,8 +103,8 @@ func TestRecoverAfterCrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.srv.mu.Lock()
-	e.srv.kernel[90] = &ublk.Info{ID: 90, State: "quiesced", Owner: 0x1234, Flags: 1 << 3}    // someone else's
-	e.srv.kernel[91] = &ublk.Info{ID: 91, State: "quiesced", Owner: e.m.owner, Flags: 1 << 3} // ours, unrecorded
+	e.srv.kernel[90] = &ublk.Info{ID: 90, State: ublk.StateQuiesced, Owner: 0x1234, Flags: 1 << 3}    // someone else's
+	e.srv.kernel[91] = &ublk.Info{ID: 91, State: ublk.StateQuiesced, Owner: e.m.owner, Flags: 1 << 3} // ours, unrecorded
 	e.srv.mu.Unlock()
 	image := e.m.snapshots[id].members[0].image.ID()
 	e.crashAndRestart(statePath)

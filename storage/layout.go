@@ -104,11 +104,12 @@ func (ds *DiffStorage) indexLocked(dev Device) int {
 	return -1
 }
 
-// Restore opens the devices of a Layout again (paths as this process
-// sees them, open gives the path to open for each entry) and returns the
-// storage as it was. A device that is no longer the same file or block
-// device is refused (syscall.ESTALE).
-func Restore(l Layout, open func(LayoutDevice) string, opts Options) (*DiffStorage, error) {
+// Restore opens the devices of a Layout again and returns the storage as
+// it was. paths[i], when given, is the path to open for l.Devices[i] (as
+// the caller names it; the layout holds the path as it was opened). A
+// device that is no longer the same file or block device is refused
+// (syscall.ESTALE).
+func Restore(l Layout, paths []string, opts Options) (*DiffStorage, error) {
 	ds := newDiffStorage(opts)
 	fail := func(err error) (*DiffStorage, error) {
 		for _, d := range ds.devs {
@@ -116,8 +117,11 @@ func Restore(l Layout, open func(LayoutDevice) string, opts Options) (*DiffStora
 		}
 		return nil, fmt.Errorf("restore difference storage: %w", err)
 	}
-	for _, ld := range l.Devices {
-		p := open(ld)
+	for i, ld := range l.Devices {
+		p := ld.Path
+		if i < len(paths) {
+			p = paths[i]
+		}
 		f, err := Open(p)
 		if err != nil {
 			return fail(err)

@@ -61,6 +61,16 @@ type Config struct {
 	// server had taken are sent again) until Recover attaches a new
 	// server. The handler must tolerate a request served twice.
 	Recoverable bool
+	// NoPartitionScan starts the device without the kernel's partition
+	// scan. The scan reads the device from inside START_DEV, before the
+	// device is live; on Linux 6.12 a server killed at that moment can
+	// neither exit nor be replaced, because nothing fails that read. With
+	// UBLK_F_NO_AUTO_PART_SCAN (7.0) the kernel is asked to skip the scan;
+	// on older kernels the queue threads send their first FETCHes without
+	// CAP_SYS_ADMIN in their effective set, which makes the kernel treat
+	// the server as untrusted and suppress partition scans for good
+	// (partitions can still be mapped with kpartx or losetup --partscan).
+	NoPartitionScan bool
 	// Owner is stored in the kernel's record of the device
 	// (ublksrv_flags) and returned by Scan, so that a later process can
 	// tell its own devices from others'.

@@ -113,6 +113,9 @@ func (d *Device) setup(ctx context.Context) error {
 	if d.cfg.Recoverable {
 		want |= rec
 	}
+	if d.cfg.NoPartitionScan {
+		want |= featNoAutoPartScan
+	}
 	info, err := d.ctrl.AddDev(devInfo{
 		NrHwQueues:    uint16(d.cfg.Queues),
 		QueueDepth:    uint16(d.cfg.Depth),
@@ -155,6 +158,9 @@ func (d *Device) startQueues(ctx context.Context, start func(devID uint32, cance
 	var qs []*queue
 	for i := 0; i < int(info.NrHwQueues); i++ {
 		q := newQueue(i, int(info.QueueDepth), int(info.MaxIOBufBytes), d.cdev, encoded, d.h, d.log)
+		// Without UBLK_F_NO_AUTO_PART_SCAN, an untrusted server is the
+		// kernel's only reason to skip the scan.
+		q.untrusted = d.cfg.NoPartitionScan && info.Flags&featNoAutoPartScan == 0
 		if d.cfg.PinQueues {
 			set, err := d.ctrl.QueueAffinity(d.id, i)
 			if err != nil {
@@ -247,7 +253,7 @@ func (d *Device) Queues() int { return len(d.queues) }
 // Info is the kernel's view of a device (GET_DEV_INFO and GET_PARAMS).
 type Info struct {
 	ID        int    // N of /dev/ublkbN
-	State     string // "dead", "live", "quiesced", "fail-io"
+	State     State  // StateLive while served
 	Queues    int    // hardware queues
 	Depth     int    // tags per queue
 	MaxIOSize int    // bytes per request buffer
@@ -279,7 +285,7 @@ func (c *Ctrl) info(id uint32) (Info, error) {
 	if err != nil {
 		return Info{}, err
 	}
-	info := Info{ID: int(di.DevID), State: stateName(di.State), Queues: int(di.NrHwQueues), Depth: int(di.QueueDepth),
+	info := Info{ID: int(di.DevID), State: State(di.State), Queues: int(di.NrHwQueues), Depth: int(di.QueueDepth),
 		MaxIOSize: int(di.MaxIOBufBytes), Flags: di.Flags, Owner: di.UblksrvFlags, ServerPID: int(di.UblksrvPID),
 		Size: int64(p.Basic.DevSectors) << sectorShift}
 	if p.Types&paramTypeDevt != 0 {
@@ -288,19 +294,29 @@ func (c *Ctrl) info(id uint32) (Info, error) {
 	return info, nil
 }
 
-// stateName names a ublksrv_ctrl_dev_info.state.
-func stateName(st uint16) string {
-	switch st {
-	case devStateDead:
+// State is a device's state in the kernel (ublksrv_ctrl_dev_info.state).
+type State uint16
+
+// Device states.
+const (
+	StateDead     State = devStateDead     // added, or stopped: no block device
+	StateLive     State = devStateLive     // started and served
+	StateQuiesced State = devStateQuiesced // USER_RECOVERY: no server, requests wait
+	StateFailIO   State = devStateFailIO   // no server, requests fail (6.13+)
+)
+
+func (s State) String() string {
+	switch s {
+	case StateDead:
 		return "dead"
-	case devStateLive:
+	case StateLive:
 		return "live"
-	case devStateQuiesced:
+	case StateQuiesced:
 		return "quiesced"
-	case devStateFailIO:
+	case StateFailIO:
 		return "fail-io"
 	}
-	return fmt.Sprintf("state(%d)", st)
+	return fmt.Sprintf("state(%d)", uint16(s))
 }
 
 // Done is closed once the device has been stopped and deleted.

@@ -51,6 +51,9 @@ type queue struct {
 	log     *slog.Logger // immutable
 	nworker int          // blocking workers for ErrWouldBlock requests; immutable
 	cpus    *unix.CPUSet // CPUs to pin the queue thread to, nil: no pinning; immutable
+	// untrusted sends the first FETCHes without CAP_SYS_ADMIN in the
+	// thread's effective set (Config.NoPartitionScan); immutable.
+	untrusted bool
 
 	// Owned by the queue goroutine.
 	ring     queueRing
@@ -246,7 +249,12 @@ func (q *queue) serve(ready chan<- error) {
 		err = q.prepIO(ioFetchReq, uint16(tag), 0)
 	}
 	if err == nil {
-		_, err = q.ring.SubmitAndWait(0)
+		submit := func() error { _, err := q.ring.SubmitAndWait(0); return err }
+		if q.untrusted {
+			err = withoutSysAdmin(submit)
+		} else {
+			err = submit()
+		}
 	}
 	if err != nil {
 		ready <- fmt.Errorf("ublk: queue %d: fetch: %w", q.id, err)
@@ -464,4 +472,29 @@ func (q *queue) drainCompletions() {
 		q.commit(c.tag, c.result)
 	}
 	q.spare = done
+}
+
+// withoutSysAdmin runs f with CAP_SYS_ADMIN removed from the effective
+// capabilities of the calling thread (only: capset(2) with pid 0 changes
+// the caller's thread), and restores them after. The kernel records a
+// queue's server as trusted only if the thread completing its FETCHes has
+// CAP_SYS_ADMIN (ublk_mark_io_ready) and suppresses the partition scan of
+// a device with an untrusted server. The caller must be locked to its
+// thread.
+func withoutSysAdmin(f func() error) error {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var caps [2]unix.CapUserData // 64 capability bits in two words
+	if err := unix.Capget(&hdr, &caps[0]); err != nil {
+		return fmt.Errorf("capget: %w", err)
+	}
+	saved := caps
+	caps[unix.CAP_SYS_ADMIN/32].Effective &^= 1 << (unix.CAP_SYS_ADMIN % 32)
+	if err := unix.Capset(&hdr, &caps[0]); err != nil {
+		return fmt.Errorf("drop CAP_SYS_ADMIN: %w", err)
+	}
+	err := f()
+	if rerr := unix.Capset(&hdr, &saved[0]); rerr != nil && err == nil {
+		err = fmt.Errorf("restore CAP_SYS_ADMIN: %w", rerr)
+	}
+	return err
 }

@@ -142,7 +142,7 @@ func (d *Device) awaitQuiesced(ctx context.Context) (devInfo, error) {
 		case di.State == devStateQuiesced || di.State == devStateFailIO:
 			return di, nil
 		case di.State != devStateLive || time.Now().After(deadline):
-			return devInfo{}, fmt.Errorf("%w: device %d is %s, not waiting for a server", ErrNotRecoverable, d.id, stateName(di.State))
+			return devInfo{}, fmt.Errorf("%w: device %d is %s, not waiting for a server", ErrNotRecoverable, d.id, State(di.State))
 		}
 		if err := sleepCtx(ctx, recoveryPoll); err != nil {
 			return devInfo{}, err

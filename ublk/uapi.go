@@ -79,6 +79,7 @@ const (
 	featUnprivilegedDev     = 1 << 5
 	featCmdIoctlEncode      = 1 << 6
 	featUserCopy            = 1 << 7
+	featNoAutoPartScan      = 1 << 18 // 7.0
 )
 
 // Device states (ublksrv_ctrl_dev_info.state).

@@ -13,6 +13,7 @@ import (
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/daemon"
 	"github.com/ublksnap/ublksnap/cow"
+	"github.com/ublksnap/ublksnap/export"
 	"github.com/ublksnap/ublksnap/snapshot"
 )
 
@@ -102,7 +103,8 @@ func serveDaemon(ctx context.Context, socket string, params cow.Params, log *slo
 		return fmt.Errorf("recover the devices of an earlier daemon: %w", err)
 	}
 	logRecovery(log, rep)
-	srv := daemon.NewServer(ctx, mgr, version, log) // SIGTERM ends waits
+	exports := export.New(log)
+	srv := daemon.NewServer(ctx, mgr, exports, version, log) // SIGTERM ends waits
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(l) }()
 	log.Info("daemon listening", "socket", socket, "pid", os.Getpid())
@@ -117,6 +119,7 @@ func serveDaemon(ctx context.Context, socket string, params cow.Params, log *slo
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	srv.Shutdown(sctx)
+	exports.Close()
 	if !forGood {
 		// SIGTERM or SIGINT: a restart. The filtered devices stay and
 		// wait for the next daemon; the process exits with them served.

@@ -22,7 +22,7 @@ func addCommands(root *cobra.Command) {
 	}
 	snap.AddCommand(snapshotCreateCmd(g), snapshotAddCmd(g), snapshotAppendStorageCmd(g), snapshotTakeCmd(g),
 		snapshotWaitEventCmd(g), snapshotWatchCmd(g), snapshotCollectCmd(g), snapshotInfoCmd(g), snapshotDestroyCmd(g))
-	root.AddCommand(attachCmd(g), detachCmd(g), snap, cbtCmd(g), backupCmd(g), restoreCmd(g), statusCmd(g), daemonCmd(g), shutdownCmd(g), newDevCmd(), freezeHolderCmd())
+	root.AddCommand(attachCmd(g), detachCmd(g), snap, cbtCmd(g), backupCmd(g), restoreCmd(g), exportCmd(g), statusCmd(g), daemonCmd(g), shutdownCmd(g), newDevCmd(), freezeHolderCmd())
 }
 
 // idCmd builds a command that needs --id UUID and calls run with it.

@@ -6,7 +6,8 @@
 # takes a snapshot while a writer keeps changing those files, mounts the
 # snapshot image and checks that it shows the files as they were at the
 # take, prints `ublksnap status`, makes a full and an incremental backup,
-# restores them and checks them against the snapshot image, and cleans up.
+# restores them and checks them against the snapshot image, copies the image
+# over NBD with nbdcopy, and cleans up.
 set -euo pipefail
 
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -103,6 +104,18 @@ u backup --device "$dev" --output "$work/backup/full"
 u restore --manifest "$work/backup/full/manifest.json" --output "$work/restored-full.img"
 [ "$(md5sum <"$image")" = "$(md5sum <"$work/restored-full.img")" ]
 echo "restored image = snapshot image (md5 $(md5sum <"$image" | cut -c1-12)...)"
+
+say "the same image over NBD, for the backup tools people already run: ublksnap export, then nbdcopy"
+u export --id "$id" --listen "unix:$work/nbd.sock" | tee "$work/export.txt"
+uri=$(sed -n 's/.* uri=\([^ ]*\).*/\1/p' "$work/export.txt")
+if command -v nbdcopy >/dev/null; then
+	nbdcopy "$uri" "$work/nbd.img"
+	[ "$(md5sum <"$image")" = "$(md5sum <"$work/nbd.img")" ]
+	echo "nbdcopy of $uri = snapshot image"
+	rm -f "$work/nbd.img"
+else
+	echo "(nbdcopy is not installed here: apt-get install libnbd-bin to try it)"
+fi
 u snapshot destroy --id "$id"
 
 say "30 more files on the original; change tracking since the full backup"

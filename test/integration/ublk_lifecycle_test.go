@@ -3,7 +3,9 @@
 package integration
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -41,7 +43,7 @@ func TestUblkLifecycle(t *testing.T) {
 						t.Fatalf("Info: %v", err)
 					}
 					t.Logf("kernel view: %+v", info)
-					if info.State != "live" || info.ServerPID != os.Getpid() || info.Size != cfg.Size ||
+					if info.State != ublk.StateLive || info.ServerPID != os.Getpid() || info.Size != cfg.Size ||
 						info.Queues != queues || info.Depth != cfg.Depth || info.DiskMajor == 0 {
 						t.Fatalf("kernel view %+v does not match the config %+v", info, cfg)
 					}
@@ -126,5 +128,76 @@ func TestUblkKernelFeatures(t *testing.T) {
 	t.Logf("kernel %s: ublk features %#x", unix.ByteSliceToString(uts.Release[:]), feats)
 	if feats == 0 {
 		t.Error("GET_FEATURES answered no feature at all")
+	}
+}
+
+// TestUblkNoPartitionScan serves a disk holding an MBR partition table:
+// by default the kernel finds its partition, with Config.NoPartitionScan it
+// does not (by UBLK_F_NO_AUTO_PART_SCAN where the kernel has it, else by an
+// untrusted server), and the device still serves the partition's bytes.
+func TestUblkNoPartitionScan(t *testing.T) {
+	requireNoUblkDevices(t, "before the test")
+	file := tempFile(t, 16<<20)
+	const start, sectors = 2048, 8192
+	var mbr [512]byte
+	entry := mbr[446:462]
+	entry[4] = 0x83 // Linux
+	binary.LittleEndian.PutUint32(entry[8:], start)
+	binary.LittleEndian.PutUint32(entry[12:], sectors)
+	mbr[510], mbr[511] = 0x55, 0xAA
+	f, err := os.OpenFile(file, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.WriteAt(mbr[:], 0)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, noScan := range []bool{false, true} {
+		t.Run(fmt.Sprintf("NoPartitionScan=%v", noScan), func(t *testing.T) {
+			h, cfg := passthrough(t, file)
+			cfg.NoPartitionScan = noScan
+			d, err := ublk.New(context.Background(), cfg, h)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer closeDevice(t, d)
+			info, err := d.Info()
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("flags %#x", info.Flags)
+			// The scan runs inside START_DEV: its result is there when New returns.
+			part := fmt.Sprintf("/sys/block/ublkb%d/ublkb%dp1/size", d.ID(), d.ID())
+			deadline := time.Now().Add(5 * time.Second)
+			var size []byte
+			for {
+				size, err = os.ReadFile(part)
+				if err == nil || noScan || time.Now().After(deadline) {
+					break
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			switch {
+			case noScan && err == nil:
+				t.Fatalf("the kernel scanned for partitions: %s holds %s", part, size)
+			case !noScan && err != nil:
+				t.Fatalf("the partition was not found: %v", err)
+			case !noScan && string(size) != fmt.Sprintf("%d\n", sectors):
+				t.Fatalf("partition of %q sectors, want %d", size, sectors)
+			}
+			buf := make([]byte, 512)
+			f, err := os.Open(d.Path())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			if _, err := f.ReadAt(buf, 0); err != nil || !bytes.Equal(buf, mbr[:]) {
+				t.Fatalf("first sector read through %s differs from the MBR written (%v)", d.Path(), err)
+			}
+		})
 	}
 }

@@ -208,3 +208,32 @@ type MarkDirtyRequest struct {
 	Device string   `json:"device"`
 	Ranges []Extent `json:"ranges"`
 }
+
+// ExportRequest asks for an NBD export of the images of a taken snapshot
+// (all of them, or the image of Device), on Listen: unix:PATH or
+// tcp:HOST:PORT.
+type ExportRequest struct {
+	Snapshot    string `json:"snapshot"`
+	Device      string `json:"device,omitempty"`
+	Listen      string `json:"listen"`
+	Name        string `json:"name,omitempty"`         // export name of the one image; default: the device's name
+	AllowRemote bool   `json:"allow_remote,omitempty"` // a TCP address that is not loopback
+}
+
+// Export is a running NBD export.
+type Export struct {
+	Listen   string         `json:"listen"`
+	Address  string         `json:"address"` // where clients connect
+	Snapshot string         `json:"snapshot"`
+	Exports  []ExportMember `json:"exports"`
+}
+
+// ExportMember is one export name of an Export.
+type ExportMember struct {
+	Name   string `json:"name"`
+	Device string `json:"device"`
+	Size   uint64 `json:"size"`
+	// Bitmap is the dirty bitmap context of the changes since the
+	// device's previous take, if there was one.
+	Bitmap string `json:"bitmap,omitempty"`
+}

@@ -200,3 +200,22 @@ func (c *Client) CBTMap(ctx context.Context, device string) (CBTMap, error) {
 func (c *Client) MarkDirty(ctx context.Context, req MarkDirtyRequest) error {
 	return c.do(ctx, http.MethodPost, "/v1/cbt/dirty", nil, req, nil)
 }
+
+// StartExport starts an NBD export.
+func (c *Client) StartExport(ctx context.Context, req ExportRequest) (Export, error) {
+	var e Export
+	err := c.do(ctx, http.MethodPost, "/v1/exports", nil, req, &e)
+	return e, err
+}
+
+// Exports lists the running NBD exports.
+func (c *Client) Exports(ctx context.Context) ([]Export, error) {
+	var e []Export
+	err := c.do(ctx, http.MethodGet, "/v1/exports", nil, nil, &e)
+	return e, err
+}
+
+// StopExport ends the NBD export on listen.
+func (c *Client) StopExport(ctx context.Context, listen string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/exports", url.Values{"listen": {listen}}, nil, nil)
+}

@@ -11,6 +11,7 @@
 package daemon
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -30,6 +31,7 @@ import (
 
 	"github.com/ublksnap/ublksnap/cbt"
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
+	"github.com/ublksnap/ublksnap/export"
 	"github.com/ublksnap/ublksnap/snapshot"
 	"github.com/ublksnap/ublksnap/storage"
 )
@@ -58,17 +60,19 @@ type Service interface {
 	CBTInfo(device string) (cbt.Info, error)
 	CBTMap(device string) ([]byte, cbt.Info, error)
 	MarkDirty(device string, ranges []cbt.Extent) error
+	OpenImages(id, device string) ([]*snapshot.ImageReader, error)
 }
 
 var _ Service = (*snapshot.Manager)(nil)
 
-// NewServer returns the HTTP server of the protocol over svc. Requests
+// NewServer returns the HTTP server of the protocol over svc, whose NBD
+// exports are run by exports. Requests
 // resolve the paths they name in their caller's view of the filesystem
 // (snapshot.WithCaller with the caller's /proc/PID, found with
 // SO_PEERCRED), and end when ctx ends.
-func NewServer(ctx context.Context, svc Service, version string, log *slog.Logger) *http.Server {
+func NewServer(ctx context.Context, svc Service, exports *export.Exports, version string, log *slog.Logger) *http.Server {
 	return &http.Server{
-		Handler:           NewHandler(svc, version, log),
+		Handler:           NewHandler(svc, exports, version, log),
 		ReadHeaderTimeout: 10 * time.Second,
 		BaseContext:       func(net.Listener) context.Context { return ctx },
 		ConnContext:       callerContext,
@@ -114,8 +118,8 @@ func rootOnly(next http.HandlerFunc, log *slog.Logger) http.HandlerFunc {
 	}
 }
 
-// NewHandler returns the HTTP handler of the protocol over svc.
-func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
+// NewHandler returns the HTTP handler of the protocol over svc and exports.
+func NewHandler(svc Service, exports *export.Exports, version string, log *slog.Logger) http.Handler {
 	mux := http.NewServeMux()
 	h := func(pattern string, fn func(r *http.Request) (any, error)) {
 		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
@@ -230,6 +234,35 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 			ranges[i] = cbt.Extent{Offset: e.Offset, Length: e.Length}
 		}
 		return struct{}{}, svc.MarkDirty(req.Device, ranges)
+	})
+	h("POST /v1/exports", func(r *http.Request) (any, error) {
+		var req api.ExportRequest
+		if err := decode(r, &req); err != nil {
+			return nil, err
+		}
+		images, err := svc.OpenImages(req.Snapshot, req.Device)
+		if err != nil {
+			return nil, err
+		}
+		if req.Name != "" && len(images) != 1 {
+			return nil, fmt.Errorf("a name is for one image, and snapshot %s has %d: give the device too: %w", req.Snapshot, len(images), syscall.EINVAL)
+		}
+		members := make([]export.Member, len(images))
+		for i, img := range images {
+			members[i] = export.Member{Name: cmp.Or(req.Name, img.Name), Device: img.Device, Size: img.Size, Image: img}
+		}
+		info, err := exports.Start(r.Context(), req.Snapshot, members, export.Options{Listen: req.Listen, AllowRemote: req.AllowRemote})
+		return exportToWire(info), err
+	})
+	h("GET /v1/exports", func(r *http.Request) (any, error) {
+		out := []api.Export{}
+		for _, info := range exports.List() {
+			out = append(out, exportToWire(info))
+		}
+		return out, nil
+	})
+	h("DELETE /v1/exports", func(r *http.Request) (any, error) {
+		return struct{}{}, exports.Stop(r.URL.Query().Get("listen"))
 	})
 	// Go's profiler, for profiles of a real run (root only): for example
 	// curl --unix-socket SOCK 'http://ublksnap/debug/pprof/profile?seconds=10'.

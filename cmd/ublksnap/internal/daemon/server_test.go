@@ -17,9 +17,12 @@ import (
 	"time"
 
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
+	"github.com/ublksnap/ublksnap/export"
 	"github.com/ublksnap/ublksnap/snapshot"
 	"github.com/ublksnap/ublksnap/storage"
 )
+
+func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 // fakeService records calls and answers from a small in-memory state.
 type fakeService struct {
@@ -81,7 +84,7 @@ func startServer(t *testing.T, svc Service) *api.Client {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := NewServer(context.Background(), svc, "test", slog.New(slog.NewTextHandler(io.Discard, nil)))
+	srv := NewServer(context.Background(), svc, export.New(quietLog()), "test", slog.New(slog.NewTextHandler(io.Discard, nil)))
 	go srv.Serve(l)
 	t.Cleanup(func() { srv.Close() })
 	fi, err := os.Stat(sock)
@@ -148,7 +151,7 @@ func TestNoDaemon(t *testing.T) {
 
 func TestDecodeRefusesTrailingData(t *testing.T) {
 	svc := &fakeService{snaps: map[string]snapshot.SnapshotInfo{}}
-	srv := httptest.NewServer(NewHandler(svc, "test", slog.New(slog.NewTextHandler(io.Discard, nil))))
+	srv := httptest.NewServer(NewHandler(svc, export.New(quietLog()), "test", slog.New(slog.NewTextHandler(io.Discard, nil))))
 	defer srv.Close()
 	for body, want := range map[string]int{
 		`{"storage":"/x","limit":1073741824}`:         200,
@@ -189,7 +192,7 @@ func TestSocketIsNeverWiderThan0600(t *testing.T) {
 func TestProfilerIsRootOnly(t *testing.T) {
 	svc := &fakeService{snaps: map[string]snapshot.SnapshotInfo{}}
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	tcp := httptest.NewServer(NewHandler(svc, "test", quiet))
+	tcp := httptest.NewServer(NewHandler(svc, export.New(quietLog()), "test", quiet))
 	defer tcp.Close()
 	resp, err := http.Get(tcp.URL + "/debug/pprof/cmdline")
 	if err != nil {
@@ -205,7 +208,7 @@ func TestProfilerIsRootOnly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := NewServer(context.Background(), svc, "test", quiet)
+	srv := NewServer(context.Background(), svc, export.New(quietLog()), "test", quiet)
 	go srv.Serve(l)
 	defer srv.Close()
 	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {

@@ -2,8 +2,10 @@ package daemon
 
 import (
 	"fmt"
+
 	"github.com/ublksnap/ublksnap/cbt"
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
+	"github.com/ublksnap/ublksnap/export"
 	"github.com/ublksnap/ublksnap/snapshot"
 	"github.com/ublksnap/ublksnap/storage"
 )
@@ -51,4 +53,12 @@ func eventToWire(e storage.Event) api.Event {
 func cbtInfoToWire(device string, i cbt.Info) api.CBTInfo {
 	return api.CBTInfo{Device: device, BlockSize: i.BlockSize, BlockCount: i.BlockCount, Capacity: i.Capacity,
 		Generation: i.Generation.String(), Changes: i.Changes}
+}
+
+func exportToWire(e export.Info) api.Export {
+	out := api.Export{Listen: e.Listen, Address: e.Address, Snapshot: e.Snapshot, Exports: []api.ExportMember{}}
+	for _, m := range e.Members {
+		out.Exports = append(out.Exports, api.ExportMember{Name: m.Name, Device: m.Device, Size: uint64(m.Size), Bitmap: m.Bitmap})
+	}
+	return out
 }
