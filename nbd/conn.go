@@ -132,7 +132,7 @@ func (c *conn) handshake() error {
 func (c *conn) option(opt uint32, data []byte) (done bool, err error) {
 	switch opt {
 	case optExportName:
-		e := c.s.byName[string(data)]
+		e := c.s.lookup(string(data))
 		if e == nil {
 			return true, fmt.Errorf("EXPORT_NAME of unknown export %q", data)
 		}
@@ -213,7 +213,7 @@ func (c *conn) infoGo(opt uint32, data []byte) (bool, error) {
 	if len(rest) != 2+2*n {
 		return false, c.optError(opt, repErrInvalid, "malformed INFO/GO request")
 	}
-	e := c.s.byName[name]
+	e := c.s.lookup(name)
 	if e == nil {
 		return false, c.optError(opt, repErrUnknown, fmt.Sprintf("no export named %q", name))
 	}
@@ -283,7 +283,7 @@ func (c *conn) metaContext(opt uint32, data []byte) error {
 	if opt == optSetMetaContext && !c.structured {
 		return c.optError(opt, repErrInvalid, "SET_META_CONTEXT needs STRUCTURED_REPLY first")
 	}
-	e := c.s.byName[name]
+	e := c.s.lookup(name)
 	if e == nil {
 		return c.optError(opt, repErrUnknown, fmt.Sprintf("no export named %q", name))
 	}

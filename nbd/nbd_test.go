@@ -59,7 +59,8 @@ func (tc *testClient) u64() uint64 { return binary.BigEndian.Uint64(tc.read(8)) 
 func (tc *testClient) closed() bool {
 	tc.c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	_, err := tc.c.Read(make([]byte, 1))
-	return errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed)
+	// A reset: the server closed with bytes of ours unread.
+	return errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.ECONNRESET)
 }
 
 // option sends an option and returns its replies up to the final one.
@@ -313,6 +314,9 @@ func TestOptions(t *testing.T) {
 	if r := tc.option(optInfo, goData("img")); r[len(r)-1].typ != repAck {
 		t.Fatalf("INFO after errors: %v", r)
 	}
+	if r := tc.option(optInfo, goData("")); r[len(r)-1].typ != repErrUnknown {
+		t.Fatalf("INFO of the default export of a server with two: %v", r)
+	}
 	names := func(r []optReply) (out []string) {
 		for _, rep := range r[:len(r)-1] {
 			out = append(out, fmt.Sprintf("%d:%s", binary.BigEndian.Uint32(rep.data), rep.data[4:]))
@@ -549,5 +553,23 @@ func TestBufferPools(t *testing.T) {
 		if b2 := p.get(n); len(b2) != n {
 			t.Fatalf("get(%d) after put: len %d", n, len(b2))
 		}
+	}
+}
+
+func TestDefaultExport(t *testing.T) {
+	srv, err := NewServer([]*Export{{Name: "only", Size: 4096, Data: bytes.NewReader(make([]byte, 4096))}}, Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("unix", t.TempDir()+"/nbd.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(l)
+	defer srv.Close()
+	tc := dial(t, l.Addr())
+	r := tc.option(optGo, goData(""))
+	if r[len(r)-1].typ != repAck || binary.BigEndian.Uint64(r[0].data[2:]) != 4096 {
+		t.Fatalf("GO of the default export: %v", r)
 	}
 }

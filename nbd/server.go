@@ -186,3 +186,12 @@ func (b *budget) close() {
 	b.mu.Unlock()
 	b.cond.Broadcast()
 }
+
+// lookup finds an export by name; the empty name is the default export,
+// which exists when there is only one.
+func (s *Server) lookup(name string) *Export {
+	if name == "" && len(s.exports) == 1 {
+		return s.exports[0]
+	}
+	return s.byName[name]
+}
