@@ -42,12 +42,13 @@ dd if=/dev/urandom of="$dev" bs=1M count=1024 oflag=direct status=none
 echo "kernel $(uname -r); 1 GiB device $dev"
 
 u --json backup --device "$dev" --output "$work/full" | tail -n 1 | tee "$work/full.json"
+# The change tracking point the full backup copied (its own take's).
+since=$(u cbt info --device "$dev" | awk -F= '$1 == "generation" {g = $2} $1 == "changes_number" {n = $2} END {print g ":" n}')
 blocks=$((1024 * 1024 / 4 / 100))
 fio --name=one-percent --filename="$dev" --rw=randwrite --bs=4k --direct=1 --ioengine=libaio \
 	--iodepth=16 --number_ios=$blocks --size=1G --randrepeat=0 --output-format=terse >/dev/null
 u --json backup --device "$dev" --output "$work/inc" --since "$work/full/manifest.json" | tail -n 1 | tee "$work/inc.json"
 # The read map stays as the incremental's take left it.
-since=$(sed -n 's/.*"generation":"\([^"]*\)","changes":\([0-9]*\).*/\1:\2/p' "$work/full.json")
 touched=$(u cbt changes --device "$dev" --since "$since" | awk '{n += $2} END {print n + 0}')
 echo "{\"random_4k_writes\":$blocks,\"tracking_bytes_touched\":$touched}"
 id=$(u snapshot create --device "$dev" --storage "$work" --limit 256MiB)

@@ -299,3 +299,9 @@ func writeRegion(r *storage.DiffRegion, src []byte, off, l int64) error {
 	}
 	return nil
 }
+
+// ImageReadsOriginal reports whether the image reads chunk nr from the
+// original device, that is, no write has copied it since the take. A
+// write to the original copies the chunk before it changes the original,
+// so while this holds the original still has the image's bytes.
+func (da *DiffArea) ImageReadsOriginal(nr uint64) bool { return isNew(da.lookup(nr)) }

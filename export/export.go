@@ -4,7 +4,8 @@
 // Each Start opens one listener (a unix socket, or TCP on loopback unless
 // remote clients are allowed) with one read-only export per image. Every
 // export offers two kinds of metadata context: base:allocation, which
-// says "data" everywhere (always true, if not the most useful), and
+// reports as holes (reading as zeros) the holes of the original's backing
+// file in chunks the snapshot never copied, so that clients skip them, and
 // qemu:dirty-bitmap:since-GENERATION-N, the blocks whose change tracking
 // number is above N: what changed since the take whose point was
 // GENERATION:N, as `ublksnap cbt changes --since` reports it. Any N up to
@@ -36,6 +37,7 @@ import (
 	"github.com/ublksnap/ublksnap/cbt"
 	"github.com/ublksnap/ublksnap/nbd"
 	"github.com/ublksnap/ublksnap/snapshot"
+	"github.com/ublksnap/ublksnap/storage"
 )
 
 // Image is what an export serves: snapshot.ImageReader.
@@ -43,6 +45,7 @@ type Image interface {
 	ReadAt(p []byte, off int64) (int, error)
 	Tracking() cbt.Info
 	Changed(since cbt.Point, off, length int64, maxRuns int) ([]cbt.Run, error)
+	Allocation(off, length int64, maxSpans int) ([]storage.Span, error)
 	Ended() <-chan struct{}
 }
 
@@ -307,7 +310,17 @@ func nbdExport(id string, m Member) *nbd.Export {
 	}
 	x.Context = func(name string) nbd.MetaContext {
 		if name == nbd.BaseAllocation {
-			return nbd.AllData
+			return func(off, length int64) ([]nbd.Extent, error) {
+				spans, err := img.Allocation(off, length, maxRuns)
+				ext := make([]nbd.Extent, len(spans))
+				for i, s := range spans {
+					ext[i].Length = s.Length
+					if s.Hole {
+						ext[i].Flags = nbd.StateHole | nbd.StateZero
+					}
+				}
+				return ext, err
+			}
 		}
 		p, ok := parseBitmapName(name)
 		if t := img.Tracking(); !ok || p.Generation != t.Generation || p.Changes > t.Changes {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/ublksnap/ublksnap/cbt"
 	"github.com/ublksnap/ublksnap/nbd"
+	"github.com/ublksnap/ublksnap/storage"
 )
 
 // fakeImage is an Image over bytes whose every other 64 KiB block changed
@@ -39,6 +40,11 @@ func (f *fakeImage) Changed(since cbt.Point, off, length int64, maxRuns int) ([]
 		return nil, cbt.ErrOtherGeneration
 	}
 	return []cbt.Run{{Length: 64<<10 - off%(64<<10), Changed: off>>16%2 == 1}}, nil
+}
+
+// Allocation: the second 64 KiB of every 128 KiB is a hole.
+func (f *fakeImage) Allocation(off, length int64, maxSpans int) ([]storage.Span, error) {
+	return []storage.Span{{Length: 64<<10 - off%(64<<10), Hole: off>>16%2 == 1}}, nil
 }
 
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -149,8 +155,12 @@ func TestBitmapContexts(t *testing.T) {
 	if got, ok := parseBitmapName(BitmapName(p)); !ok || got != p {
 		t.Fatalf("parse(%s) = %v %v", BitmapName(p), got, ok)
 	}
-	if x.Context(nbd.BaseAllocation) == nil {
-		t.Fatal("no base:allocation")
+	alloc, err := x.Context(nbd.BaseAllocation)(64<<10, 4096)
+	if err != nil || len(alloc) != 1 || alloc[0].Flags != nbd.StateHole|nbd.StateZero || alloc[0].Length != 64<<10 {
+		t.Fatalf("base:allocation of a hole: %+v %v", alloc, err)
+	}
+	if alloc, _ := x.Context(nbd.BaseAllocation)(0, 4096); alloc[0].Flags != 0 {
+		t.Fatalf("base:allocation of data: %+v", alloc)
 	}
 	for _, bad := range []string{
 		BitmapName(cbt.Point{Generation: uuid.New(), Changes: 1}),   // another generation

@@ -22,6 +22,7 @@ type ImageReader struct {
 	Size     int64  // bytes
 
 	area  *cow.DiffArea   // immutable
+	orig  *storage.File   // the original's backing; immutable
 	track *cbt.Map        // the device's change tracking; immutable
 	ended <-chan struct{} // the snapshot's ended
 }
@@ -50,7 +51,7 @@ func (m *Manager) OpenImages(id, ref string) ([]*ImageReader, error) {
 			continue
 		}
 		out = append(out, &ImageReader{Snapshot: s.id, Device: mb.dev.path(), Name: mb.dev.name, Size: mb.area.Size(),
-			area: mb.area, track: mb.dev.track, ended: s.ended})
+			area: mb.area, orig: mb.dev.file, track: mb.dev.track, ended: s.ended})
 	}
 	if len(out) == 0 {
 		return nil, fmt.Errorf("%w: %s is not in snapshot %s", ErrNotFound, ref, id)
@@ -91,6 +92,42 @@ func (r *ImageReader) Tracking() cbt.Info { return r.track.Info() }
 // runs of bytes changed or not since the point since (cbt.Map.Runs).
 func (r *ImageReader) Changed(since cbt.Point, off, length int64, maxRuns int) ([]cbt.Run, error) {
 	return r.track.Runs(since, off, length, maxRuns)
+}
+
+// Allocation describes the image from off for about length bytes (at
+// most maxSpans runs) as runs known to read as zeros (Hole) or not. A
+// byte is known to be zero when the original's backing has a hole there
+// and its chunk was never copied: the hole was then already there at the
+// take (a write copies the chunk before it changes the original), and the
+// image keeps reading those zeros whatever happens to the original later.
+func (r *ImageReader) Allocation(off, length int64, maxSpans int) ([]storage.Span, error) {
+	spans, err := r.orig.Allocation(off, min(length, r.Size-off), maxSpans)
+	if err != nil {
+		return nil, err
+	}
+	var out []storage.Span
+	add := func(n int64, hole bool) {
+		if k := len(out); k > 0 && out[k-1].Hole == hole {
+			out[k-1].Length += n
+		} else {
+			out = append(out, storage.Span{Length: n, Hole: hole})
+		}
+	}
+	shift := r.area.ChunkShift()
+	pos := off
+	for _, s := range spans {
+		if !s.Hole {
+			add(s.Length, false)
+			pos += s.Length
+			continue
+		}
+		for end := pos + s.Length; pos < end; {
+			next := min((pos>>shift+1)<<shift, end)
+			add(next-pos, r.area.ImageReadsOriginal(uint64(pos>>shift)))
+			pos = next
+		}
+	}
+	return out, nil
 }
 
 // Ended is closed when the snapshot goes away.
