@@ -72,8 +72,15 @@ func (w *queueWatch) reset() {
 	}
 }
 
+// blkflsbuf is BLKFLSBUF, _IO(0x12, 97): write back and invalidate a
+// block device's page cache.
+const blkflsbuf = 0x1261
+
 // dropPageCache writes back and evicts the page cache of the block device
-// at path.
+// at path. BLKFLSBUF (invalidate_bdev) first drains every CPU's batches of
+// pages not yet on the LRU; FADV_DONTNEED drains only its own CPU's and
+// silently keeps the others (pages fio had just read on the other vCPU
+// stayed cached, three of 30 once in CI).
 func dropPageCache(t *testing.T, path string) {
 	t.Helper()
 	f, err := os.Open(path)
@@ -84,8 +91,8 @@ func dropPageCache(t *testing.T, path string) {
 	if err := unix.Fdatasync(int(f.Fd())); err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
-		t.Fatal(err)
+	if err := unix.IoctlSetInt(int(f.Fd()), blkflsbuf, 0); err != nil {
+		t.Fatalf("BLKFLSBUF %s: %v", path, err)
 	}
 }
 
@@ -140,11 +147,14 @@ func TestUblkQueueThreadNeverWaits(t *testing.T) {
 	cached := [3]int64{w.served[kindRead].Load(), w.deferred[kindRead].Load(), w.worker[kindRead].Load()}
 	t.Logf("strided reads served/deferred/worker: uncached %v, cached %v", uncached, cached)
 	// A read served on the queue thread was in the page cache (RWF_NOWAIT
-	// succeeded without I/O): never a wait. Once in about three CI runs
-	// one of the 30 was, though dropped (readahead or a probe; not found),
-	// so the check is that the reads that need the disk go to workers.
-	if uncached[0] > 2 || uncached[2] < uncached[1] || uncached[2] < 27 {
-		t.Errorf("reads of uncached data: %d served on the queue thread, %d deferred, %d on workers; want at most 2 and the rest on workers", uncached[0], uncached[1], uncached[2])
+	// succeeded without I/O): never a wait. With FADV_DONTNEED as the drop
+	// one to three of the 30 were, now and then (see dropPageCache); with
+	// BLKFLSBUF still one in some runs (10 runs here: 2 had one; the
+	// reader of that page is not found). Up to 5 are tolerated: the check
+	// is that the reads that need the disk go to workers, which a handler
+	// that waited on the queue thread would fail with 30.
+	if uncached[0] > 5 || uncached[2] < uncached[1] || uncached[2] < 25 {
+		t.Errorf("reads of uncached data: %d served on the queue thread, %d deferred, %d on workers; want at most 5 and the rest on workers", uncached[0], uncached[1], uncached[2])
 	}
 	if cached[0] == 0 {
 		t.Errorf("reads of cached data: none served on the queue thread (%v)", cached)
