@@ -203,7 +203,14 @@ func newFixture(t *testing.T, opt Options) *fixture {
 	if opt.Logger == nil {
 		opt.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	srv, err := NewServer([]*Export{e, {Name: "other", Size: 4096, Data: bytes.NewReader(make([]byte, 4096))}}, opt)
+	srv, addr := serveExports(t, []*Export{e, {Name: "other", Size: 4096, Data: bytes.NewReader(make([]byte, 4096))}}, opt)
+	return &fixture{data: f.data, srv: srv, addr: addr}
+}
+
+// serveExports serves exports on a unix socket until the test ends.
+func serveExports(t *testing.T, exports []*Export, opt Options) (*Server, net.Addr) {
+	t.Helper()
+	srv, err := NewServer(exports, opt)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -213,7 +220,7 @@ func newFixture(t *testing.T, opt Options) *fixture {
 	}
 	go srv.Serve(l)
 	t.Cleanup(func() { srv.Close() })
-	return &fixture{data: f.data, srv: srv, addr: l.Addr()}
+	return srv, l.Addr()
 }
 
 func TestSimpleRepliesAfterGo(t *testing.T) {
@@ -557,17 +564,9 @@ func TestBufferPools(t *testing.T) {
 }
 
 func TestDefaultExport(t *testing.T) {
-	srv, err := NewServer([]*Export{{Name: "only", Size: 4096, Data: bytes.NewReader(make([]byte, 4096))}}, Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("unix", t.TempDir()+"/nbd.sock")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(l)
-	defer srv.Close()
-	tc := dial(t, l.Addr())
+	_, addr := serveExports(t, []*Export{{Name: "only", Size: 4096, Data: bytes.NewReader(make([]byte, 4096))}},
+		Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	tc := dial(t, addr)
 	r := tc.option(optGo, goData(""))
 	if r[len(r)-1].typ != repAck || binary.BigEndian.Uint64(r[0].data[2:]) != 4096 {
 		t.Fatalf("GO of the default export: %v", r)
