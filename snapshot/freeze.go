@@ -108,25 +108,46 @@ func RunFreezeHolder(paths []string, in io.Reader, out io.Writer) error {
 
 // freezeMounts freezes the filesystems of mps with FIFREEZE and returns
 // the function that thaws them; on failure it thaws what it froze.
+//
+// Each mount point stays open from its freeze to its thaw, and the thaw
+// goes through that open directory: the path may lead through the root of
+// a caller (/proc/PID/root) that is gone by then, as when a take's client
+// ended because its daemon was killed while the holder's freeze waited
+// for writeback. Reopening the path would then fail and leave the
+// filesystem frozen for good.
 func freezeMounts(mps []mount) (func() error, error) {
-	var frozen []mount
+	type frozenMount struct {
+		mp  mount
+		dir *os.File
+	}
+	var frozen []frozenMount
 	thaw := func() error {
 		var errs []error
-		for _, mp := range frozen {
-			errs = append(errs, fsIoctl(mp, "thaw", ioctlFITHAW))
+		for _, f := range frozen {
+			errs = append(errs, fsIoctl(f.dir, f.mp, "thaw", ioctlFITHAW))
+			f.dir.Close()
 		}
 		frozen = nil
 		return errors.Join(errs...)
 	}
 	for _, mp := range mps {
-		err := fsIoctl(mp, "freeze", ioctlFIFREEZE)
+		dir, err := os.Open(mp.open)
+		if err != nil {
+			thaw()
+			return nil, fmt.Errorf("freeze %s: %w", mp.path, err)
+		}
+		err = fsIoctl(dir, mp, "freeze", ioctlFIFREEZE)
 		switch {
+		case err == nil:
+			frozen = append(frozen, frozenMount{mp, dir})
+			continue
 		case errors.Is(err, unix.EBUSY): // a second mount of a frozen filesystem
-		case err != nil:
+			err = nil
+		}
+		dir.Close()
+		if err != nil {
 			thaw()
 			return nil, err
-		default:
-			frozen = append(frozen, mp)
 		}
 	}
 	return thaw, nil
@@ -141,22 +162,23 @@ func (System) Thaw(ctx context.Context, dev uint64) error {
 	}
 	var errs []error
 	for _, mp := range mps {
-		if err := fsIoctl(mp, "thaw", ioctlFITHAW); !errors.Is(err, unix.EINVAL) {
+		dir, err := os.Open(mp.open)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("thaw %s: %w", mp.path, err))
+			continue
+		}
+		if err := fsIoctl(dir, mp, "thaw", ioctlFITHAW); !errors.Is(err, unix.EINVAL) {
 			errs = append(errs, err)
 		}
+		dir.Close()
 	}
 	return errors.Join(errs...)
 }
 
 // fsIoctl applies FIFREEZE or FITHAW (req, named what) to the filesystem
-// mounted at mp.
-func fsIoctl(mp mount, what string, req uint) error {
-	d, err := os.Open(mp.open)
-	if err == nil {
-		err = unix.IoctlSetInt(int(d.Fd()), req, 0)
-		d.Close()
-	}
-	if err != nil {
+// of dir, the open mount point mp.
+func fsIoctl(dir *os.File, mp mount, what string, req uint) error {
+	if err := unix.IoctlSetInt(int(dir.Fd()), req, 0); err != nil {
 		return fmt.Errorf("%s %s: %w", what, mp.path, err)
 	}
 	return nil

@@ -3,6 +3,7 @@
 package integration
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -369,8 +370,10 @@ func TestDaemonCrashLoop(t *testing.T) {
 
 // TestFreezeHolderOutlivesItsDaemon: a freeze that ends after the daemon
 // died (its writeback waited for the next daemon) answers into a closed
-// pipe; the holder must thaw, not die of SIGPIPE leaving the filesystem
-// frozen (what hung TestDaemonCrashLoop once in five runs).
+// pipe, and the client that asked for the take is gone too; the holder
+// must still thaw, neither dying of SIGPIPE nor failing to reach the
+// filesystem, either of which left TestDaemonCrashLoop's filesystem
+// frozen for good.
 func TestFreezeHolderOutlivesItsDaemon(t *testing.T) {
 	d := startDaemon(t)
 	_, dev := d.attach(64 << 20)
@@ -390,6 +393,40 @@ func TestFreezeHolderOutlivesItsDaemon(t *testing.T) {
 	var exit *exec.ExitError
 	if !errors.As(err, &exit) || exit.ExitCode() != 1 {
 		t.Fatalf("freeze holder answering into a closed pipe: %v (want exit 1 after thawing)\n%s", err, stderr.String())
+	}
+	checkNotFrozen(t, dir, 30*time.Second)
+
+	// The holder is given the mount point through its caller's root
+	// (/proc/PID/root/...), and a take's caller can be gone by the time
+	// of the thaw (it ended when its daemon was killed). The thaw must not
+	// need that path again: this once left the crash loop's filesystem
+	// frozen for good.
+	caller := exec.Command("sleep", "600")
+	if err := caller.Start(); err != nil {
+		t.Fatal(err)
+	}
+	holder = exec.Command(d.bin, "freeze-holder", fmt.Sprintf("/proc/%d/root%s", caller.Process.Pid, dir))
+	stderr.Reset()
+	holder.Stderr = &stderr
+	in, err := holder.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := holder.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if line, _ := bufio.NewReader(out).ReadString('\n'); line != "frozen\n" {
+		t.Fatalf("freeze holder answered %q: %s", line, stderr.String())
+	}
+	caller.Process.Kill()
+	caller.Wait()
+	in.Close()
+	if err := holder.Wait(); err != nil {
+		t.Fatalf("thaw after the caller ended: %v\n%s", err, stderr.String())
 	}
 	checkNotFrozen(t, dir, 30*time.Second)
 }
