@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -63,6 +64,21 @@ func taskStacks(pid int) string {
 		wchan, _ := os.ReadFile(task + "/wchan")
 		stack, _ := os.ReadFile(task + "/stack")
 		fmt.Fprintf(&b, "%s wchan %s\n%s\n", strings.TrimSpace(string(stat)), wchan, stack)
+	}
+	return b.String()
+}
+
+// stacksOf gives taskStacks of every process whose command is one of
+// names.
+func stacksOf(names ...string) string {
+	var b strings.Builder
+	comms, _ := filepath.Glob("/proc/[0-9]*/comm")
+	for _, f := range comms {
+		comm, _ := os.ReadFile(f)
+		pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(f)))
+		if slices.Contains(names, strings.TrimSpace(string(comm))) {
+			b.WriteString(taskStacks(pid))
+		}
 	}
 	return b.String()
 }
@@ -356,7 +372,7 @@ func TestDaemonCrashLoop(t *testing.T) {
 			t.Fatal(err)
 		}
 	case <-time.After(5 * time.Minute):
-		t.Fatal("fio did not finish")
+		t.Fatalf("fio did not finish; the kernel stacks of every fio and ublksnap process (a freeze holder among them):\n%s", stacksOf("fio", "ublksnap"))
 	}
 	if runs.Load() == 0 {
 		t.Fatal("no fio run finished")
