@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"sort"
 	"sync"
@@ -309,15 +310,25 @@ func (m *Manager) Leave() error {
 	for _, s := range saved {
 		m.abandon(s)
 	}
+	// Every device at once: each pause waits for that device's writes in
+	// flight, and the restart's pause is the longest of them, not the sum.
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for _, d := range m.devices {
-		if err := d.orig.Flush(); err != nil {
-			errs = append(errs, fmt.Errorf("flush %s: %w", d.path(), err))
-		}
-		m.leaveCBT(d)
+	devs := slices.Collect(maps.Values(m.devices))
+	flushed := make([]error, len(devs))
+	var wg sync.WaitGroup
+	for i, d := range devs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := d.orig.Flush(); err != nil {
+				flushed[i] = fmt.Errorf("flush %s: %w", d.path(), err)
+			}
+			m.leaveCBT(d)
+		}()
 	}
-	return errors.Join(errs...)
+	wg.Wait()
+	return errors.Join(append(errs, flushed...)...)
 }
 
 // leaveCBT pauses the changes to d for good (the next daemon gets them
