@@ -15,13 +15,17 @@
 // copy.
 //
 // An export ends with Stop, when its snapshot goes away, or when the
-// Exports close; its unix socket is removed then.
+// Exports close; its unix socket is removed then. Across a planned restart
+// of the daemon, which keeps the snapshots, Saved describes the exports
+// and the next daemon starts them again where they were (see Saved).
 package export
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -35,6 +39,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ublksnap/ublksnap/cbt"
+	"github.com/ublksnap/ublksnap/internal/atomicfile"
 	"github.com/ublksnap/ublksnap/nbd"
 	"github.com/ublksnap/ublksnap/snapshot"
 	"github.com/ublksnap/ublksnap/storage"
@@ -66,10 +71,21 @@ type Member struct {
 type Options struct {
 	// Listen is unix:PATH (an absolute path, in the caller's view; it
 	// must not exist) or tcp:HOST:PORT.
-	Listen string
+	Listen string `json:"listen"`
 	// AllowRemote allows a TCP address that is not loopback. NBD here
 	// has neither TLS nor authentication.
-	AllowRemote bool
+	AllowRemote bool `json:"allow_remote,omitempty"`
+}
+
+// Saved is what starts an export again in the next daemon after a planned
+// restart: the same snapshot, members and names on the same listener.
+type Saved struct {
+	Snapshot string `json:"snapshot"`
+	// Options.Listen is in the daemon's own view, with the TCP port
+	// that was bound.
+	Options Options `json:"options"`
+	// Names are the export names by original device.
+	Names map[string]string `json:"names"`
 }
 
 // Info describes a running export.
@@ -95,6 +111,7 @@ type Exports struct {
 // running is one listener and its server.
 type running struct {
 	info     Info
+	saved    *Saved // to start it again; nil when the next daemon could not listen there
 	srv      *nbd.Server
 	stop     chan struct{} // closed (once, by end) to end the export
 	stopOnce sync.Once
@@ -136,15 +153,22 @@ func (e *Exports) Start(ctx context.Context, id string, members []Member, opt Op
 	if e.running[opt.Listen] != nil {
 		return fail(ErrExists)
 	}
-	l, cleanup, err := listen(ctx, opt)
+	l, cleanup, again, err := listen(ctx, opt)
 	if err != nil {
 		return fail(err)
 	}
 	info.Address = opt.Listen
 	if tl, ok := l.(*net.TCPListener); ok {
 		info.Address = "tcp:" + tl.Addr().String()
+		again = info.Address
 	}
 	r := &running{info: info, srv: srv, stop: make(chan struct{}), stopped: make(chan struct{})}
+	if again != "" {
+		r.saved = &Saved{Snapshot: id, Options: Options{Listen: again, AllowRemote: opt.AllowRemote}, Names: map[string]string{}}
+		for _, m := range members {
+			r.saved.Names[m.Device] = m.Name
+		}
+	}
 	e.running[opt.Listen] = r
 	go srv.Serve(l)
 	go func() {
@@ -195,6 +219,55 @@ func (e *Exports) List() []Info {
 	return out
 }
 
+// Saved describes the running exports for the next daemon, leaving out
+// (with a log line) those it could not listen for: a unix socket in a
+// directory the daemon's own mount namespace does not see.
+func (e *Exports) Saved() []Saved {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var out []Saved
+	for _, r := range e.running {
+		if r.saved == nil {
+			e.log.Warn("export will not be started again after the restart: the daemon does not see its socket's directory", "listen", r.info.Listen, "snapshot", r.info.Snapshot)
+			continue
+		}
+		out = append(out, *r.saved)
+	}
+	return out
+}
+
+// WriteSaved writes saved to path, replacing it atomically.
+func WriteSaved(path string, saved []Saved) error {
+	b, err := json.Marshal(saved)
+	if err == nil {
+		err = atomicfile.WriteFile(path, b, 0o600)
+	}
+	if err != nil {
+		return fmt.Errorf("save the exports for the next daemon: %w", err)
+	}
+	return nil
+}
+
+// TakeSaved reads and removes what WriteSaved wrote to path; nothing when
+// there is no such file.
+func TakeSaved(path string) ([]Saved, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err == nil {
+		err = os.Remove(path)
+	}
+	var saved []Saved
+	if err == nil {
+		err = json.Unmarshal(b, &saved)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("exports saved by an earlier daemon in %s: %w", path, err)
+	}
+	return saved, nil
+}
+
 // Close ends every export.
 func (e *Exports) Close() {
 	e.mu.Lock()
@@ -210,8 +283,9 @@ func (e *Exports) Close() {
 }
 
 // listen opens the listener of opt and returns the function that removes
-// what it created.
-func listen(ctx context.Context, opt Options) (net.Listener, func(), error) {
+// what it created and, for a unix socket, its address in this process's
+// view ("" when it has none there).
+func listen(ctx context.Context, opt Options) (l net.Listener, cleanup func(), again string, err error) {
 	kind, addr, _ := strings.Cut(opt.Listen, ":")
 	switch kind {
 	case "unix":
@@ -219,18 +293,18 @@ func listen(ctx context.Context, opt Options) (net.Listener, func(), error) {
 	case "tcp":
 		host, _, err := net.SplitHostPort(addr)
 		if err != nil {
-			return nil, nil, fmt.Errorf("%w: %w", err, syscall.EINVAL)
+			return nil, nil, "", fmt.Errorf("%w: %w", err, syscall.EINVAL)
 		}
 		if !opt.AllowRemote && !isLoopback(host) {
-			return nil, nil, fmt.Errorf("%s is not a loopback address and NBD here has neither TLS nor authentication; allow remote clients explicitly: %w", host, syscall.EPERM)
+			return nil, nil, "", fmt.Errorf("%s is not a loopback address and NBD here has neither TLS nor authentication; allow remote clients explicitly: %w", host, syscall.EPERM)
 		}
 		l, err := net.Listen("tcp", addr)
 		if err != nil {
-			return nil, nil, err
+			return nil, nil, "", err
 		}
-		return l, func() {}, nil
+		return l, func() {}, "", nil
 	}
-	return nil, nil, fmt.Errorf("listen address %q: want unix:PATH or tcp:HOST:PORT: %w", opt.Listen, syscall.EINVAL)
+	return nil, nil, "", fmt.Errorf("listen address %q: want unix:PATH or tcp:HOST:PORT: %w", opt.Listen, syscall.EINVAL)
 }
 
 func isLoopback(host string) bool {
@@ -244,38 +318,46 @@ func isLoopback(host string) bool {
 // listenUnix binds a socket at path p of the caller of ctx. The socket is
 // made through a handle on its directory, which stays valid after the
 // caller (whose /proc/PID/root leads there) is gone, so that it can be
-// removed then.
-func listenUnix(ctx context.Context, p string) (net.Listener, func(), error) {
+// removed then. It also returns unix:p when p names the same directory
+// in this process's own view, where a later daemon can bind it again.
+func listenUnix(ctx context.Context, p string) (net.Listener, func(), string, error) {
 	open, err := snapshot.CallerPath(ctx, p)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, "", err
 	}
 	dir, err := os.OpenFile(filepath.Dir(open), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, nil, fmt.Errorf("directory of %s: %w", p, err)
+		return nil, nil, "", fmt.Errorf("directory of %s: %w", p, err)
 	}
 	base := filepath.Base(open)
 	if err := unix.Fstatat(int(dir.Fd()), base, new(unix.Stat_t), unix.AT_SYMLINK_NOFOLLOW); err == nil {
 		dir.Close()
-		return nil, nil, fmt.Errorf("%s exists; remove it or choose another path: %w", p, syscall.EEXIST)
+		return nil, nil, "", fmt.Errorf("%s exists; remove it or choose another path: %w", p, syscall.EEXIST)
 	}
 	via := fmt.Sprintf("/proc/self/fd/%d/%s", dir.Fd(), base)
 	l, err := net.Listen("unix", via)
 	if err != nil {
 		dir.Close()
-		return nil, nil, err
+		return nil, nil, "", err
 	}
 	l.(*net.UnixListener).SetUnlinkOnClose(false) // the path through /proc/self/fd dies with dir
 	if err := unix.Fchmodat(int(dir.Fd()), base, 0o600, 0); err != nil {
 		l.Close()
 		unix.Unlinkat(int(dir.Fd()), base, 0)
 		dir.Close()
-		return nil, nil, err
+		return nil, nil, "", err
+	}
+	again := ""
+	var there, here unix.Stat_t
+	clean := filepath.Clean(p)
+	if unix.Fstat(int(dir.Fd()), &there) == nil && unix.Stat(filepath.Dir(clean), &here) == nil &&
+		there.Dev == here.Dev && there.Ino == here.Ino {
+		again = "unix:" + clean
 	}
 	return l, func() {
 		unix.Unlinkat(int(dir.Fd()), base, 0)
 		dir.Close()
-	}, nil
+	}, again, nil
 }
 
 // BitmapPrefix starts the names of the dirty bitmap contexts.

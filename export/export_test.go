@@ -17,6 +17,7 @@ import (
 
 	"github.com/ublksnap/ublksnap/cbt"
 	"github.com/ublksnap/ublksnap/nbd"
+	"github.com/ublksnap/ublksnap/snapshot"
 	"github.com/ublksnap/ublksnap/storage"
 )
 
@@ -175,5 +176,63 @@ func TestBitmapContexts(t *testing.T) {
 	ext, err := x.Context(BitmapName(p))(64<<10+512, 4096)
 	if err != nil || len(ext) != 1 || ext[0].Flags != nbd.StateDirty || ext[0].Length != 64<<10-512 {
 		t.Fatalf("bitmap extents %+v %v", ext, err)
+	}
+}
+
+// Saved describes the running exports as the next daemon starts them:
+// the unix socket's path and the TCP port bound, the names by device;
+// TakeSaved reads back what WriteSaved wrote, once.
+func TestSavedForTheNextDaemon(t *testing.T) {
+	e := New(quiet())
+	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	members := []Member{{Name: "disk", Device: "/dev/ublkb0", Size: 1 << 20, Image: newFakeImage()}}
+	if _, err := e.Start(context.Background(), "a", members, Options{Listen: "unix:" + sock}); err != nil {
+		t.Fatal(err)
+	}
+	tcp, err := e.Start(context.Background(), "b", members, Options{Listen: "tcp:127.0.0.1:0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	saved := e.Saved()
+	e.Close()
+	if len(saved) != 2 {
+		t.Fatalf("saved %+v, want both exports", saved)
+	}
+	for _, sv := range saved {
+		want := map[string]string{"a": "unix:" + sock, "b": tcp.Address}[sv.Snapshot]
+		if sv.Options.Listen != want || sv.Names["/dev/ublkb0"] != "disk" || len(sv.Names) != 1 {
+			t.Errorf("saved %+v, want listen %s and the name by device", sv, want)
+		}
+	}
+
+	path := filepath.Join(t.TempDir(), "d.exports.json")
+	if got, err := TakeSaved(path); err != nil || got != nil {
+		t.Fatalf("no file: %v, %v", got, err)
+	}
+	if err := WriteSaved(path, saved); err != nil {
+		t.Fatal(err)
+	}
+	got, err := TakeSaved(path)
+	if err != nil || len(got) != 2 || got[0].Options != saved[0].Options || got[1].Names["/dev/ublkb0"] != "disk" {
+		t.Fatalf("read back %+v, %v; wrote %+v", got, err, saved)
+	}
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("TakeSaved left the file: %v", err)
+	}
+	os.WriteFile(path, []byte("[{"), 0o600)
+	if _, err := TakeSaved(path); err == nil {
+		t.Fatal("a damaged file read without an error")
+	}
+
+	// A socket the daemon reaches only through its caller's root (a
+	// caller with another root or mount namespace): not saved.
+	e = New(quiet())
+	defer e.Close()
+	ctx := snapshot.WithCaller(context.Background(), snapshot.Caller{Root: t.TempDir()})
+	if _, err := e.Start(ctx, "c", members, Options{Listen: "unix:/nbd.sock"}); err != nil {
+		t.Fatal(err)
+	}
+	if saved := e.Saved(); len(saved) != 0 {
+		t.Fatalf("saved %+v for a socket the daemon does not see", saved)
 	}
 }

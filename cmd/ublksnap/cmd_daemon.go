@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -104,6 +105,12 @@ func serveDaemon(ctx context.Context, socket string, params cow.Params, log *slo
 	}
 	logRecovery(log, rep)
 	exports := export.New(log)
+	exportsPath := strings.TrimSuffix(statePath, ".state.json") + ".exports.json"
+	if saved, err := export.TakeSaved(exportsPath); err != nil {
+		log.Error("exports of the earlier daemon not started again", "err", err)
+	} else {
+		daemon.ResumeExports(mgr, exports, saved, log)
+	}
 	srv := daemon.NewServer(ctx, mgr, exports, version, log) // SIGTERM ends waits
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(l) }()
@@ -119,11 +126,18 @@ func serveDaemon(ctx context.Context, socket string, params cow.Params, log *slo
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	srv.Shutdown(sctx)
+	saved := exports.Saved()
 	exports.Close()
 	if !forGood {
 		// SIGTERM or SIGINT: a restart. The filtered devices stay and
 		// wait for the next daemon; the process exits with them served.
+		// The snapshots Leave keeps come back with their exports.
 		log.Info("leaving the filtered devices to the next daemon (ublksnap shutdown stops them)")
+		if len(saved) > 0 {
+			if err := export.WriteSaved(exportsPath, saved); err != nil {
+				log.Warn("exports will not be started again after the restart", "err", err)
+			}
+		}
 		if err := mgr.Leave(); err != nil {
 			return fmt.Errorf("leave: %w", err)
 		}

@@ -203,7 +203,8 @@ func TestDaemonCrashRecovery(t *testing.T) {
 // touches anything, and the next daemon serves the devices again. A
 // snapshot kept in a named file goes on (its image reads the same before
 // and after, also after more writes to the original); one kept in an
-// unnamed file in a directory is reported lost.
+// unnamed file in a directory is reported lost. The NBD export of the
+// first comes back on its socket and name; the second's does not.
 func TestDaemonPlannedRestart(t *testing.T) {
 	d := startDaemon(t)
 	_, dev := d.attach(128 << 20)
@@ -217,6 +218,9 @@ func TestDaemonPlannedRestart(t *testing.T) {
 	id2, images := d.snapshot(store, "64MiB", dev2)
 	run(t, "dd", "if=/dev/zero", "of="+dev2, "bs=1M", "count=8", "seek=4", "oflag=direct")
 	before := deviceMD5(t, images[0])
+	// NBD exports of both: the one of the snapshot that goes on comes back.
+	exp, uri := d.export(id2, "--name", "kept")
+	lostExp, _ := d.export(id)
 
 	// A second daemon on the same socket: refused, nothing touched.
 	out, err := exec.Command(d.bin, "daemon", "--socket", d.socket).CombinedOutput()
@@ -277,6 +281,19 @@ func TestDaemonPlannedRestart(t *testing.T) {
 	run(t, "dd", "if=/dev/urandom", "of="+dev2, "bs=1M", "count=16", "seek=32", "oflag=direct")
 	if got := deviceMD5(t, sn.Devices[0].Image); got != before {
 		t.Fatalf("writes to the original after the restart changed the image: md5 %s, was %s", got, before)
+	}
+	var listed []exportInfo
+	d2.cliJSON(&listed, "export", "list")
+	if len(listed) != 1 || listed[0].Address != exp.Address || listed[0].Exports[0].Name != "kept" {
+		t.Fatalf("exports after the restart: %+v, want only %+v", listed, exp)
+	}
+	copied := filepath.Join(t.TempDir(), "copy.img")
+	run(t, "nbdcopy", uri, copied)
+	if got := fileMD5(t, copied); got != before {
+		t.Fatalf("nbdcopy of the export after the restart: md5 %s, the image is %s", got, before)
+	}
+	if _, err := os.Stat(strings.TrimPrefix(lostExp.Address, "unix:")); !os.IsNotExist(err) {
+		t.Errorf("the socket of the lost snapshot's export is still there: %v", err)
 	}
 	d2.cli("snapshot", "destroy", "--id", id2)
 	if _, err := os.Stat(store); !os.IsNotExist(err) {

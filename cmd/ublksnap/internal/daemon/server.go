@@ -11,7 +11,6 @@
 package daemon
 
 import (
-	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -244,14 +243,14 @@ func NewHandler(svc Service, exports *export.Exports, version string, log *slog.
 		if err != nil {
 			return nil, err
 		}
-		if req.Name != "" && len(images) != 1 {
-			return nil, fmt.Errorf("a name is for one image, and snapshot %s has %d: give the device too: %w", req.Snapshot, len(images), syscall.EINVAL)
+		var names map[string]string
+		if req.Name != "" {
+			if len(images) != 1 {
+				return nil, fmt.Errorf("a name is for one image, and snapshot %s has %d: give the device too: %w", req.Snapshot, len(images), syscall.EINVAL)
+			}
+			names = map[string]string{images[0].Device: req.Name}
 		}
-		members := make([]export.Member, len(images))
-		for i, img := range images {
-			members[i] = export.Member{Name: cmp.Or(req.Name, img.Name), Device: img.Device, Size: img.Size, Image: img}
-		}
-		info, err := exports.Start(r.Context(), req.Snapshot, members, export.Options{Listen: req.Listen, AllowRemote: req.AllowRemote})
+		info, err := exports.Start(r.Context(), req.Snapshot, exportMembers(images, names), export.Options{Listen: req.Listen, AllowRemote: req.AllowRemote})
 		return exportToWire(info), err
 	})
 	h("GET /v1/exports", func(r *http.Request) (any, error) {
