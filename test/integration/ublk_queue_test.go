@@ -72,10 +72,6 @@ func (w *queueWatch) reset() {
 	}
 }
 
-// blkflsbuf is BLKFLSBUF, _IO(0x12, 97): write back and invalidate a
-// block device's page cache.
-const blkflsbuf = 0x1261
-
 // dropPageCache writes back and evicts the page cache of the block device
 // at path. BLKFLSBUF (invalidate_bdev) first drains every CPU's batches of
 // pages not yet on the LRU; FADV_DONTNEED drains only its own CPU's and
@@ -91,7 +87,7 @@ func dropPageCache(t *testing.T, path string) {
 	if err := unix.Fdatasync(int(f.Fd())); err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.IoctlSetInt(int(f.Fd()), blkflsbuf, 0); err != nil {
+	if err := unix.IoctlSetInt(int(f.Fd()), unix.BLKFLSBUF, 0); err != nil {
 		t.Fatalf("BLKFLSBUF %s: %v", path, err)
 	}
 }
