@@ -156,25 +156,65 @@ func (o *Original) finish(op writeOp, off, n int64, p []byte, done func(error)) 
 	done(o.submit(context.Background(), op, off, n, p, false))
 }
 
-// submit does the COW for a data-changing request and then the request.
-// The request stays registered with the area until it is done, so that
-// closing the area waits for it.
-func (o *Original) submit(ctx context.Context, op writeOp, off, n int64, p []byte, nowait bool) error {
+// Prepare does the copy-on-write for a change of n bytes at off that the
+// caller then makes itself (as backing I/O of its own): when it returns nil
+// no chunk of the range needs copying any more. With nowait set it never
+// blocks and answers ErrWouldBlock, having copied nothing, when a chunk
+// must be loaded. It fails with ctx.Err() if ctx ends while it waits (the
+// change must then not be made) and with EINVAL for a range beyond the
+// device; snapshot trouble never fails it (it corrupts the snapshot).
+//
+// The caller must make the change before anything else can switch the
+// device's diff area (the daemon's gate guarantees it: it pauses the
+// device's changes around every switch).
+func (o *Original) Prepare(ctx context.Context, off, n int64, nowait bool) error {
+	return o.prepare(ctx, opWrite, off, n, nowait)
+}
+
+// PrepareAsync is Prepare for a caller that must not block: it returns nil
+// when nothing needs copying, or ErrPending at once and copies on a new
+// goroutine, which then calls done (with nil: the change may be made).
+func (o *Original) PrepareAsync(off, n int64, done func(error)) error {
+	err := o.prepare(context.Background(), opWrite, off, n, true)
+	if !errors.Is(err, ErrWouldBlock) {
+		return err
+	}
+	go func() {
+		defer func() {
+			if r := recover(); r != nil {
+				err := fmt.Errorf("copy-on-write %s [%d+%d]: panic: %v: %w", o.dev.Name(), off, n, r, syscall.EIO)
+				if da := o.area.Load(); da != nil {
+					da.Corrupt(err)
+				}
+				done(err)
+			}
+		}()
+		done(o.prepare(context.Background(), opWrite, off, n, false))
+	}()
+	return ErrPending
+}
+
+// prepare checks the range and does the COW of a request of kind op.
+func (o *Original) prepare(ctx context.Context, op writeOp, off, n int64, nowait bool) error {
 	size := o.dev.Geometry().Size
 	if off < 0 || n < 0 || off+n > size {
 		return fmt.Errorf("%v %s [%d+%d]: beyond the %d-byte device: %w", op, o.dev.Name(), off, n, size, syscall.EINVAL)
 	}
-	if da := o.area.Load(); da != nil && da.enter() {
-		defer da.leave()
-		var err error
-		if nowait {
-			err = da.cowNoWait(off, n)
-		} else {
-			err = da.cow(ctx, off, n)
-		}
-		if err != nil {
-			return err
-		}
+	da := o.area.Load()
+	if da == nil || !da.enter() {
+		return nil
+	}
+	defer da.leave()
+	if nowait {
+		return da.cowNoWait(off, n)
+	}
+	return da.cow(ctx, off, n)
+}
+
+// submit does the COW for a data-changing request and then the request.
+func (o *Original) submit(ctx context.Context, op writeOp, off, n int64, p []byte, nowait bool) error {
+	if err := o.prepare(ctx, op, off, n, nowait); err != nil {
+		return err
 	}
 	var err error
 	switch op {

@@ -13,40 +13,28 @@ import (
 )
 
 // handlerOf returns the handler serving node.
-func (e *env) handlerOf(node string) ublk.Handler {
+func (e *env) handlerOf(node string) (ublk.Handler, []int) {
 	e.t.Helper()
 	e.srv.mu.Lock()
 	defer e.srv.mu.Unlock()
 	for _, b := range e.srv.served {
 		if b.path == node && !b.closed {
-			return b.h
+			return b.h, b.files
 		}
 	}
 	e.t.Fatalf("%s is not served", node)
-	return nil
+	return nil, nil
 }
 
 // do sends a request to node as ublk would: on the queue goroutine first,
 // again on a worker if that would block, then waits for it.
 func (e *env) do(node string, op ublk.Op, off int64, buf []byte) {
 	e.t.Helper()
-	h := e.handlerOf(node)
-	done := make(chan error, 1)
-	for _, nowait := range []bool{true, false} {
-		r := ublk.NewRequest(op, 0, off, len(buf), buf, nowait, func(err error) { done <- err })
-		err := h.Handle(r)
-		if wouldBlock(err) {
-			continue
-		}
-		if err == ublk.ErrInProgress {
-			err = <-done
-		}
-		if err != nil {
-			e.t.Fatalf("%v of %s at %d: %v", op, node, off, err)
-		}
-		return
+	h, files := e.handlerOf(node)
+	r := ublk.NewRequest(op, 0, off, len(buf), buf, true, nil)
+	if err := ublk.Run(h, r, files); err != nil {
+		e.t.Fatalf("%v of %s at %d: %v", op, node, off, err)
 	}
-	e.t.Fatalf("%v of %s at %d would block on a worker", op, node, off)
 }
 
 // changedSince returns the extents of dev changed since p.

@@ -33,7 +33,8 @@ type device struct {
 func (d *device) path() string { return d.blk.Path() }
 
 func (d *device) info() DeviceInfo {
-	a := DeviceInfo{Name: d.name, Path: d.path(), Backing: d.backing.name, Size: d.file.Geometry().Size}
+	a := DeviceInfo{Name: d.name, Path: d.path(), Backing: d.backing.name, Size: d.file.Geometry().Size,
+		IOMode: d.blk.IOMode().String(), DirectIO: directIO(d.file)}
 	if d.snap != nil {
 		a.Snapshot = d.snap.id
 	}
@@ -46,12 +47,22 @@ type AttachOptions struct {
 	Name    string // "" : the backing's base name
 	Queues  int    // 0: ublk's default
 	Depth   int    // 0: ublk's default
+	// IOMode is "copy", "auto" or "zero-copy"; "" is the daemon's
+	// default. A recovered device keeps the mode it was created in.
+	IOMode string
 }
 
 // Attach opens the backing device and serves it as a filtered device.
 func (m *Manager) Attach(ctx context.Context, opt AttachOptions) (DeviceInfo, error) {
 	if opt.Queues < 0 || opt.Depth < 0 {
 		return DeviceInfo{}, fmt.Errorf("%w: queues and depth must not be negative", ErrInvalid)
+	}
+	mode := m.ioMode
+	if opt.IOMode != "" {
+		var err error
+		if mode, err = ublk.ParseIOMode(opt.IOMode); err != nil {
+			return DeviceInfo{}, fmt.Errorf("%w: attach: %v", ErrInvalid, err)
+		}
 	}
 	backing, id, err := locate(ctx, "backing", opt.Backing, false)
 	if err != nil {
@@ -80,7 +91,7 @@ func (m *Manager) Attach(ctx context.Context, opt AttachOptions) (DeviceInfo, er
 		return DeviceInfo{}, fmt.Errorf("attach %s: %w", backing.name, err)
 	}
 	geo := file.Geometry()
-	cfg := m.deviceConfig(geo, m.statePath != "")
+	cfg := m.deviceConfig(file, mode, m.statePath != "")
 	if opt.Queues > 0 {
 		cfg.Queues = opt.Queues
 	}
@@ -151,13 +162,22 @@ func (m *Manager) checkUnusedLocked(ctx context.Context, blk BlockDevice) error 
 	return nil
 }
 
-// deviceConfig is the ublk configuration of a device over a backing of
-// geometry geo, tagged as ours; a recoverable one outlives the daemon.
-func (m *Manager) deviceConfig(geo storage.Geometry, recoverable bool) ublk.Config {
-	cfg := DeviceConfig(geo, m.log)
+// deviceConfig is the ublk configuration of a filtered device over dev in
+// I/O mode mode, tagged as ours; a recoverable one outlives the daemon.
+func (m *Manager) deviceConfig(dev storage.Device, mode ublk.IOMode, recoverable bool) ublk.Config {
+	cfg := DeviceConfig(dev, m.log)
+	if cfg.Files != nil {
+		cfg.IOMode = mode
+	}
 	cfg.Owner = m.owner
 	cfg.Recoverable = recoverable
 	return cfg
+}
+
+// directIO reports whether dev's data path is O_DIRECT.
+func directIO(dev storage.Device) bool {
+	d, ok := dev.(interface{ DirectIO() bool })
+	return ok && d.DirectIO()
 }
 
 // closeDevice stops a device taken out of the manager and keeps the

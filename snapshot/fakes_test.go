@@ -38,6 +38,7 @@ type fakeBlock struct {
 	path   string
 	dev    uint64
 	h      ublk.Handler
+	files  []int // the descriptors its config registers (ublk.Config.Files)
 	mu     sync.Mutex
 	closed bool // guarded by mu
 	dead   bool // its server crashed: Close leaves the kernel alone; guarded by srv.mu
@@ -59,15 +60,15 @@ func (s *fakeServer) Serve(_ context.Context, cfg ublk.Config, h ublk.Handler) (
 		s.kernel = map[int]*ublk.Info{}
 	}
 	s.kernel[n] = &ublk.Info{ID: n, State: ublk.StateLive, Owner: cfg.Owner, Flags: flags, Size: cfg.Size}
-	return s.blockLocked(n, h), nil
+	return s.blockLocked(n, h, cfg.Files), nil
 }
 
-func (s *fakeServer) blockLocked(n int, h ublk.Handler) *fakeBlock {
+func (s *fakeServer) blockLocked(n int, h ublk.Handler, files []int) *fakeBlock {
 	dev := uint64(1000 + n)
 	if s.devNum != nil {
 		dev = s.devNum(n)
 	}
-	b := &fakeBlock{srv: s, n: n, path: fmt.Sprintf("/dev/fake%d", n), dev: dev, h: h}
+	b := &fakeBlock{srv: s, n: n, path: fmt.Sprintf("/dev/fake%d", n), dev: dev, h: h, files: files}
 	s.served = append(s.served, b)
 	return b
 }
@@ -100,7 +101,7 @@ func (s *fakeServer) Recover(_ context.Context, n int, cfg ublk.Config, h ublk.H
 		return nil, fmt.Errorf("%w: device %d is %s", ublk.ErrNotRecoverable, n, info.State)
 	}
 	info.State = ublk.StateLive
-	return s.blockLocked(n, h), nil
+	return s.blockLocked(n, h, cfg.Files), nil
 }
 
 func (s *fakeServer) Scan() ([]ublk.Info, error) {
@@ -127,6 +128,8 @@ func (s *fakeServer) Remove(n int) error {
 func (b *fakeBlock) ID() int        { return b.n }
 func (b *fakeBlock) Path() string   { return b.path }
 func (b *fakeBlock) DevNum() uint64 { return b.dev }
+
+func (b *fakeBlock) IOMode() ublk.IOMode { return ublk.IOModeCopy }
 func (b *fakeBlock) Close() error {
 	if b.srv.closeCh != nil {
 		<-b.srv.closeCh

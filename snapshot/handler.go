@@ -12,17 +12,42 @@ import (
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/ublk"
+	"golang.org/x/sys/unix"
 )
 
-// The handlers follow ublk's contract: on the queue thread (NoWait) they
-// never block. What may wait answers ublk.ErrWouldBlock there and runs
-// again on a worker: reads not in the page cache (tried with RWF_NOWAIT
-// first), flushes, FUA writes, discards and write-zeroes of the filtered
-// device (fallocate, BLKDISCARD, BLKZEROOUT: file system and disk work,
-// up to 1 GiB per request), COW loads, and image I/O that needs the
-// difference storage. A panic while serving a request fails only that
-// request with EIO and corrupts the snapshot involved; every other device
-// goes on.
+// The handlers follow ublk's contract. A filtered device backed by a file
+// with a descriptor (storage.File) serves every request as backing I/O on
+// the queue's ring (its DataFD is the device's registered file 0): reads,
+// flushes and writes that need no COW never leave the queue thread, and
+// what would block is io_uring's business. What must wait in this process
+// runs elsewhere: a write whose chunks must be copied first is prepared on
+// a goroutine of the engine and then submitted, and a write the gate holds
+// (a take pausing the device) waits on a worker. A backing device without
+// a descriptor (the fakes of the host tests) is served synchronously from
+// the request's buffer, as before ring I/O: on the queue thread only what
+// needs no waiting, the rest on a worker. A panic while serving a request
+// fails only that request with EIO and corrupts the snapshot involved;
+// every other device goes on.
+
+// dataFile is a backing device with a descriptor for ring I/O.
+type dataFile interface {
+	DataFD() int
+}
+
+// backingFiles returns the descriptors a device over dev registers on its
+// queue rings (ublk.Config.Files): its data descriptor, if it has one.
+func backingFiles(dev storage.Device) []int {
+	if f, ok := dev.(dataFile); ok {
+		return []int{f.DataFD()}
+	}
+	return nil
+}
+
+// Private words of the original handler's requests.
+const (
+	privAdmitted      = 1 << iota // the request passed the gate and must Leave it
+	privZeroesOnWorker            // ring write-zeroes refused: zero on a worker
+)
 
 // originalHandler serves a filtered device: reads and flushes go straight
 // to the backing device; writes, discards and write-zeroes pass the gate
@@ -33,12 +58,22 @@ type originalHandler struct {
 	gate  *gate         // admits the data-changing requests; immutable
 	track *cbt.Map      // marked by every admitted change, or nil; immutable
 	log   *slog.Logger  // immutable
+	ring  bool          // backing I/O goes through the ring, on ublk.RegisteredFile(0); immutable
+	block bool          // the backing is a block device (fallocate modes differ); immutable
 }
 
 // newOriginalHandler returns the handler of a filtered device; track, if
-// not nil, records the blocks its requests change.
+// not nil, records the blocks its requests change. Its device's ublk
+// configuration must register backingFiles(orig.Device()).
 func newOriginalHandler(orig *cow.Original, g *gate, track *cbt.Map, log *slog.Logger) ublk.Handler {
-	return &originalHandler{orig: orig, gate: g, track: track, log: log}
+	h := &originalHandler{orig: orig, gate: g, track: track, log: log}
+	if f, ok := orig.Device().(*storage.File); ok {
+		h.ring = true
+		if st, err := f.Stat(); err == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK {
+			h.block = true
+		}
+	}
+	return h
 }
 
 // NewPassthrough returns the handler of a plain pass-through device over
@@ -47,10 +82,21 @@ func NewPassthrough(dev *storage.File, log *slog.Logger) ublk.Handler {
 	return newOriginalHandler(cow.NewOriginal(dev), newGate(), nil, log)
 }
 
-// DeviceConfig returns the ublk configuration of a device presenting a
-// backing of geometry geo: its size and block sizes, with discard and
-// write-zeroes.
-func DeviceConfig(geo storage.Geometry, log *slog.Logger) ublk.Config {
+// DeviceConfig returns the ublk configuration of a device presenting dev:
+// its size and block sizes, with discard and write-zeroes, its data
+// descriptor registered for ring I/O, zero copy where the kernel has it.
+func DeviceConfig(dev storage.Device, log *slog.Logger) ublk.Config {
+	cfg := geometryConfig(dev.Geometry(), log)
+	cfg.Files = backingFiles(dev)
+	if cfg.Files != nil {
+		cfg.IOMode = ublk.IOModeAuto
+	}
+	return cfg
+}
+
+// geometryConfig is the ublk configuration of a device of geometry geo,
+// in copy mode.
+func geometryConfig(geo storage.Geometry, log *slog.Logger) ublk.Config {
 	cfg := ublk.DefaultConfig(geo.Size)
 	cfg.LogicalBlockSize = max(geo.LogicalBlockSize, storage.SectorSize)
 	cfg.PhysicalBlockSize = max(geo.PhysicalBlockSize, cfg.LogicalBlockSize)
@@ -60,15 +106,140 @@ func DeviceConfig(geo storage.Geometry, log *slog.Logger) ublk.Config {
 }
 
 func (h *originalHandler) Handle(req *ublk.Request) (err error) {
-	entered := false
 	defer func() {
 		if r := recover(); r != nil {
-			if entered {
+			if req.Private&privAdmitted != 0 {
+				req.Private = 0
 				h.gate.Leave()
 			}
 			err = h.panicked(req, r)
 		}
 	}()
+	if !h.ring {
+		return h.handleSync(req)
+	}
+	if req.Private&privZeroesOnWorker != 0 {
+		// Back on a worker after the ring refused a write-zeroes: zero
+		// the range the slow way, still inside the gate.
+		err = storage.WriteZeroes(h.orig.Device(), req.Offset, int64(req.Length))
+		h.leave(req)
+		return err
+	}
+	switch req.Op {
+	case ublk.OpRead:
+		req.Read(ublk.RegisteredFile(0), req.Offset, 0, req.Length, 0)
+		return nil
+	case ublk.OpFlush:
+		req.Sync(ublk.RegisteredFile(0))
+		return nil
+	case ublk.OpWrite, ublk.OpDiscard, ublk.OpWriteZeroes:
+	default:
+		return syscall.EOPNOTSUPP
+	}
+	if err := h.enter(req); err != nil {
+		return err
+	}
+	n := int64(req.Length)
+	if !req.NoWait() {
+		if err := h.orig.Prepare(context.Background(), req.Offset, n, false); err != nil {
+			h.leave(req)
+			return err
+		}
+		h.describeChange(req)
+		return nil
+	}
+	err = h.orig.PrepareAsync(req.Offset, n, func(err error) {
+		if err != nil {
+			h.leave(req)
+			req.Complete(err)
+			return
+		}
+		h.describeChange(req)
+		req.Submit()
+	})
+	switch {
+	case errors.Is(err, cow.ErrPending):
+		return ublk.ErrInProgress
+	case err != nil:
+		h.leave(req)
+		return err
+	}
+	h.describeChange(req)
+	return nil
+}
+
+// enter admits a data-changing request through the gate (on the queue
+// thread without waiting: a paused gate sends it to a worker) and marks
+// its blocks in the change tracking.
+func (h *originalHandler) enter(req *ublk.Request) error {
+	if req.NoWait() {
+		if !h.gate.TryEnter() {
+			return ublk.ErrWouldBlock
+		}
+	} else if err := h.gate.Enter(context.Background()); err != nil {
+		return err
+	}
+	req.Private |= privAdmitted
+	// Marked inside the gate: a take switches the map while no change is
+	// admitted, so each change counts in the interval it was made in.
+	if h.track != nil {
+		h.track.Mark(req.Offset, int64(req.Length))
+	}
+	return nil
+}
+
+// leave lets an admitted request out of the gate.
+func (h *originalHandler) leave(req *ublk.Request) {
+	if req.Private&privAdmitted != 0 {
+		req.Private &^= privAdmitted
+		h.gate.Leave()
+	}
+}
+
+// describeChange describes the backing I/O of a write, discard or
+// write-zeroes whose COW is done.
+func (h *originalHandler) describeChange(req *ublk.Request) {
+	f, off, n := ublk.RegisteredFile(0), req.Offset, int64(req.Length)
+	switch {
+	case req.Op == ublk.OpWrite:
+		req.Write(f, off, 0, req.Length, req.Flags&ublk.FlagFUA != 0)
+	case req.Op == ublk.OpDiscard && h.block:
+		req.Fallocate(f, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE|unix.FALLOC_FL_NO_HIDE_STALE, off, n)
+	case req.Op == ublk.OpDiscard:
+		req.Fallocate(f, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	case h.block:
+		req.Fallocate(f, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	default:
+		// Zeroed and still allocated, on every file system (tmpfs has no
+		// FALLOC_FL_ZERO_RANGE): a hole punched, then allocated again.
+		req.Fallocate(f, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+		req.Fallocate(f, unix.FALLOC_FL_KEEP_SIZE, off, n)
+	}
+}
+
+// Finish ends a request's ring I/O: an admitted change leaves the gate; a
+// discard the backing cannot do succeeds (it is a hint); a write-zeroes it
+// cannot do is done on a worker, still admitted.
+func (h *originalHandler) Finish(req *ublk.Request, err error) error {
+	unsupported := errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL)
+	switch {
+	case req.Op == ublk.OpDiscard && unsupported:
+		err = nil
+	case req.Op == ublk.OpWriteZeroes && unsupported:
+		req.Private |= privZeroesOnWorker
+		return ublk.ErrWouldBlock
+	}
+	h.leave(req)
+	if err != nil {
+		return fmt.Errorf("%v of %s: %w", req, h.orig.Device().Name(), err)
+	}
+	return nil
+}
+
+// handleSync serves a request of a device without a descriptor from the
+// request's buffer: on the queue thread what needs no waiting, the rest
+// answers ErrWouldBlock and runs again on a worker.
+func (h *originalHandler) handleSync(req *ublk.Request) error {
 	nowait := req.NoWait()
 	switch req.Op {
 	case ublk.OpRead:
@@ -88,73 +259,21 @@ func (h *originalHandler) Handle(req *ublk.Request) (err error) {
 		// for the file system or the disk.
 		return ublk.ErrWouldBlock
 	}
-	if nowait {
-		if !h.gate.TryEnter() {
-			return ublk.ErrWouldBlock
-		}
-	} else if err := h.gate.Enter(context.Background()); err != nil {
+	if err := h.enter(req); err != nil {
 		return err
 	}
-	entered = true
-	// Marked inside the gate: a take switches the map while no change is
-	// admitted, so each change counts in the interval it was made in.
-	if h.track != nil {
-		h.track.Mark(req.Offset, int64(req.Length))
-	}
-	if fua {
-		err = h.orig.WriteFUA(context.Background(), req.Offset, req.Buf, false)
-		h.gate.Leave() // not deferred: the recover above leaves on a panic
-		return err
-	}
-	// Try at once: no COW needed (no snapshot, or its chunks copied) is
-	// the common case and costs nothing more. Only a request that must wait
-	// for a chunk gets a per-request completion and a goroutine.
-	if err = h.change(req, true); !errors.Is(err, cow.ErrWouldBlock) {
-		h.gate.Leave()
-		return err
-	}
-	p := &pendingChange{h: h, req: req}
-	switch req.Op {
-	case ublk.OpWrite:
-		err = h.orig.WriteAsync(req.Offset, req.Buf, p.done)
-	case ublk.OpDiscard:
-		err = h.orig.DiscardAsync(req.Offset, int64(req.Length), p.done)
-	default:
-		err = h.orig.WriteZeroesAsync(req.Offset, int64(req.Length), p.done)
-	}
-	if errors.Is(err, cow.ErrPending) {
-		return ublk.ErrInProgress
-	}
-	h.gate.Leave()
-	return err
-}
-
-// change does a write, discard or write-zeroes of req through the COW
-// engine; with nowait it answers cow.ErrWouldBlock, having changed nothing,
-// when a chunk must be loaded first.
-func (h *originalHandler) change(req *ublk.Request, nowait bool) error {
+	defer h.leave(req)
 	ctx := context.Background()
-	switch req.Op {
-	case ublk.OpWrite:
+	switch {
+	case fua:
+		return h.orig.WriteFUA(ctx, req.Offset, req.Buf, false)
+	case req.Op == ublk.OpWrite:
 		return h.orig.Write(ctx, req.Offset, req.Buf, nowait)
-	case ublk.OpDiscard:
+	case req.Op == ublk.OpDiscard:
 		return h.orig.Discard(ctx, req.Offset, int64(req.Length), nowait)
 	default:
 		return h.orig.WriteZeroes(ctx, req.Offset, int64(req.Length), nowait)
 	}
-}
-
-// pendingChange is a data-changing request waiting for the COW of its
-// chunks on a goroutine of the engine.
-type pendingChange struct {
-	h   *originalHandler // the device's handler; immutable
-	req *ublk.Request    // the request, admitted by h.gate; immutable
-}
-
-// done lets the request out of the gate and completes it.
-func (p *pendingChange) done(err error) {
-	p.h.gate.Leave()
-	p.req.Complete(err)
 }
 
 // panicked logs a panic while serving req, corrupts the snapshot of the

@@ -38,6 +38,9 @@ type BlockDevice interface {
 	ID() int
 	// Close stops the device; it returns once no request is in flight.
 	Close() error
+	// IOMode is how the device's data moves (ublk.IOModeCopy or
+	// ublk.IOModeZeroCopy).
+	IOMode() ublk.IOMode
 }
 
 // Host is what the manager needs of the running system besides block

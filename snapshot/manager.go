@@ -14,6 +14,7 @@ import (
 
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/storage"
+	"github.com/ublksnap/ublksnap/ublk"
 )
 
 // Defaults of Config.
@@ -37,6 +38,10 @@ type Config struct {
 	Host           Host          // nil: System
 	TakeTimeout    time.Duration // 0: DefaultTakeTimeout
 	DestroyTimeout time.Duration // 0: DefaultDestroyTimeout
+	// IOMode is the I/O mode of filtered devices attached without one of
+	// their own (AttachOptions.IOMode); the zero value is copy mode, the
+	// daemon asks for ublk.IOModeAuto. Images run in copy mode.
+	IOMode ublk.IOMode
 	// StatePath is the state file through which a successor daemon
 	// serves the filtered devices again (see Recover); "" keeps none, and
 	// the devices then end with the daemon.
@@ -54,6 +59,7 @@ type Manager struct {
 	destroyTimeout time.Duration // immutable
 	statePath      string        // the state file, or ""; immutable
 	owner          uint64        // tag of our ublk devices (ownerTag); immutable
+	ioMode         ublk.IOMode   // I/O mode of filtered devices by default; immutable
 
 	mu        sync.Mutex
 	devices   map[string]*device       // filtered devices by node path; guarded by mu
@@ -82,6 +88,7 @@ func New(cfg Config) (*Manager, error) {
 		destroyTimeout: cfg.DestroyTimeout,
 		statePath:      cfg.StatePath,
 		owner:          ownerTag(cfg.StatePath),
+		ioMode:         cfg.IOMode,
 		devices:        make(map[string]*device),
 		snapshots:      make(map[string]*snapshot),
 		lost:           make(map[string]*lostSnapshot),
@@ -124,6 +131,8 @@ type DeviceInfo struct {
 	Backing  string // the backing file or block device, as named
 	Size     int64  // bytes
 	Snapshot string // UUID of the snapshot it is in, or ""
+	IOMode   string // how its data moves: "copy" or "zero-copy"
+	DirectIO bool   // the backing is read and written with O_DIRECT
 }
 
 // SnapshotInfo describes a snapshot.

@@ -364,7 +364,8 @@ func (m *Manager) switchToCOW(ctx context.Context, s *snapshot) error {
 func (m *Manager) serveImages(ctx context.Context, s *snapshot) error {
 	for _, mb := range s.members {
 		logical, physical := mb.area.BlockSizes()
-		cfg := m.deviceConfig(storage.Geometry{Size: mb.area.Size(), LogicalBlockSize: logical, PhysicalBlockSize: physical}, false)
+		cfg := geometryConfig(storage.Geometry{Size: mb.area.Size(), LogicalBlockSize: logical, PhysicalBlockSize: physical}, m.log)
+		cfg.Owner = m.owner
 		// Like blksnap's images (GENHD_FL_NO_PART), and because a
 		// daemon killed during a take's partition scan hangs on 6.12.
 		cfg.NoPartitionScan = true

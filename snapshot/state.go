@@ -259,7 +259,9 @@ func (m *Manager) Recover(ctx context.Context) (RecoveryReport, error) {
 	served := map[*device]bool{}
 	for _, p := range opened {
 		start := time.Now()
-		cfg := m.deviceConfig(p.d.file.Geometry(), true)
+		// The mode asked here is moot: the device keeps the one it was
+		// created in.
+		cfg := m.deviceConfig(p.d.file, ublk.IOModeAuto, true)
 		blk, err := m.server.Recover(context.WithoutCancel(ctx), p.e.UblkID, cfg, newOriginalHandler(p.d.orig, p.d.gate, p.d.track, m.log))
 		switch {
 		case errors.Is(err, ublk.ErrNotRecoverable) && p.live:

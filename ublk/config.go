@@ -71,6 +71,14 @@ type Config struct {
 	// the server as untrusted and suppress partition scans for good
 	// (partitions can still be mapped with kpartx or losetup --partscan).
 	NoPartitionScan bool
+	// IOMode says how request data moves between the kernel and the
+	// backing files; the zero value is IOModeCopy, which every kernel has
+	// and which gives handlers Request.Buf.
+	IOMode IOMode
+	// Files are descriptors registered on every queue ring, named in
+	// backing I/O by RegisteredFile(index). They must stay open while the
+	// device is served.
+	Files []int
 	// Owner is stored in the kernel's record of the device
 	// (ublksrv_flags) and returned by Scan, so that a later process can
 	// tell its own devices from others'.
@@ -94,6 +102,48 @@ func DefaultConfig(size int64) Config {
 		VolatileCache:     true,
 		FUA:               true,
 	}
+}
+
+// IOMode is how the data of READ and WRITE requests travels.
+type IOMode uint8
+
+const (
+	// IOModeCopy: the kernel copies each request's data to or from a
+	// buffer per tag in this process (Request.Buf), which backing I/O reads
+	// into or writes from: two copies per request, depth × MaxIOSize bytes
+	// of buffers per queue.
+	IOModeCopy IOMode = iota
+	// IOModeAuto: zero copy when the kernel has it (UBLK_F_AUTO_BUF_REG,
+	// Linux 6.16+), copy mode otherwise.
+	IOModeAuto
+	// IOModeZeroCopy: the kernel registers each request's own pages in the
+	// queue ring's buffer table and backing I/O is READ_FIXED/WRITE_FIXED
+	// on them: the data never enters this process, there are no tag
+	// buffers and Request.Buf is nil. A kernel without it fails New with
+	// ErrNotSupported.
+	IOModeZeroCopy
+)
+
+func (m IOMode) String() string {
+	switch m {
+	case IOModeCopy:
+		return "copy"
+	case IOModeAuto:
+		return "auto"
+	case IOModeZeroCopy:
+		return "zero-copy"
+	}
+	return fmt.Sprintf("io-mode(%d)", uint8(m))
+}
+
+// ParseIOMode parses "copy", "auto" or "zero-copy".
+func ParseIOMode(s string) (IOMode, error) {
+	for _, m := range []IOMode{IOModeCopy, IOModeAuto, IOModeZeroCopy} {
+		if s == m.String() {
+			return m, nil
+		}
+	}
+	return 0, fmt.Errorf("%w: I/O mode %q: want copy, auto or zero-copy", ErrInvalidConfig, s)
 }
 
 func isPow2(n int) bool { return n > 0 && n&(n-1) == 0 }
@@ -133,6 +183,14 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxIOSize < pageSize || c.MaxIOSize > MaxIOSizeMax || c.MaxIOSize%pageSize != 0 {
 		bad("max I/O size %d: must be a multiple of %d in [%d, %d]", c.MaxIOSize, pageSize, pageSize, MaxIOSizeMax)
+	}
+	if c.IOMode > IOModeZeroCopy {
+		bad("I/O mode %d: want IOModeCopy, IOModeAuto or IOModeZeroCopy", c.IOMode)
+	}
+	for i, fd := range c.Files {
+		if fd < 0 {
+			bad("file %d: descriptor %d", i, fd)
+		}
 	}
 	if c.FUA && !c.VolatileCache {
 		bad("FUA needs VolatileCache (the kernel ignores FUA without a volatile cache)")

@@ -116,6 +116,12 @@ func (d *Device) setup(ctx context.Context) error {
 	if d.cfg.NoPartitionScan {
 		want |= featNoAutoPartScan
 	}
+	switch {
+	case d.cfg.IOMode == IOModeZeroCopy && feats&featAutoBufReg == 0:
+		return fmt.Errorf("%w: zero copy needs UBLK_F_AUTO_BUF_REG (Linux 6.16+); this kernel offers features %#x", ErrNotSupported, feats)
+	case d.cfg.IOMode != IOModeCopy:
+		want |= featAutoBufReg
+	}
 	info, err := d.ctrl.AddDev(devInfo{
 		NrHwQueues:    uint16(d.cfg.Queues),
 		QueueDepth:    uint16(d.cfg.Depth),
@@ -129,6 +135,9 @@ func (d *Device) setup(ctx context.Context) error {
 	}
 	d.id, d.info = info.DevID, info
 	d.log = d.log.With("ublk", d.id)
+	if d.cfg.IOMode == IOModeZeroCopy && info.Flags&featAutoBufReg == 0 {
+		return fmt.Errorf("%w: ADD_DEV did not grant UBLK_F_AUTO_BUF_REG", ErrNotSupported)
+	}
 	if d.cfg.Recoverable && info.Flags&rec != rec {
 		return fmt.Errorf("%w: this kernel's ublk has no USER_RECOVERY with REISSUE", ErrNotSupported)
 	}
@@ -158,6 +167,12 @@ func (d *Device) startQueues(ctx context.Context, start func(devID uint32, cance
 	var qs []*queue
 	for i := 0; i < int(info.NrHwQueues); i++ {
 		q := newQueue(i, int(info.QueueDepth), int(info.MaxIOBufBytes), d.cdev, encoded, d.h, d.log)
+		// The mode is the one the device was created in (also when it is
+		// recovered), whatever this process's Config asks.
+		q.zeroCopy = info.Flags&featAutoBufReg != 0
+		for _, fd := range d.cfg.Files {
+			q.files = append(q.files, int32(fd))
+		}
 		// Without UBLK_F_NO_AUTO_PART_SCAN, an untrusted server is the
 		// kernel's only reason to skip the scan.
 		q.untrusted = d.cfg.NoPartitionScan && info.Flags&featNoAutoPartScan == 0
@@ -246,6 +261,18 @@ func (d *Device) Path() string { return fmt.Sprintf("/dev/ublkb%d", d.id) }
 
 // CharPath returns the ublk character device node, /dev/ublkcN.
 func (d *Device) CharPath() string { return fmt.Sprintf("/dev/ublkc%d", d.id) }
+
+// IOMode returns the mode the device's data moves in: IOModeZeroCopy or
+// IOModeCopy (the one it was created with, also after a recovery).
+func (d *Device) IOMode() IOMode { return d.info.ioMode() }
+
+// ioMode is the data mode of a device with these negotiated flags.
+func (di devInfo) ioMode() IOMode {
+	if di.Flags&featAutoBufReg != 0 {
+		return IOModeZeroCopy
+	}
+	return IOModeCopy
+}
 
 // Queues returns the number of queues the kernel granted.
 func (d *Device) Queues() int { return len(d.queues) }

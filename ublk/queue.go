@@ -25,14 +25,29 @@ type queueRing interface {
 }
 
 // User data of the queue ring's SQEs: the tag for ublk commands, a marker
-// bit for the eventfd read.
-const udEventfd = 1 << 63
+// bit for the eventfd read, another for backing I/O, which carries the tag
+// in bits 16-31 and the index of the request's IO in bits 0-15.
+const (
+	udEventfd = 1 << 63
+	udTarget  = 1 << 62
+)
 
-// completion is a Request.Complete result waiting to be committed.
+// maxIOsPerRequest bounds the IOs of one request (their index must fit
+// the user data).
+const maxIOsPerRequest = 1 << 16
+
+// completion is a Request.Complete result waiting to be committed, or a
+// Request.Submit waiting for its I/O to be issued.
 type completion struct {
 	tag    uint16
 	result int32
+	submit bool
 }
+
+// autoBufReg is struct ublk_auto_buf_reg as it travels in the SQE's addr:
+// the index of the registered-buffer slot the kernel fills with the
+// request's pages (the tag's own slot here).
+func autoBufReg(index uint16) uint64 { return uint64(index) }
 
 // queue serves one ublk hardware queue. Its goroutine locks itself to an OS
 // thread for its whole life, because the kernel accepts FETCH and
@@ -54,6 +69,12 @@ type queue struct {
 	// untrusted sends the first FETCHes without CAP_SYS_ADMIN in the
 	// thread's effective set (Config.NoPartitionScan); immutable.
 	untrusted bool
+	// zeroCopy: the device has UBLK_F_AUTO_BUF_REG; the kernel registers
+	// each request's pages at the tag's slot of the ring's buffer table and
+	// there are no tag buffers; immutable.
+	zeroCopy bool
+	files    []int32 // Config.Files, registered on the ring; immutable
+	finisher Finisher // h as a Finisher, or nil; immutable
 
 	// Owned by the queue goroutine.
 	ring     queueRing
@@ -90,6 +111,7 @@ func newQueue(id int, depth, maxIO, cdevFd int, encoded bool, h Handler, log *sl
 		exited: make(chan struct{}),
 	}
 	q.handleFn = q.handleCQE
+	q.finisher, _ = h.(Finisher)
 	q.reqs = make([]Request, depth)
 	for i := range q.reqs {
 		q.reqs[i].q = q
@@ -130,7 +152,9 @@ func (q *queue) run(ready chan<- error) {
 
 // openKernel creates the ring, maps the descriptors and allocates buffers.
 func (q *queue) openKernel() error {
-	entries := uint32(q.depth + 8)
+	// Room for each tag's command and a few backing SQEs at once; more
+	// wait in sqe() for a submit.
+	entries := uint32(2*q.depth + 16)
 	p := uring.Params{Entries: entries, CQEntries: 2 * entries,
 		Flags: uring.SetupCQSize | uring.SetupSingleIssuer | uring.SetupDeferTaskrun | uring.SetupCoopTaskrun}
 	r, err := uring.New(p)
@@ -149,11 +173,20 @@ func (q *queue) openKernel() error {
 	}
 	q.mmaps = append(q.mmaps, dm)
 	q.descs = unsafe.Slice((*ioDesc)(unsafe.Pointer(&dm[0])), q.depth)
-	q.bufs, err = unix.Mmap(-1, 0, q.depth*q.maxIO, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
-	if err != nil {
-		return fmt.Errorf("ublk: queue %d: mmap %d buffers of %d bytes: %w", q.id, q.depth, q.maxIO, err)
+	if err := r.RegisterFiles(q.files); err != nil {
+		return fmt.Errorf("ublk: queue %d: %w", q.id, err)
 	}
-	q.mmaps = append(q.mmaps, q.bufs)
+	if q.zeroCopy {
+		if err := r.RegisterSparseBuffers(uint32(q.depth)); err != nil {
+			return fmt.Errorf("ublk: queue %d: %w", q.id, err)
+		}
+	} else {
+		q.bufs, err = unix.Mmap(-1, 0, q.depth*q.maxIO, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+		if err != nil {
+			return fmt.Errorf("ublk: queue %d: mmap %d buffers of %d bytes: %w", q.id, q.depth, q.maxIO, err)
+		}
+		q.mmaps = append(q.mmaps, q.bufs)
+	}
 	q.scratch, err = unix.Mmap(-1, 0, pageSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
 		return fmt.Errorf("ublk: queue %d: mmap scratch page: %w", q.id, err)
@@ -216,7 +249,13 @@ func (q *queue) prepIO(nr uint32, tag uint16, result int32) error {
 		return err
 	}
 	uring.PrepURingCmd(s, q.cdevFd, ioOpcode(nr, q.encoded), uint64(tag))
-	*(*ioCmd)(unsafe.Pointer(&s.Cmd[0])) = ioCmd{QID: q.id, Tag: tag, Result: result, Addr: q.bufAddr(tag)}
+	cmd := ioCmd{QID: q.id, Tag: tag, Result: result}
+	if q.zeroCopy {
+		s.Addr = autoBufReg(tag)
+	} else {
+		cmd.Addr = q.bufAddr(tag)
+	}
+	*(*ioCmd)(unsafe.Pointer(&s.Cmd[0])) = cmd
 	return nil
 }
 
@@ -314,6 +353,10 @@ func (q *queue) handleCQE(c uring.CQE) {
 		}
 		return
 	}
+	if c.UserData&udTarget != 0 {
+		q.targetDone(uint16(c.UserData>>16), int(c.UserData&0xffff), c.Res)
+		return
+	}
 	tag := uint16(c.UserData)
 	if int(tag) >= q.depth {
 		q.log.Error("ublk: completion for an unknown tag", "user_data", c.UserData, "res", c.Res)
@@ -340,6 +383,7 @@ func (q *queue) handleCQE(c uring.CQE) {
 func (q *queue) dispatch(tag uint16) {
 	d := q.descs[tag]
 	r := &q.reqs[tag]
+	q.busy++ // until its commit
 	r.Flags = 0
 	if d.OpFlags&descFlagFUA != 0 {
 		r.Flags |= FlagFUA
@@ -350,6 +394,8 @@ func (q *queue) dispatch(tag uint16) {
 	r.Offset = int64(d.StartSector) << sectorShift
 	r.Length = int(d.NrSectors) << sectorShift
 	r.Buf = nil
+	r.Private = 0
+	r.ClearIO()
 	switch d.OpFlags & 0xff {
 	case descOpRead:
 		r.Op = OpRead
@@ -371,28 +417,165 @@ func (q *queue) dispatch(tag uint16) {
 			q.commit(tag, -int32(unix.EIO))
 			return
 		}
-		off := int(tag) * q.maxIO
-		r.Buf = q.bufs[off : off+r.Length : off+r.Length]
+		if !q.zeroCopy {
+			off := int(tag) * q.maxIO
+			r.Buf = q.bufs[off : off+r.Length : off+r.Length]
+		}
 	}
 	r.noWait = true
 	r.state.Store(reqBusy)
-	err := q.handle(r)
+	q.outcome(r, q.handle(r))
+}
+
+// outcome acts on what Handle or Finish answered for r, which the handler
+// held (state reqBusy) until it answered.
+func (q *queue) outcome(r *Request, err error) {
 	switch {
 	case errors.Is(err, ErrInProgress):
-		q.busy++
+		// The handler calls Complete or Submit later (maybe already did).
 	case isWouldBlock(err):
-		q.busy++
+		r.ClearIO()
 		q.work <- r // never blocks: capacity is depth
+	case !r.state.CompareAndSwap(reqBusy, reqIdle):
+		// The handler called Complete and then returned a result: the
+		// queued completion is the one that counts.
+		q.log.Warn("ublk: handler completed a request and also returned", "req", r.String(), "ret", err)
+	case err == nil && r.next < len(r.ios):
+		q.issue(r)
 	default:
-		if !r.state.CompareAndSwap(reqBusy, reqIdle) {
-			// The handler called Complete and then returned a result: the
-			// queued completion is the one that counts.
-			q.busy++
-			q.log.Warn("ublk: handler completed a request and also returned", "req", r.String(), "ret", err)
-			return
-		}
-		q.commit(tag, r.result(err))
+		q.commit(r.tag, r.result(err))
 	}
+}
+
+// issue starts the I/O the handler described from r.ios[r.next]: every IO
+// up to the next one that must wait for those before it.
+func (q *queue) issue(r *Request) {
+	r.state.Store(reqIO)
+	if len(r.ios) > maxIOsPerRequest {
+		q.log.Error("ublk: request described too many IOs", "req", r.String(), "ios", len(r.ios))
+		r.ioErr = -int32(unix.EIO)
+		r.next = len(r.ios)
+	}
+	for r.next < len(r.ios) && r.ioErr == 0 {
+		io := &r.ios[r.next]
+		if io.after && r.inflight > 0 {
+			break
+		}
+		if err := q.prepTarget(r, r.next); err != nil {
+			q.log.Error("ublk: backing I/O not issued", "req", r.String(), "err", err)
+			r.ioErr = -int32(unix.EIO)
+			break
+		}
+		r.next++
+		if io.after {
+			break // what follows waits for it
+		}
+	}
+	if r.inflight == 0 {
+		q.ioFinished(r)
+	}
+}
+
+// prepTarget queues the SQE of r.ios[i], for what it has not transferred
+// yet.
+func (q *queue) prepTarget(r *Request, i int) error {
+	io := &r.ios[i]
+	s, err := q.sqe()
+	if err != nil {
+		return err
+	}
+	ud := udTarget | uint64(r.tag)<<16 | uint64(i)
+	fd := int(io.file.fd)
+	rest, at, off := io.n-io.done, io.at+int(io.done), uint64(io.off+io.done)
+	if (io.kind == ioRead || io.kind == ioWrite) && (io.at < 0 || io.n <= 0 || int64(io.at)+io.n > int64(r.Length)) {
+		uring.PrepNop(s, ud)
+		return fmt.Errorf("IO %d: %d bytes at %d of a %d-byte request", i, io.n, io.at, r.Length)
+	}
+	switch io.kind {
+	case ioRead:
+		if q.zeroCopy {
+			uring.PrepReadFixed(s, fd, r.tag, uint64(at), uint32(rest), off, ud)
+		} else {
+			uring.PrepRead(s, fd, unsafe.Pointer(&q.bufs[int(r.tag)*q.maxIO+at]), uint32(rest), off, ud)
+		}
+	case ioWrite:
+		var fl uint32
+		if io.dsync {
+			fl = unix.RWF_DSYNC
+		}
+		if q.zeroCopy {
+			uring.PrepWriteFixed(s, fd, r.tag, uint64(at), uint32(rest), off, fl, ud)
+		} else {
+			uring.PrepWrite(s, fd, unsafe.Pointer(&q.bufs[int(r.tag)*q.maxIO+at]), uint32(rest), off, fl, ud)
+		}
+	case ioSync:
+		uring.PrepFsync(s, fd, uring.FsyncDatasync, ud)
+	case ioFallocate:
+		uring.PrepFallocate(s, fd, io.mode, uint64(io.off), uint64(io.n), ud)
+	}
+	if io.file.fixed {
+		s.Flags |= uring.SQEFixedFile
+	}
+	r.inflight++
+	return nil
+}
+
+// targetDone takes the completion of backing IO i of tag's request.
+func (q *queue) targetDone(tag uint16, i int, res int32) {
+	if int(tag) >= q.depth || i >= len(q.reqs[tag].ios) || q.reqs[tag].state.Load() != reqIO {
+		q.log.Error("ublk: completion of unknown backing I/O", "tag", tag, "io", i, "res", res)
+		return
+	}
+	r := &q.reqs[tag]
+	io := &r.ios[i]
+	r.inflight--
+	switch {
+	case res < 0:
+		if r.ioErr == 0 {
+			r.ioErr = res
+		}
+	case io.kind == ioRead || io.kind == ioWrite:
+		io.done += int64(res)
+		if io.done < io.n && r.ioErr == 0 {
+			if res == 0 {
+				// End of file (the file shrank under us) or a device that
+				// takes nothing: never loop on it.
+				r.ioErr = -int32(unix.EIO)
+			} else if err := q.prepTarget(r, i); err != nil {
+				r.ioErr = -int32(unix.EIO)
+			}
+		}
+	}
+	if r.inflight == 0 {
+		q.issue(r) // the next group, or the end
+	}
+}
+
+// ioFinished ends r's backing I/O: the handler's Finish sees the outcome,
+// then the request commits (or goes on, as Finish says).
+func (q *queue) ioFinished(r *Request) {
+	var err error
+	if r.ioErr != 0 {
+		err = syscall.Errno(-r.ioErr)
+		r.next = len(r.ios)
+	}
+	r.ioErr = 0
+	r.state.Store(reqBusy)
+	if q.finisher != nil {
+		err = q.finish(r, err)
+	}
+	q.outcome(r, err)
+}
+
+// finish runs Finisher.Finish on r; a panic fails the request with EIO.
+func (q *queue) finish(r *Request, ioErr error) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			q.log.Error("ublk: handler's Finish panicked; failing the request with EIO", "req", r.String(), "panic", p, "stack", string(debug.Stack()))
+			err = syscall.EIO
+		}
+	}()
+	return q.finisher.Finish(r, ioErr)
 }
 
 // handle runs the Handler on r. A panic fails only that request, with
@@ -407,8 +590,9 @@ func (q *queue) handle(r *Request) (err error) {
 	return q.h.Handle(r)
 }
 
-// commit queues COMMIT_AND_FETCH for tag with result.
+// commit queues COMMIT_AND_FETCH for tag with result: the request ends.
 func (q *queue) commit(tag uint16, result int32) {
+	q.busy--
 	q.reqs[tag].Buf = nil
 	if err := q.prepIO(ioCommitAndFetch, tag, result); err != nil {
 		// Only a broken ring gets here; the loop fails on its next enter.
@@ -422,22 +606,24 @@ func (q *queue) worker() {
 	for r := range q.work {
 		r.noWait = false
 		err := q.handle(r)
-		if errors.Is(err, ErrInProgress) {
-			continue
-		}
-		if isWouldBlock(err) {
+		switch {
+		case errors.Is(err, ErrInProgress):
+		case isWouldBlock(err):
 			q.log.Error("ublk: handler would block in blocking mode", "req", r.String())
-			err = syscall.EIO
+			r.Complete(syscall.EIO)
+		case err == nil && r.next < len(r.ios):
+			r.Submit()
+		default:
+			r.Complete(err)
 		}
-		r.Complete(err)
 	}
 }
 
-// complete records an asynchronous result and wakes the queue loop. Any
-// goroutine may call it.
-func (q *queue) complete(tag uint16, result int32) {
+// enqueue records an asynchronous result (or a Submit) and wakes the
+// queue loop. Any goroutine may call it.
+func (q *queue) enqueue(c completion) {
 	q.mu.Lock()
-	q.done = append(q.done, completion{tag, result})
+	q.done = append(q.done, c)
 	q.mu.Unlock()
 	if q.wakePending.CompareAndSwap(false, true) {
 		q.wake()
@@ -467,8 +653,15 @@ func (q *queue) drainCompletions() {
 	q.done = q.spare[:0]
 	q.mu.Unlock()
 	for _, c := range done {
-		q.busy--
-		q.reqs[c.tag].state.Store(reqIdle)
+		r := &q.reqs[c.tag]
+		if c.submit {
+			if r.next < len(r.ios) {
+				q.issue(r)
+				continue
+			}
+			c.result = r.result(nil)
+		}
+		r.state.Store(reqIdle)
 		q.commit(c.tag, c.result)
 	}
 	q.spare = done

@@ -37,6 +37,11 @@ type fakeKernel struct {
 	cqes    []uring.CQE
 	waiting []fakeReq // injected for tags not armed yet
 	aborted bool
+	// shortIO caps every backing read and write at this many bytes (0:
+	// none), as a file system may; set before requests flow.
+	shortIO int
+	// targetSQEs counts backing I/O SQEs; read by the test after commits.
+	targetSQEs atomic.Int64
 }
 
 type fakeReq struct {
@@ -51,11 +56,19 @@ type fakeCommit struct {
 	data   []byte // read payload (result bytes of the buffer)
 }
 
-func newFakeQueue(t *testing.T, depth, maxIO int, h Handler) (*queue, *fakeKernel) {
+func newFakeQueue(t *testing.T, depth, maxIO int, h Handler, files ...int32) (*queue, *fakeKernel) {
+	t.Helper()
+	return newFakeQueueShort(t, depth, maxIO, h, 0, files...)
+}
+
+// newFakeQueueShort is newFakeQueue whose backing reads and writes move
+// at most shortIO bytes each (0: no cap).
+func newFakeQueueShort(t *testing.T, depth, maxIO int, h Handler, shortIO int, files ...int32) (*queue, *fakeKernel) {
 	t.Helper()
 	q := newQueue(0, depth, maxIO, 99, true, h, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	q.files = files
 	k := &fakeKernel{t: t, q: q, inject: make(chan fakeReq, 1024), abort: make(chan struct{}, 1),
-		commit: make(chan fakeCommit, 4096), armed: map[uint16]bool{}}
+		commit: make(chan fakeCommit, 4096), armed: map[uint16]bool{}, shortIO: shortIO}
 	q.ring = k
 	q.descs = make([]ioDesc, depth)
 	q.bufs = make([]byte, depth*maxIO)
@@ -124,6 +137,11 @@ func (k *fakeKernel) SubmitAndWait(waitNr uint32) (int, error) {
 
 // submit consumes one SQE.
 func (k *fakeKernel) submit(s *uring.SQE) {
+	if s.UserData&udTarget != 0 {
+		k.targetSQEs.Add(1)
+		k.cqes = append(k.cqes, uring.CQE{UserData: s.UserData, Res: k.backingIO(s)})
+		return
+	}
 	switch s.Opcode {
 	case uring.OpRead:
 		if s.Fd != int32(k.q.efd) || s.UserData != udEventfd {
@@ -164,6 +182,51 @@ func (k *fakeKernel) submit(s *uring.SQE) {
 	default:
 		k.t.Errorf("unexpected opcode %d", s.Opcode)
 	}
+}
+
+// backingIO does a backing I/O SQE with pread, pwrite, fdatasync or
+// fallocate, as io-wq would, and returns its CQE result.
+func (k *fakeKernel) backingIO(s *uring.SQE) int32 {
+	fd := int(s.Fd)
+	if s.Flags&uring.SQEFixedFile != 0 {
+		if int(s.Fd) >= len(k.q.files) {
+			return -int32(unix.EBADF)
+		}
+		fd = int(k.q.files[s.Fd])
+	}
+	n := int(s.Len)
+	if k.shortIO > 0 && (s.Opcode == uring.OpRead || s.Opcode == uring.OpWrite) {
+		n = min(n, k.shortIO)
+	}
+	var buf []byte
+	if s.Opcode == uring.OpRead || s.Opcode == uring.OpWrite {
+		// The queue's buffers are a Go slice here: find the address in it.
+		at := int(s.Addr - k.q.bufAddr(0))
+		if at < 0 || at+n > len(k.q.bufs) {
+			k.t.Errorf("backing I/O outside the tag buffers: %#x+%d", s.Addr, n)
+			return -int32(unix.EFAULT)
+		}
+		buf = k.q.bufs[at : at+n]
+	}
+	var res int
+	var err error
+	switch s.Opcode {
+	case uring.OpRead:
+		res, err = unix.Pread(fd, buf, int64(s.Off))
+	case uring.OpWrite:
+		res, err = unix.Pwrite(fd, buf, int64(s.Off))
+	case uring.OpFsync:
+		err = unix.Fdatasync(fd)
+	case uring.OpFallocate:
+		err = unix.Fallocate(fd, s.Len, int64(s.Off), int64(s.Addr))
+	default:
+		k.t.Errorf("unexpected backing opcode %d", s.Opcode)
+		return -int32(unix.EINVAL)
+	}
+	if err != nil {
+		return -int32(err.(unix.Errno))
+	}
+	return int32(res)
 }
 
 // deliver turns waiting requests, aborts and eventfd writes into CQEs.

@@ -80,15 +80,37 @@ var (
 // flight never overlap unless the block layer sends overlapping ones, which
 // it may: a Handler must not assume any ordering between in-flight requests.
 //
-// Handle returns nil when the request is done (all Length bytes for READ
-// and WRITE), ErrInProgress when it will call req.Complete later, or
-// ErrWouldBlock (see there). Any other error fails the request; an error
-// that wraps a syscall.Errno is passed to the block layer as that errno,
-// anything else as EIO.
+// A handler serves a request in one of three ways:
+//
+//   - It describes the backing I/O (Request.Read, Write, Sync, Fallocate)
+//     and returns nil: the queue issues it as SQEs on its own ring (what
+//     would block is the kernel's business: io_uring hands it to its
+//     workers), resubmits short transfers for the rest, and commits all
+//     Length bytes (0 for the other ops) or the first error. A handler that
+//     also implements Finisher sees the outcome first.
+//   - It returns nil with no I/O described (done), or an error (failed).
+//   - It takes the request (returns ErrInProgress) and later, from any
+//     goroutine, calls Request.Complete, or describes I/O and calls
+//     Request.Submit; or it returns ErrWouldBlock to be called again on a
+//     worker goroutine.
+//
+// Any other error fails the request; an error that wraps a syscall.Errno
+// is passed to the block layer as that errno, anything else as EIO.
 //
 // Handle must not retain req.Buf after the request is completed.
 type Handler interface {
 	Handle(req *Request) error
+}
+
+// Finisher is implemented by a Handler that must see the outcome of the
+// I/O it described before the request completes (to release what it holds,
+// or to check that what was read is still right). Finish runs on the queue
+// goroutine and must not block; err is nil or the first failed I/O's
+// error. Its result is the request's, with the meanings Handle's have: nil
+// with new I/O described issues that I/O, ErrWouldBlock sends the request
+// to a worker's Handle (with the I/O cleared), ErrInProgress keeps it.
+type Finisher interface {
+	Finish(req *Request, err error) error
 }
 
 // HandlerFunc adapts a function to the Handler interface.
@@ -106,14 +128,137 @@ type Request struct {
 	Offset int64 // byte offset on the device
 	Length int   // byte count
 	// Buf aliases the tag's I/O buffer (len == Length) for OpRead and
-	// OpWrite and is nil otherwise. It is valid only until completion.
+	// OpWrite in copy mode, and is nil otherwise (under zero copy the data
+	// never enters this process). It is valid only until completion.
 	Buf []byte
+	// Private is the handler's own word about the request (what it holds,
+	// which step it is at); zero when the request arrives.
+	Private uint64
 
 	q      *queue        // owning queue; nil for a request of NewRequest
 	tag    uint16        // ublk tag; immutable
 	done   func(error)   // Complete's callback for a request of NewRequest
 	noWait bool          // set by the dispatcher before each Handle call
-	state  atomic.Uint32 // reqIdle, reqBusy (taken by the handler), reqDone
+	// submitted: Submit (not Complete) ended the handler's hold of a
+	// request of NewRequest; read by Run.
+	submitted bool
+	state  atomic.Uint32 // reqIdle, reqBusy (taken by the handler), reqDone, reqIO
+	// ios is the backing I/O described by the handler, in order; its
+	// backing array is reused by later requests of the tag. Owned by
+	// whoever holds the request (handler, then the queue goroutine).
+	ios []IO
+	// Issue state, owned by the queue goroutine: ios[next:] are not
+	// issued yet, inflight SQEs are in the ring, ioErr is the first error.
+	next     int
+	inflight int
+	ioErr    int32
+}
+
+// File names a file that backing I/O goes to: one of Config.Files,
+// registered on every queue ring, or a plain descriptor.
+type File struct {
+	fd    int32 // registered index, or descriptor
+	fixed bool  // fd is an index into Config.Files
+}
+
+// RegisteredFile names Config.Files[i].
+func RegisteredFile(i int) File { return File{fd: int32(i), fixed: true} }
+
+// PlainFile names descriptor fd, not registered (slower: the kernel looks
+// it up for every SQE).
+func PlainFile(fd int) File { return File{fd: int32(fd)} }
+
+// ioKind is what one IO does.
+type ioKind uint8
+
+const (
+	ioRead      ioKind = iota // file -> request data
+	ioWrite                   // request data -> file
+	ioSync                    // fdatasync
+	ioFallocate               // fallocate(mode, off, len)
+)
+
+// IO is one piece of backing I/O of a request, as the handler described
+// it.
+type IO struct {
+	kind ioKind
+	// After makes this IO wait until every IO before it completed (a
+	// barrier); otherwise IOs are issued together.
+	after bool
+	dsync bool   // a write made durable by itself (RWF_DSYNC)
+	mode  uint32 // fallocate mode
+	file  File
+	off   int64 // file offset
+	at    int   // offset in the request's data (read and write)
+	n     int64 // bytes
+	done  int64 // bytes transferred so far (short transfers)
+	// Cookie is the handler's note about this IO (Finish can read it back
+	// with Request.IOs).
+	Cookie uint64
+}
+
+// Data reports the file, file offset, offset in the request's data and
+// length of a read or write.
+func (io *IO) Data() (f File, off int64, at, n int) { return io.file, io.off, io.at, int(io.n) }
+
+// IsRead reports whether io reads from its file into the request.
+func (io *IO) IsRead() bool { return io.kind == ioRead }
+
+// add appends an IO, reusing the tag's array.
+func (r *Request) add(io IO) *IO {
+	r.ios = append(r.ios, io)
+	return &r.ios[len(r.ios)-1]
+}
+
+// Read describes a read of n bytes of f at off into the request's data at
+// byte at. cookie is the handler's note (see IO.Cookie).
+func (r *Request) Read(f File, off int64, at, n int, cookie uint64) {
+	r.add(IO{kind: ioRead, file: f, off: off, at: at, n: int64(n), Cookie: cookie})
+}
+
+// Write describes a write of the request's data at byte at, n bytes, to f
+// at off; dsync makes this write durable by itself (FUA).
+func (r *Request) Write(f File, off int64, at, n int, dsync bool) {
+	r.add(IO{kind: ioWrite, file: f, off: off, at: at, n: int64(n), dsync: dsync})
+}
+
+// Sync describes an fdatasync of f, issued after the IOs before it.
+func (r *Request) Sync(f File) {
+	r.add(IO{kind: ioSync, file: f, after: true})
+}
+
+// Fallocate describes fallocate(f, mode, off, n), issued after the IOs
+// before it (so that a punch and an allocation run in order).
+func (r *Request) Fallocate(f File, mode uint32, off, n int64) {
+	r.add(IO{kind: ioFallocate, file: f, mode: mode, off: off, n: n, after: true})
+}
+
+// IOs returns the I/O described for the request (for Finish).
+func (r *Request) IOs() []IO { return r.ios }
+
+// ClearIO forgets the I/O described so far.
+func (r *Request) ClearIO() {
+	clear(r.ios)
+	r.ios = r.ios[:0]
+	r.next = 0
+}
+
+// Submit issues the I/O described for a request the handler took
+// (ErrInProgress), from any goroutine, exactly once instead of Complete.
+// Without I/O described it completes the request successfully.
+func (r *Request) Submit() {
+	if !r.state.CompareAndSwap(reqBusy, reqDone) {
+		if r.q != nil {
+			r.q.log.Error("ublk: Submit called on a request that is not in progress", "req", r.String())
+		}
+		return
+	}
+	if r.q == nil {
+		r.submitted = true
+		r.done(nil)
+		return
+	}
+	r.q.enqueue(completion{tag: r.tag, submit: true})
 }
 
 // Request states, for the exactly-once check of Complete.
@@ -121,6 +266,7 @@ const (
 	reqIdle = iota // waiting for the kernel
 	reqBusy        // handed to the Handler
 	reqDone        // completion recorded, commit pending
+	reqIO          // its backing I/O is in the queue's ring
 )
 
 // NoWait reports whether Handle runs on the queue goroutine and must not
@@ -158,7 +304,7 @@ func (r *Request) Complete(err error) {
 		r.done(err)
 		return
 	}
-	r.q.complete(r.tag, r.result(err))
+	r.q.enqueue(completion{tag: r.tag, result: r.result(err)})
 }
 
 // NewRequest returns a request that belongs to no device, to run a Handler

@@ -72,6 +72,7 @@ const (
 
 // Feature flags (ublksrv_ctrl_dev_info.flags, GET_FEATURES mask).
 const (
+	featSupportZeroCopy     = 1 << 0 // 6.15
 	featURingCmdCompInTask  = 1 << 1
 	featNeedGetData         = 1 << 2
 	featUserRecovery        = 1 << 3
@@ -79,6 +80,7 @@ const (
 	featUnprivilegedDev     = 1 << 5
 	featCmdIoctlEncode      = 1 << 6
 	featUserCopy            = 1 << 7
+	featAutoBufReg          = 1 << 11 // 6.16
 	featNoAutoPartScan      = 1 << 18 // 7.0
 )
 

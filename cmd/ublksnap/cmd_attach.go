@@ -7,12 +7,13 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
+	"github.com/ublksnap/ublksnap/ublk"
 )
 
 func attachCmd(g *globalFlags) *cobra.Command {
 	var req api.AttachRequest
 	cmd := &cobra.Command{
-		Use:   "attach --backing PATH [--name NAME] [--queues N] [--depth N]",
+		Use:   "attach --backing PATH [--name NAME] [--queues N] [--depth N] [--io-mode MODE]",
 		Short: "Present a backing file or disk as a filtered device /dev/ublkbN",
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -25,6 +26,11 @@ func attachCmd(g *globalFlags) *cobra.Command {
 			}
 			if req.Queues < 0 || req.Depth < 0 {
 				return usagef("--queues and --depth must be positive")
+			}
+			if req.IOMode != "" {
+				if _, err := ublk.ParseIOMode(req.IOMode); err != nil {
+					return usagef("--io-mode %q: want copy, auto or zero-copy", req.IOMode)
+				}
 			}
 			dev, err := g.client().Attach(cmd.Context(), req)
 			if err != nil {
@@ -40,5 +46,6 @@ func attachCmd(g *globalFlags) *cobra.Command {
 	cmd.Flags().StringVar(&req.Name, "name", "", "a name for the device (default: the backing file's name)")
 	cmd.Flags().IntVar(&req.Queues, "queues", 0, "ublk queues (default min(CPUs, 4))")
 	cmd.Flags().IntVar(&req.Depth, "depth", 0, "ublk queue depth (default 128)")
+	cmd.Flags().StringVar(&req.IOMode, "io-mode", "", "how data moves: zero-copy (Linux 6.16+, fails elsewhere), copy, or auto (zero copy where the kernel has it; default: the daemon's --io-mode)")
 	return cmd
 }

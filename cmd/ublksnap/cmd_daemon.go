@@ -16,6 +16,7 @@ import (
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/export"
 	"github.com/ublksnap/ublksnap/snapshot"
+	"github.com/ublksnap/ublksnap/ublk"
 )
 
 // silentExit ends the process with a code whose message was already
@@ -26,6 +27,7 @@ func (e silentExit) Error() string { return fmt.Sprintf("exit status %d", int(e)
 
 func daemonCmd(g *globalFlags) *cobra.Command {
 	var verbose bool
+	var ioMode string
 	params := cow.DefaultParams()
 	cmd := &cobra.Command{
 		Use:   "daemon [--socket PATH] [--PARAMETER VALUE ...]",
@@ -62,13 +64,18 @@ func daemonCmd(g *globalFlags) *cobra.Command {
 				level = slog.LevelDebug
 			}
 			log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
-			return serveDaemon(ctx, api.SocketPath(g.socket), params, log)
+			mode, err := ublk.ParseIOMode(ioMode)
+			if err != nil {
+				return usagef("--io-mode %q: want copy, auto or zero-copy", ioMode)
+			}
+			return serveDaemon(ctx, api.SocketPath(g.socket), params, mode, log)
 		},
 	}
 	for _, name := range cow.ParamNames() {
 		cmd.Flags().Var(paramFlag{&params, name}, flagName(name), paramUsage(name))
 	}
 	cmd.Flags().BoolVarP(&verbose, "verbose", "v", false, "log debug messages")
+	cmd.Flags().StringVar(&ioMode, "io-mode", "auto", "how the filtered devices' data moves: auto (zero copy where the kernel has it, Linux 6.16+), zero-copy or copy")
 	return cmd
 }
 
@@ -77,7 +84,7 @@ func daemonCmd(g *globalFlags) *cobra.Command {
 // (SIGTERM) it leaves the filtered devices to the next daemon; after
 // `ublksnap shutdown` it stops the images, the filtered devices and the
 // server, in that order.
-func serveDaemon(ctx context.Context, socket string, params cow.Params, log *slog.Logger) error {
+func serveDaemon(ctx context.Context, socket string, params cow.Params, mode ublk.IOMode, log *slog.Logger) error {
 	if err := daemon.HardenProcess(); err != nil {
 		log.Warn("running without full protection", "err", err)
 	}
@@ -94,7 +101,7 @@ func serveDaemon(ctx context.Context, socket string, params cow.Params, log *slo
 		return fmt.Errorf("find own executable: %w", err)
 	}
 	statePath := snapshot.StatePathFor(socket)
-	mgr, err := snapshot.New(snapshot.Config{Params: params, Logger: log, StatePath: statePath,
+	mgr, err := snapshot.New(snapshot.Config{Params: params, Logger: log, StatePath: statePath, IOMode: mode,
 		Host: snapshot.System{FreezeHolder: []string{self, freezeHolderName}}})
 	if err != nil {
 		return err

@@ -81,7 +81,7 @@ func runDevServe(ctx context.Context, cmd *cobra.Command, o devServeOptions) err
 	}
 	defer b.Close()
 	log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
-	cfg := snapshot.DeviceConfig(b.Geometry(), log)
+	cfg := snapshot.DeviceConfig(b, log)
 	if o.queues > 0 {
 		cfg.Queues = o.queues
 	}

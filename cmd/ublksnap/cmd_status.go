@@ -29,9 +29,15 @@ func statusCmd(g *globalFlags) *cobra.Command {
 // statusText prints the daemon's state as two readable tables.
 func statusText(w io.Writer, s api.Status) error {
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
-	fmt.Fprintf(tw, "DEVICE\tNAME\tSIZE\tBACKING\tSNAPSHOT\n")
+	fmt.Fprintf(tw, "DEVICE\tNAME\tSIZE\tBACKING\tIO\tSNAPSHOT\n")
 	for _, d := range s.Devices {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", d.Path, d.Name, bytesText(d.Size), d.Backing, orDash(d.Snapshot))
+		io := d.IOMode
+		if d.DirectIO {
+			io += ",direct"
+		} else {
+			io += ",buffered"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", d.Path, d.Name, bytesText(d.Size), d.Backing, io, orDash(d.Snapshot))
 	}
 	fmt.Fprintln(tw)
 	fmt.Fprintf(tw, "SNAPSHOT\tSTATE\tSTORAGE USED/CAPACITY/LIMIT\tDEVICE\tIMAGE\tCHUNK\tCOPIED\tERROR\n")

@@ -67,6 +67,8 @@ const (
 // Opcodes (io_uring_op).
 const (
 	OpNop         = 0
+	OpReadFixed   = 4
+	OpWriteFixed  = 5
 	OpFsync       = 3
 	OpPollAdd     = 6
 	OpAsyncCancel = 14
@@ -78,6 +80,28 @@ const (
 
 // FsyncDatasync is IORING_FSYNC_DATASYNC for PrepFsync.
 const FsyncDatasync = 1
+
+// SQE flags (io_uring_sqe.flags).
+const (
+	SQEFixedFile = 1 << 0 // IOSQE_FIXED_FILE: Fd is an index into the registered files
+)
+
+// io_uring_register opcodes and flags.
+const (
+	registerFiles        = 2  // IORING_REGISTER_FILES
+	registerBuffers2     = 15 // IORING_REGISTER_BUFFERS2
+	rsrcRegisterSparse   = 1  // IORING_RSRC_REGISTER_SPARSE
+	rsrcRegisterArgsSize = 32 // sizeof(struct io_uring_rsrc_register)
+)
+
+// rsrcRegister is struct io_uring_rsrc_register.
+type rsrcRegister struct {
+	Nr    uint32
+	Flags uint32
+	Resv2 uint64
+	Data  uint64
+	Tags  uint64
+}
 
 // ErrRingFull is returned by GetSQE when every SQ slot is taken by SQEs
 // that have not been submitted yet.
@@ -124,6 +148,8 @@ var (
 	_ [16 - unsafe.Sizeof(CQE{})]byte
 	_ [unsafe.Sizeof(getEventsArg{}) - 24]byte
 	_ [24 - unsafe.Sizeof(getEventsArg{})]byte
+	_ [unsafe.Sizeof(rsrcRegister{}) - rsrcRegisterArgsSize]byte
+	_ [rsrcRegisterArgsSize - unsafe.Sizeof(rsrcRegister{})]byte
 )
 
 // SQE is the first 64 bytes of struct io_uring_sqe. For a ring with
@@ -417,6 +443,34 @@ func (r *Ring) Reap(fn func(CQE)) int {
 	return int(tail - head)
 }
 
+// RegisterFiles registers fds as the ring's fixed files: SQEs with
+// SQEFixedFile name them by their index in fds. It is called once, on the
+// ring's issuer thread.
+func (r *Ring) RegisterFiles(fds []int32) error {
+	if len(fds) == 0 {
+		return nil
+	}
+	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), registerFiles,
+		uintptr(unsafe.Pointer(&fds[0])), uintptr(len(fds)), 0, 0)
+	if errno != 0 {
+		return fmt.Errorf("uring: register %d files: %w", len(fds), errno)
+	}
+	return nil
+}
+
+// RegisterSparseBuffers creates an empty table of n registered buffers,
+// for buffers the kernel itself registers (ublk's AUTO_BUF_REG); SQEs
+// READ_FIXED and WRITE_FIXED name them by index.
+func (r *Ring) RegisterSparseBuffers(n uint32) error {
+	arg := &rsrcRegister{Nr: n, Flags: rsrcRegisterSparse}
+	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), registerBuffers2,
+		uintptr(unsafe.Pointer(arg)), rsrcRegisterArgsSize, 0, 0)
+	if errno != 0 {
+		return fmt.Errorf("uring: register a sparse table of %d buffers: %w", n, errno)
+	}
+	return nil
+}
+
 // PrepNop fills sqe as a NOP.
 func PrepNop(sqe *SQE, userData uint64) {
 	sqe.Opcode = OpNop
@@ -442,6 +496,31 @@ func PrepWrite(sqe *SQE, fd int, buf unsafe.Pointer, n uint32, off uint64, rwFla
 	sqe.Len = n
 	sqe.Off = off
 	sqe.OpFlags = rwFlags
+	sqe.UserData = userData
+}
+
+// PrepReadFixed fills sqe as a READ_FIXED of n bytes into registered buffer
+// bufIndex at byte offset bufOff of that buffer (for a buffer the kernel
+// registered, such as a ublk request's, the address is the offset).
+func PrepReadFixed(sqe *SQE, fd int, bufIndex uint16, bufOff uint64, n uint32, off uint64, userData uint64) {
+	sqe.Opcode = OpReadFixed
+	sqe.Fd = int32(fd)
+	sqe.Addr = bufOff
+	sqe.Len = n
+	sqe.Off = off
+	sqe.BufIndex = bufIndex
+	sqe.UserData = userData
+}
+
+// PrepWriteFixed is PrepReadFixed for a WRITE_FIXED; rwFlags as for PrepWrite.
+func PrepWriteFixed(sqe *SQE, fd int, bufIndex uint16, bufOff uint64, n uint32, off uint64, rwFlags uint32, userData uint64) {
+	sqe.Opcode = OpWriteFixed
+	sqe.Fd = int32(fd)
+	sqe.Addr = bufOff
+	sqe.Len = n
+	sqe.Off = off
+	sqe.OpFlags = rwFlags
+	sqe.BufIndex = bufIndex
 	sqe.UserData = userData
 }
 

@@ -39,6 +39,7 @@ type AttachRequest struct {
 	Name    string `json:"name,omitempty"`
 	Queues  int    `json:"queues,omitempty"`
 	Depth   int    `json:"depth,omitempty"`
+	IOMode  string `json:"io_mode,omitempty"` // "copy", "auto", "zero-copy"; "": the daemon's default
 }
 
 // Device is a filtered original device.
@@ -48,6 +49,8 @@ type Device struct {
 	Backing  string `json:"backing"` // the file or block device behind it
 	Size     uint64 `json:"size"`    // bytes
 	Snapshot string `json:"snapshot,omitempty"`
+	IOMode   string `json:"io_mode"`   // how its data moves: "copy" or "zero-copy"
+	DirectIO bool   `json:"direct_io"` // the backing is read and written with O_DIRECT
 }
 
 // CreateSnapshotRequest creates a snapshot with its difference storage.

@@ -138,7 +138,7 @@ func NewHandler(svc Service, exports *export.Exports, version string, log *slog.
 		if err := decode(r, &req); err != nil {
 			return nil, err
 		}
-		d, err := svc.Attach(r.Context(), snapshot.AttachOptions{Backing: req.Backing, Name: req.Name, Queues: req.Queues, Depth: req.Depth})
+		d, err := svc.Attach(r.Context(), snapshot.AttachOptions{Backing: req.Backing, Name: req.Name, Queues: req.Queues, Depth: req.Depth, IOMode: req.IOMode})
 		return deviceToWire(d), err
 	})
 	h("DELETE /v1/devices", func(r *http.Request) (any, error) {

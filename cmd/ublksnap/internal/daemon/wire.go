@@ -13,7 +13,8 @@ import (
 // This file turns package snapshot's types into the api package's.
 
 func deviceToWire(d snapshot.DeviceInfo) api.Device {
-	return api.Device{Name: d.Name, Path: d.Path, Backing: d.Backing, Size: uint64(d.Size), Snapshot: d.Snapshot}
+	return api.Device{Name: d.Name, Path: d.Path, Backing: d.Backing, Size: uint64(d.Size), Snapshot: d.Snapshot,
+		IOMode: d.IOMode, DirectIO: d.DirectIO}
 }
 
 func snapshotToWire(s snapshot.SnapshotInfo, err error) (api.Snapshot, error) {
