@@ -45,8 +45,8 @@ func backingFiles(dev storage.Device) []int {
 
 // Private words of the original handler's requests.
 const (
-	privAdmitted      = 1 << iota // the request passed the gate and must Leave it
-	privZeroesOnWorker            // ring write-zeroes refused: zero on a worker
+	privAdmitted       = 1 << iota // the request passed the gate and must Leave it
+	privZeroesOnWorker             // ring write-zeroes refused: zero on a worker
 )
 
 // originalHandler serves a filtered device: reads and flushes go straight

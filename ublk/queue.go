@@ -73,7 +73,7 @@ type queue struct {
 	// each request's pages at the tag's slot of the ring's buffer table and
 	// there are no tag buffers; immutable.
 	zeroCopy bool
-	files    []int32 // Config.Files, registered on the ring; immutable
+	files    []int32  // Config.Files, registered on the ring; immutable
 	finisher Finisher // h as a Finisher, or nil; immutable
 
 	// Owned by the queue goroutine.

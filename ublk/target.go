@@ -135,14 +135,14 @@ type Request struct {
 	// which step it is at); zero when the request arrives.
 	Private uint64
 
-	q      *queue        // owning queue; nil for a request of NewRequest
-	tag    uint16        // ublk tag; immutable
-	done   func(error)   // Complete's callback for a request of NewRequest
-	noWait bool          // set by the dispatcher before each Handle call
+	q      *queue      // owning queue; nil for a request of NewRequest
+	tag    uint16      // ublk tag; immutable
+	done   func(error) // Complete's callback for a request of NewRequest
+	noWait bool        // set by the dispatcher before each Handle call
 	// submitted: Submit (not Complete) ended the handler's hold of a
 	// request of NewRequest; read by Run.
 	submitted bool
-	state  atomic.Uint32 // reqIdle, reqBusy (taken by the handler), reqDone, reqIO
+	state     atomic.Uint32 // reqIdle, reqBusy (taken by the handler), reqDone, reqIO
 	// ios is the backing I/O described by the handler, in order; its
 	// backing array is reused by later requests of the tag. Owned by
 	// whoever holds the request (handler, then the queue goroutine).
