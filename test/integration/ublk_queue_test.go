@@ -4,12 +4,15 @@ package integration
 
 import (
 	"errors"
+	"fmt"
+	"io"
 	"os"
+	"os/exec"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
-
-	"golang.org/x/sys/unix"
+	"time"
 
 	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/ublk"
@@ -42,7 +45,8 @@ func kindOf(r *ublk.Request) reqKind {
 }
 
 // queueWatch counts, per kind of request, what the handler did on the
-// queue thread (served it, or left it to a worker) and on the workers.
+// queue thread (served it, or left it to a worker) and on the workers, and
+// passes the outcome of the ring I/O on to the handler's Finish.
 type queueWatch struct {
 	inner    ublk.Handler
 	served   [nKinds]atomic.Int64 // served on the queue thread
@@ -64,43 +68,68 @@ func (w *queueWatch) Handle(r *ublk.Request) error {
 	return err
 }
 
-func (w *queueWatch) reset() {
-	for k := range nKinds {
-		w.served[k].Store(0)
-		w.deferred[k].Store(0)
-		w.worker[k].Store(0)
+func (w *queueWatch) Finish(r *ublk.Request, err error) error {
+	if f, ok := w.inner.(ublk.Finisher); ok {
+		return f.Finish(r, err)
 	}
+	return err
 }
 
-// dropPageCache writes back and evicts the page cache of the block device
-// at path. BLKFLSBUF (invalidate_bdev) first drains every CPU's batches of
-// pages not yet on the LRU; FADV_DONTNEED drains only its own CPU's and
-// silently keeps the others (pages fio had just read on the other vCPU
-// stayed cached, three of 30 once in CI).
-func dropPageCache(t *testing.T, path string) {
+// delayedDevice makes a device-mapper device over the block device dev
+// whose first half is linear and whose second half delays every read by
+// ms milliseconds (dm-delay), and returns its node.
+func delayedDevice(t *testing.T, dev string, ms int) string {
 	t.Helper()
-	f, err := os.Open(path)
+	if out, err := exec.Command("modprobe", "dm-delay").CombinedOutput(); err != nil {
+		t.Fatalf("modprobe dm-delay: %v: %s", err, out)
+	}
+	sectors := blockSectors(t, dev)
+	half := sectors / 2
+	name := fmt.Sprintf("ublksnap-delay-%d", os.Getpid())
+	table := fmt.Sprintf("0 %d linear %s 0\n%d %d delay %s %d %d %s %d 0\n", half, dev, half, sectors-half, dev, half, ms, dev, half)
+	cmd := exec.Command("dmsetup", "create", name)
+	cmd.Stdin = strings.NewReader(table)
+	cmd.Env = append(os.Environ(), "DM_DISABLE_UDEV=1")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("dmsetup create %s: %v: %s", name, err, out)
+	}
+	t.Cleanup(func() {
+		rm := exec.Command("dmsetup", "remove", "--retry", name)
+		rm.Env = append(os.Environ(), "DM_DISABLE_UDEV=1")
+		if out, err := rm.CombinedOutput(); err != nil {
+			t.Errorf("dmsetup remove %s: %v: %s", name, err, out)
+		}
+	})
+	return "/dev/mapper/" + name
+}
+
+// blockSectors returns the size of a block device in sectors.
+func blockSectors(t *testing.T, dev string) int64 {
+	t.Helper()
+	f, err := os.Open(dev)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	if err := unix.Fdatasync(int(f.Fd())); err != nil {
+	n, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.IoctlSetInt(int(f.Fd()), unix.BLKFLSBUF, 0); err != nil {
-		t.Fatalf("BLKFLSBUF %s: %v", path, err)
-	}
+	return n >> 9
 }
 
-// TestUblkQueueThreadNeverWaits (defect 6) serves a pass-through device
-// over a block device (a loop device, whose page cache can be dropped) and
-// watches the queue thread: FUA writes and flushes never complete there
-// (they wait for the disk), reads of uncached data are left to workers,
-// and reads of cached data are served there without a worker.
+// TestUblkQueueThreadNeverWaits (defect 6, and the ring I/O of issue 19)
+// serves a pass-through device with one queue over a backing whose second
+// half answers reads only after 8 s (dm-delay over a loop device). Every
+// request is served as backing I/O on the queue's ring, none on a worker
+// (FUA writes and flushes included), and while a read of the slow half is
+// stuck in the backing, reads and writes of the fast half go on through
+// the same queue.
 func TestUblkQueueThreadNeverWaits(t *testing.T) {
 	loop := loopDevice(t, tempFile(t, 32<<20))
+	slow := delayedDevice(t, loop, 8000)
 	var w *queueWatch
-	d, b := ublkDeviceOver(t, loop, 1, 32, storage.OpenOptions{}, func(h ublk.Handler, _ *storage.File) ublk.Handler {
+	d, _ := ublkDeviceOver(t, slow, 1, 32, storage.OpenOptions{}, func(h ublk.Handler, _ *storage.File) ublk.Handler {
 		w = &queueWatch{inner: h}
 		return w
 	})
@@ -108,51 +137,43 @@ func TestUblkQueueThreadNeverWaits(t *testing.T) {
 	fio(t, "--name=fua", "--filename="+d.Path(), "--rw=randwrite", "--bs=4k", "--size=4M",
 		"--direct=1", "--sync=1", "--fsync=16", "--ioengine=psync",
 		"--verify=crc32c", "--do_verify=1", "--verify_fatal=1")
-	t.Logf("after fio: FUA served/deferred/worker %d/%d/%d, flush %d/%d/%d", w.served[kindFUA].Load(),
-		w.deferred[kindFUA].Load(), w.worker[kindFUA].Load(), w.served[kindFlush].Load(),
-		w.deferred[kindFlush].Load(), w.worker[kindFlush].Load())
 	for _, k := range []struct {
 		name string
 		kind reqKind
-	}{{"FUA write", kindFUA}, {"flush", kindFlush}} {
-		if n := w.served[k.kind].Load(); n != 0 {
-			t.Errorf("%s: %d completed on the queue thread, want 0", k.name, n)
+	}{{"read", kindRead}, {"FUA write", kindFUA}, {"flush", kindFlush}} {
+		if n := w.worker[k.kind].Load() + w.deferred[k.kind].Load(); n != 0 {
+			t.Errorf("%s: %d left to a worker, want 0 (all as ring I/O)", k.name, n)
 		}
-		if w.worker[k.kind].Load() == 0 {
-			t.Errorf("%s: none reached a worker", k.name)
+		if w.served[k.kind].Load() == 0 {
+			t.Errorf("%s: none served", k.name)
 		}
 	}
 
-	// 4 KiB reads 1 MiB apart: each is beyond the readahead of the one
-	// before, so after the drop none is in the page cache. They skip the
-	// first and last MiB, which a udev probe of the device (after fio's
-	// writable close) may read, and cache, at any moment (once in CI).
-	read := func() {
-		fio(t, "--name=strided", "--filename="+d.Path(), "--rw=read:1020k", "--bs=4k",
-			"--offset=1M", "--size=30M", "--number_ios=30", "--direct=1", "--ioengine=psync")
-	}
-	if err := b.Flush(); err != nil {
+	// A read of the slow half, stuck for 8 s in dm-delay.
+	slowRead := exec.Command("dd", "if="+d.Path(), "of=/dev/null", "bs=4k", "count=1", "skip=6144", "iflag=direct")
+	var slowOut strings.Builder
+	slowRead.Stdout, slowRead.Stderr = &slowOut, &slowOut
+	start := time.Now()
+	if err := slowRead.Start(); err != nil {
 		t.Fatal(err)
 	}
-	dropPageCache(t, loop)
-	w.reset()
-	read()
-	uncached := [3]int64{w.served[kindRead].Load(), w.deferred[kindRead].Load(), w.worker[kindRead].Load()}
-	w.reset()
-	read()
-	cached := [3]int64{w.served[kindRead].Load(), w.deferred[kindRead].Load(), w.worker[kindRead].Load()}
-	t.Logf("strided reads served/deferred/worker: uncached %v, cached %v", uncached, cached)
-	// A read served on the queue thread was in the page cache (RWF_NOWAIT
-	// succeeded without I/O): never a wait. With FADV_DONTNEED as the drop
-	// one to three of the 30 were, now and then (see dropPageCache); with
-	// BLKFLSBUF still one in some runs (10 runs here: 2 had one; the
-	// reader of that page is not found). Up to 5 are tolerated: the check
-	// is that the reads that need the disk go to workers, which a handler
-	// that waited on the queue thread would fail with 30.
-	if uncached[0] > 5 || uncached[2] < uncached[1] || uncached[2] < 25 {
-		t.Errorf("reads of uncached data: %d served on the queue thread, %d deferred, %d on workers; want at most 5 and the rest on workers", uncached[0], uncached[1], uncached[2])
+	slowDone := make(chan error, 1)
+	go func() { slowDone <- slowRead.Wait() }()
+	// Requests of the fast half meanwhile, through the same queue.
+	fio(t, "--name=fast", "--filename="+d.Path(), "--rw=randrw", "--bs=4k", "--size=4M",
+		"--direct=1", "--ioengine=psync", "--number_ios=64")
+	fastTook := time.Since(start)
+	select {
+	case err := <-slowDone:
+		t.Fatalf("the slow read ended (%v: %s) before the fast requests could be checked", err, slowOut.String())
+	default:
 	}
-	if cached[0] == 0 {
-		t.Errorf("reads of cached data: none served on the queue thread (%v)", cached)
+	if err := <-slowDone; err != nil {
+		t.Fatalf("slow read: %v: %s", err, slowOut.String())
+	}
+	slowTook := time.Since(start)
+	t.Logf("64 fast requests done %v after the slow read started; the slow read took %v", fastTook, slowTook)
+	if slowTook < 7*time.Second {
+		t.Errorf("the slow read took %v: dm-delay did not hold it", slowTook)
 	}
 }

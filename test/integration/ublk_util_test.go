@@ -43,7 +43,7 @@ func ublkDeviceOver(t testing.TB, path string, queues, depth int, opts storage.O
 		t.Fatalf("open backing %s: %v", path, err)
 	}
 	t.Cleanup(func() { b.Close() })
-	cfg := snapshot.DeviceConfig(b.Geometry(), nil)
+	cfg := snapshot.DeviceConfig(b, nil)
 	cfg.Queues, cfg.Depth = queues, depth
 	h := snapshot.NewPassthrough(b, slog.Default())
 	if wrap != nil {
@@ -92,7 +92,7 @@ func passthrough(t testing.TB, file string) (ublk.Handler, ublk.Config) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.Close() })
-	return snapshot.NewPassthrough(b, slog.Default()), snapshot.DeviceConfig(b.Geometry(), nil)
+	return snapshot.NewPassthrough(b, slog.Default()), snapshot.DeviceConfig(b, nil)
 }
 
 // closeDevice closes d within a minute or fails the test.
