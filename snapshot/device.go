@@ -47,7 +47,7 @@ type AttachOptions struct {
 	Name    string // "" : the backing's base name
 	Queues  int    // 0: ublk's default
 	Depth   int    // 0: ublk's default
-	// IOMode is "copy", "auto" or "zero-copy"; "" is the daemon's
+	// IOMode is "copy", "auto", "zero-copy" or "user-copy"; "" is the daemon's
 	// default. A recovered device keeps the mode it was created in.
 	IOMode string
 }

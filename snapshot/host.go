@@ -38,8 +38,8 @@ type BlockDevice interface {
 	ID() int
 	// Close stops the device; it returns once no request is in flight.
 	Close() error
-	// IOMode is how the device's data moves (ublk.IOModeCopy or
-	// ublk.IOModeZeroCopy).
+	// IOMode is how the device's data moves (ublk.IOModeCopy,
+	// IOModeUserCopy or IOModeZeroCopy).
 	IOMode() ublk.IOMode
 }
 

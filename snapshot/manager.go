@@ -40,7 +40,8 @@ type Config struct {
 	DestroyTimeout time.Duration // 0: DefaultDestroyTimeout
 	// IOMode is the I/O mode of filtered devices attached without one of
 	// their own (AttachOptions.IOMode); the zero value is copy mode, the
-	// daemon asks for ublk.IOModeAuto. Images run in copy mode.
+	// daemon asks for ublk.IOModeAuto. Images run in user copy where the
+	// kernel has it (their data passes through the engine), else copy.
 	IOMode ublk.IOMode
 	// StatePath is the state file through which a successor daemon
 	// serves the filtered devices again (see Recover); "" keeps none, and
@@ -131,7 +132,7 @@ type DeviceInfo struct {
 	Backing  string // the backing file or block device, as named
 	Size     int64  // bytes
 	Snapshot string // UUID of the snapshot it is in, or ""
-	IOMode   string // how its data moves: "copy" or "zero-copy"
+	IOMode   string // how its data moves: "copy", "user-copy" or "zero-copy"
 	DirectIO bool   // the backing is read and written with O_DIRECT
 }
 

@@ -14,6 +14,7 @@ import (
 
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/storage"
+	"github.com/ublksnap/ublksnap/ublk"
 )
 
 // snapshot is one snapshot (blksnap's struct snapshot) and its difference
@@ -366,6 +367,9 @@ func (m *Manager) serveImages(ctx context.Context, s *snapshot) error {
 		logical, physical := mb.area.BlockSizes()
 		cfg := geometryConfig(storage.Geometry{Size: mb.area.Size(), LogicalBlockSize: logical, PhysicalBlockSize: physical}, m.log)
 		cfg.Owner = m.owner
+		// The engine reads and fills the image's data itself: user copy
+		// (buffers from a bounded pool) where the kernel has it.
+		cfg.IOMode, cfg.NeedsData = ublk.IOModeAuto, true
 		// Like blksnap's images (GENHD_FL_NO_PART), and because a
 		// daemon killed during a take's partition scan hangs on 6.12.
 		cfg.NoPartitionScan = true

@@ -75,6 +75,14 @@ type Config struct {
 	// backing files; the zero value is IOModeCopy, which every kernel has
 	// and which gives handlers Request.Buf.
 	IOMode IOMode
+	// NeedsData says the handler reads or fills Request.Buf itself (it
+	// does not only describe backing I/O): IOModeAuto then never picks
+	// zero copy, which has no Buf.
+	NeedsData bool
+	// BufferMemory bounds the bytes of request buffers per queue in user
+	// copy mode; 0 means DefaultBufferMemory. A request that finds the
+	// pool spent waits for another to finish.
+	BufferMemory int
 	// Files are descriptors registered on every queue ring, named in
 	// backing I/O by RegisteredFile(index). They must stay open while the
 	// device is served.
@@ -111,18 +119,29 @@ const (
 	// IOModeCopy: the kernel copies each request's data to or from a
 	// buffer per tag in this process (Request.Buf), which backing I/O reads
 	// into or writes from: two copies per request, depth × MaxIOSize bytes
-	// of buffers per queue.
+	// of buffers per queue, resident once blk-mq has rotated through the
+	// tags.
 	IOModeCopy IOMode = iota
-	// IOModeAuto: zero copy when the kernel has it (UBLK_F_AUTO_BUF_REG,
-	// Linux 6.16+), copy mode otherwise.
+	// IOModeAuto: the best mode the kernel has for the handler: zero copy
+	// (UBLK_F_AUTO_BUF_REG, Linux 6.16+) unless Config.NeedsData, else
+	// user copy (UBLK_F_USER_COPY, 6.5+), else copy.
 	IOModeAuto
 	// IOModeZeroCopy: the kernel registers each request's own pages in the
-	// queue ring's buffer table and backing I/O is READ_FIXED/WRITE_FIXED
-	// on them: the data never enters this process, there are no tag
-	// buffers and Request.Buf is nil. A kernel without it fails New with
+	// queue ring's buffer table and the backing I/O reads or writes them
+	// there (READ_FIXED/WRITE_FIXED): the data never enters this process,
+	// and Request.Buf is nil. A kernel without AUTO_BUF_REG fails New with
 	// ErrNotSupported.
 	IOModeZeroCopy
+	// IOModeUserCopy: the queue copies each request's data between the
+	// kernel and a buffer of a bounded per-queue pool (Config.BufferMemory)
+	// with pread/pwrite on /dev/ublkcN, so buffers exist only while their
+	// request is in flight. Request.Buf is that buffer. A kernel without
+	// USER_COPY fails New with ErrNotSupported.
+	IOModeUserCopy
 )
+
+// ioModes are the modes in the order of their numbers.
+var ioModes = [...]IOMode{IOModeCopy, IOModeAuto, IOModeZeroCopy, IOModeUserCopy}
 
 func (m IOMode) String() string {
 	switch m {
@@ -132,19 +151,52 @@ func (m IOMode) String() string {
 		return "auto"
 	case IOModeZeroCopy:
 		return "zero-copy"
+	case IOModeUserCopy:
+		return "user-copy"
 	}
 	return fmt.Sprintf("io-mode(%d)", uint8(m))
 }
 
-// ParseIOMode parses "copy", "auto" or "zero-copy".
+// ParseIOMode parses "copy", "auto", "zero-copy" or "user-copy".
 func ParseIOMode(s string) (IOMode, error) {
-	for _, m := range []IOMode{IOModeCopy, IOModeAuto, IOModeZeroCopy} {
+	for _, m := range ioModes {
 		if s == m.String() {
 			return m, nil
 		}
 	}
-	return 0, fmt.Errorf("%w: I/O mode %q: want copy, auto or zero-copy", ErrInvalidConfig, s)
+	return 0, fmt.Errorf("%w: I/O mode %q: want copy, auto, zero-copy or user-copy", ErrInvalidConfig, s)
 }
+
+// pick returns the mode a device in mode m runs in on a kernel with
+// features feats, and the ADD_DEV flag it needs (0 for copy mode).
+// needsData rules out zero copy.
+func (m IOMode) pick(feats uint64, needsData bool) (IOMode, uint64, error) {
+	switch {
+	case m == IOModeZeroCopy && feats&featAutoBufReg == 0:
+		return m, 0, fmt.Errorf("%w: zero copy needs UBLK_F_AUTO_BUF_REG (Linux 6.16+); this kernel offers features %#x", ErrNotSupported, feats)
+	case m == IOModeUserCopy && feats&featUserCopy == 0:
+		return m, 0, fmt.Errorf("%w: user copy needs UBLK_F_USER_COPY (Linux 6.5+); this kernel offers features %#x", ErrNotSupported, feats)
+	case m == IOModeZeroCopy, m == IOModeAuto && !needsData && feats&featAutoBufReg != 0:
+		return IOModeZeroCopy, featAutoBufReg, nil
+	case m == IOModeUserCopy, m == IOModeAuto && feats&featUserCopy != 0:
+		return IOModeUserCopy, featUserCopy, nil
+	}
+	return IOModeCopy, 0, nil
+}
+
+// modeOf is the mode of a device with the negotiated flags flags.
+func modeOf(flags uint64) IOMode {
+	switch {
+	case flags&featAutoBufReg != 0:
+		return IOModeZeroCopy
+	case flags&featUserCopy != 0:
+		return IOModeUserCopy
+	}
+	return IOModeCopy
+}
+
+// DefaultBufferMemory is the default Config.BufferMemory.
+const DefaultBufferMemory = 8 << 20
 
 func isPow2(n int) bool { return n > 0 && n&(n-1) == 0 }
 
@@ -184,8 +236,14 @@ func (c *Config) Validate() error {
 	if c.MaxIOSize < pageSize || c.MaxIOSize > MaxIOSizeMax || c.MaxIOSize%pageSize != 0 {
 		bad("max I/O size %d: must be a multiple of %d in [%d, %d]", c.MaxIOSize, pageSize, pageSize, MaxIOSizeMax)
 	}
-	if c.IOMode > IOModeZeroCopy {
-		bad("I/O mode %d: want IOModeCopy, IOModeAuto or IOModeZeroCopy", c.IOMode)
+	if int(c.IOMode) >= len(ioModes) {
+		bad("I/O mode %d: want IOModeCopy, IOModeAuto, IOModeZeroCopy or IOModeUserCopy", c.IOMode)
+	}
+	if c.IOMode == IOModeZeroCopy && c.NeedsData {
+		bad("zero copy for a handler that needs the data (NeedsData)")
+	}
+	if c.BufferMemory < 0 || c.BufferMemory > 0 && c.BufferMemory < c.MaxIOSize {
+		bad("buffer memory %d: must be 0 (the default) or at least the max I/O size %d", c.BufferMemory, c.MaxIOSize)
 	}
 	for i, fd := range c.Files {
 		if fd < 0 {

@@ -1,6 +1,7 @@
 package ublk
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -116,12 +117,11 @@ func (d *Device) setup(ctx context.Context) error {
 	if d.cfg.NoPartitionScan {
 		want |= featNoAutoPartScan
 	}
-	switch {
-	case d.cfg.IOMode == IOModeZeroCopy && feats&featAutoBufReg == 0:
-		return fmt.Errorf("%w: zero copy needs UBLK_F_AUTO_BUF_REG (Linux 6.16+); this kernel offers features %#x", ErrNotSupported, feats)
-	case d.cfg.IOMode != IOModeCopy:
-		want |= featAutoBufReg
+	mode, flag, err := d.cfg.IOMode.pick(feats, d.cfg.NeedsData)
+	if err != nil {
+		return err
 	}
+	want |= flag
 	info, err := d.ctrl.AddDev(devInfo{
 		NrHwQueues:    uint16(d.cfg.Queues),
 		QueueDepth:    uint16(d.cfg.Depth),
@@ -135,8 +135,8 @@ func (d *Device) setup(ctx context.Context) error {
 	}
 	d.id, d.info = info.DevID, info
 	d.log = d.log.With("ublk", d.id)
-	if d.cfg.IOMode == IOModeZeroCopy && info.Flags&featAutoBufReg == 0 {
-		return fmt.Errorf("%w: ADD_DEV did not grant UBLK_F_AUTO_BUF_REG", ErrNotSupported)
+	if got := modeOf(info.Flags); got != mode && d.cfg.IOMode != IOModeAuto {
+		return fmt.Errorf("%w: asked for %v, ADD_DEV granted flags %#x (%v)", ErrNotSupported, mode, info.Flags, got)
 	}
 	if d.cfg.Recoverable && info.Flags&rec != rec {
 		return fmt.Errorf("%w: this kernel's ublk has no USER_RECOVERY with REISSUE", ErrNotSupported)
@@ -169,7 +169,8 @@ func (d *Device) startQueues(ctx context.Context, start func(devID uint32, cance
 		q := newQueue(i, int(info.QueueDepth), int(info.MaxIOBufBytes), d.cdev, encoded, d.h, d.log)
 		// The mode is the one the device was created in (also when it is
 		// recovered), whatever this process's Config asks.
-		q.zeroCopy = info.Flags&featAutoBufReg != 0
+		q.mode = modeOf(info.Flags)
+		q.bufMemory = cmp.Or(d.cfg.BufferMemory, DefaultBufferMemory)
 		for _, fd := range d.cfg.Files {
 			q.files = append(q.files, int32(fd))
 		}
@@ -262,17 +263,10 @@ func (d *Device) Path() string { return fmt.Sprintf("/dev/ublkb%d", d.id) }
 // CharPath returns the ublk character device node, /dev/ublkcN.
 func (d *Device) CharPath() string { return fmt.Sprintf("/dev/ublkc%d", d.id) }
 
-// IOMode returns the mode the device's data moves in: IOModeZeroCopy or
-// IOModeCopy (the one it was created with, also after a recovery).
-func (d *Device) IOMode() IOMode { return d.info.ioMode() }
-
-// ioMode is the data mode of a device with these negotiated flags.
-func (di devInfo) ioMode() IOMode {
-	if di.Flags&featAutoBufReg != 0 {
-		return IOModeZeroCopy
-	}
-	return IOModeCopy
-}
+// IOMode returns the mode the device's data moves in: IOModeZeroCopy,
+// IOModeUserCopy or IOModeCopy (the one it was created with, also after a
+// recovery).
+func (d *Device) IOMode() IOMode { return modeOf(d.info.Flags) }
 
 // Queues returns the number of queues the kernel granted.
 func (d *Device) Queues() int { return len(d.queues) }

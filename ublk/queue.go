@@ -69,17 +69,21 @@ type queue struct {
 	// untrusted sends the first FETCHes without CAP_SYS_ADMIN in the
 	// thread's effective set (Config.NoPartitionScan); immutable.
 	untrusted bool
-	// zeroCopy: the device has UBLK_F_AUTO_BUF_REG; the kernel registers
-	// each request's pages at the tag's slot of the ring's buffer table and
-	// there are no tag buffers; immutable.
-	zeroCopy bool
-	files    []int32  // Config.Files, registered on the ring; immutable
-	finisher Finisher // h as a Finisher, or nil; immutable
+	// mode is the device's data mode: in zero copy the kernel registers
+	// each request's pages at the tag's slot of the ring's buffer table; in
+	// copy mode each tag has its buffer in bufs; in user copy requests take
+	// buffers from pool while they are in flight; immutable.
+	mode      IOMode
+	bufMemory int      // the pool's limit in user copy (Config.BufferMemory); immutable
+	files     []int32  // Config.Files, registered on the ring; immutable
+	finisher  Finisher // h as a Finisher, or nil; immutable
 
 	// Owned by the queue goroutine.
 	ring     queueRing
 	descs    []ioDesc        // kernel-written request descriptors, by tag (read-only mmap)
-	bufs     []byte          // depth × maxIO bytes of anonymous mmap
+	bufs     []byte          // copy mode: depth × maxIO bytes of anonymous mmap
+	pool     *bufPool        // user copy: the request buffers
+	waiting  []uint16        // user copy: tags waiting for a buffer, oldest first (capacity depth)
 	scratch  []byte          // one page: the eventfd read target
 	reqs     []Request       // one per tag
 	mmaps    [][]byte        // everything to munmap at exit
@@ -176,11 +180,15 @@ func (q *queue) openKernel() error {
 	if err := r.RegisterFiles(q.files); err != nil {
 		return fmt.Errorf("ublk: queue %d: %w", q.id, err)
 	}
-	if q.zeroCopy {
+	switch q.mode {
+	case IOModeZeroCopy:
 		if err := r.RegisterSparseBuffers(uint32(q.depth)); err != nil {
 			return fmt.Errorf("ublk: queue %d: %w", q.id, err)
 		}
-	} else {
+	case IOModeUserCopy:
+		q.pool = newBufPool(q.maxIO, q.bufMemory)
+		q.waiting = make([]uint16, 0, q.depth)
+	default:
 		q.bufs, err = unix.Mmap(-1, 0, q.depth*q.maxIO, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
 		if err != nil {
 			return fmt.Errorf("ublk: queue %d: mmap %d buffers of %d bytes: %w", q.id, q.depth, q.maxIO, err)
@@ -208,6 +216,9 @@ func (q *queue) release() {
 		}
 	}
 	q.mmaps, q.descs, q.bufs, q.scratch = nil, nil, nil, nil
+	if q.pool != nil {
+		q.pool.close()
+	}
 	if q.ring != nil {
 		if err := q.ring.Close(); err != nil {
 			q.log.Error("ublk: close queue ring", "err", err)
@@ -250,9 +261,10 @@ func (q *queue) prepIO(nr uint32, tag uint16, result int32) error {
 	}
 	uring.PrepURingCmd(s, q.cdevFd, ioOpcode(nr, q.encoded), uint64(tag))
 	cmd := ioCmd{QID: q.id, Tag: tag, Result: result}
-	if q.zeroCopy {
+	switch q.mode {
+	case IOModeZeroCopy:
 		s.Addr = autoBufReg(tag)
-	} else {
+	case IOModeCopy:
 		cmd.Addr = q.bufAddr(tag)
 	}
 	*(*ioCmd)(unsafe.Pointer(&s.Cmd[0])) = cmd
@@ -317,6 +329,9 @@ func (q *queue) serve(ready chan<- error) {
 		q.ring.Reap(q.handleFn)
 		if q.wakePending.Load() {
 			q.drainCompletions()
+		}
+		if len(q.waiting) > 0 {
+			q.serveWaiting()
 		}
 		if !q.efdArm {
 			if err := q.armEventfd(); err != nil {
@@ -417,14 +432,85 @@ func (q *queue) dispatch(tag uint16) {
 			q.commit(tag, -int32(unix.EIO))
 			return
 		}
-		if !q.zeroCopy {
+		switch q.mode {
+		case IOModeCopy:
 			off := int(tag) * q.maxIO
 			r.Buf = q.bufs[off : off+r.Length : off+r.Length]
+		case IOModeUserCopy:
+			if len(q.waiting) > 0 {
+				q.waiting = append(q.waiting, tag) // after those before it
+				return
+			}
+			switch q.copyIn(r) {
+			case copyWait:
+				q.waiting = append(q.waiting, tag)
+				return
+			case copyFailed:
+				return
+			}
 		}
 	}
+	q.start(r)
+}
+
+// start runs the handler on r in non-blocking mode.
+func (q *queue) start(r *Request) {
 	r.noWait = true
 	r.state.Store(reqBusy)
 	q.outcome(r, q.handle(r))
+}
+
+// What copyIn did.
+const (
+	copyDone   = iota // r has its buffer (holding a WRITE's data)
+	copyWait          // the pool is spent: r waits for a buffer
+	copyFailed        // r was failed
+)
+
+// userCopyPos is the position in /dev/ublkcN of byte 0 of the data of
+// queue qid's request tag (UBLKSRV_IO_BUF_OFFSET + qid << 41 + tag << 25).
+func userCopyPos(qid, tag uint16) int64 {
+	return 0x80000000 + int64(qid)<<41 + int64(tag)<<25
+}
+
+// copyIn gives r a buffer from the pool and, for a WRITE, copies the
+// request's data into it from the kernel.
+func (q *queue) copyIn(r *Request) int {
+	b, err := q.pool.get(r.Length)
+	switch {
+	case err != nil:
+		q.log.Error("ublk: no request buffer", "req", r.String(), "err", err)
+		q.commit(r.tag, -int32(unix.EIO))
+		return copyFailed
+	case b == nil:
+		return copyWait
+	}
+	r.poolBuf, r.Buf = b, b[:r.Length:r.Length]
+	if r.Op == OpWrite {
+		if n, err := unix.Pread(q.cdevFd, r.Buf, userCopyPos(q.id, r.tag)); err != nil || n != r.Length {
+			q.log.Error("ublk: copy a write's data from the kernel", "req", r.String(), "copied", n, "err", err)
+			q.commit(r.tag, -int32(unix.EIO))
+			return copyFailed
+		}
+	}
+	return copyDone
+}
+
+// serveWaiting starts the requests waiting for a buffer, oldest first,
+// as long as the pool has room.
+func (q *queue) serveWaiting() {
+	for len(q.waiting) > 0 {
+		r := &q.reqs[q.waiting[0]]
+		res := q.copyIn(r)
+		if res == copyWait {
+			return
+		}
+		n := copy(q.waiting, q.waiting[1:])
+		q.waiting = q.waiting[:n]
+		if res == copyDone {
+			q.start(r)
+		}
+	}
 }
 
 // outcome acts on what Handle or Finish answered for r, which the handler
@@ -493,20 +579,20 @@ func (q *queue) prepTarget(r *Request, i int) error {
 	}
 	switch io.kind {
 	case ioRead:
-		if q.zeroCopy {
+		if q.mode == IOModeZeroCopy {
 			uring.PrepReadFixed(s, fd, r.tag, uint64(at), uint32(rest), off, ud)
 		} else {
-			uring.PrepRead(s, fd, unsafe.Pointer(&q.bufs[int(r.tag)*q.maxIO+at]), uint32(rest), off, ud)
+			uring.PrepRead(s, fd, unsafe.Pointer(&r.Buf[at]), uint32(rest), off, ud)
 		}
 	case ioWrite:
 		var fl uint32
 		if io.dsync {
 			fl = unix.RWF_DSYNC
 		}
-		if q.zeroCopy {
+		if q.mode == IOModeZeroCopy {
 			uring.PrepWriteFixed(s, fd, r.tag, uint64(at), uint32(rest), off, fl, ud)
 		} else {
-			uring.PrepWrite(s, fd, unsafe.Pointer(&q.bufs[int(r.tag)*q.maxIO+at]), uint32(rest), off, fl, ud)
+			uring.PrepWrite(s, fd, unsafe.Pointer(&r.Buf[at]), uint32(rest), off, fl, ud)
 		}
 	case ioSync:
 		uring.PrepFsync(s, fd, uring.FsyncDatasync, ud)
@@ -591,9 +677,22 @@ func (q *queue) handle(r *Request) (err error) {
 }
 
 // commit queues COMMIT_AND_FETCH for tag with result: the request ends.
+// In user copy a READ's data goes to the kernel first and the buffer back
+// to the pool.
 func (q *queue) commit(tag uint16, result int32) {
 	q.busy--
-	q.reqs[tag].Buf = nil
+	r := &q.reqs[tag]
+	if r.poolBuf != nil {
+		if r.Op == OpRead && result > 0 {
+			if n, err := unix.Pwrite(q.cdevFd, r.Buf[:result], userCopyPos(q.id, tag)); err != nil || n != int(result) {
+				q.log.Error("ublk: copy a read's data to the kernel", "req", r.String(), "copied", n, "err", err)
+				result = -int32(unix.EIO)
+			}
+		}
+		q.pool.put(r.poolBuf)
+		r.poolBuf = nil
+	}
+	r.Buf = nil
 	if err := q.prepIO(ioCommitAndFetch, tag, result); err != nil {
 		// Only a broken ring gets here; the loop fails on its next enter.
 		q.log.Error("ublk: queue commit", "tag", tag, "err", err)

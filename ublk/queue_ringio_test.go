@@ -82,10 +82,11 @@ func (h *splitHandler) Finish(r *Request, err error) error {
 // once per request; a read past the end of the file fails with EIO instead
 // of looping.
 func TestQueueRingIO(t *testing.T) {
-	for _, short := range []int{0, 1000} {
+	for _, o := range []fakeOpts{{}, {shortIO: 1000}, {mode: IOModeUserCopy}, {mode: IOModeUserCopy, shortIO: 1000}} {
+		short := o.shortIO
 		f, data := ringFile(t, 1<<20)
 		h := &splitHandler{}
-		_, k := newFakeQueueShort(t, 4, 128<<10, h, short, int32(f.Fd()))
+		_, k := newFakeQueueWith(t, 4, 128<<10, h, o, int32(f.Fd()))
 		reqs := 0
 		for i := 0; i < 40; i++ {
 			off := int64(i*7919*512) % (1<<20 - 128<<10)
@@ -132,6 +133,64 @@ func TestQueueRingIO(t *testing.T) {
 			t.Errorf("short %d: Finish saw %v, want EIO", short, err)
 		}
 	}
+}
+
+// TestQueueUserCopyPoolBound: with a pool of one largest buffer, four
+// large requests at once take turns (each waits for the buffer of the one
+// before) and all complete with the right data; small ones share.
+func TestQueueUserCopyPoolBound(t *testing.T) {
+	const maxIO = 128 << 10
+	f, data := ringFile(t, 1<<20)
+	q, k := newFakeQueueWith(t, 4, maxIO, &splitHandler{}, fakeOpts{mode: IOModeUserCopy, bufMemory: maxIO}, int32(f.Fd()))
+	for _, n := range []int{maxIO, 4096, maxIO - 512, 96 << 10} {
+		for tag := range 4 {
+			k.inject <- fakeReq{tag: uint16(tag), desc: desc(descOpRead, 0, int64(tag)*maxIO, n)}
+		}
+		for range 4 {
+			c := k.waitCommit(t)
+			off := int64(c.tag) * maxIO
+			if c.result != int32(n) || !bytes.Equal(c.data, data[off:off+int64(n)]) {
+				t.Fatalf("read %d at %d: result %d, data equal %v", n, off, c.result, bytes.Equal(c.data, data[off:off+int64(n)]))
+			}
+		}
+	}
+	// The queue goroutine wrote mapped before it sent the last commit.
+	if m := q.pool.mapped; m > maxIO {
+		t.Errorf("pool maps %d bytes, limit %d", m, maxIO)
+	}
+}
+
+// TestBufPool: classes round up to powers of two of pages, buffers are
+// reused, the limit holds, and free buffers of other classes make room.
+func TestBufPool(t *testing.T) {
+	p := newBufPool(1<<20, 1<<20)
+	defer p.close()
+	for n, c := range map[int]int{1: 0, 4096: 0, 4097: 1, 8192: 1, 12288: 2, 1 << 20: 8} {
+		if got := sizeClass(n); got != c {
+			t.Errorf("sizeClass(%d) = %d, want %d", n, got, c)
+		}
+	}
+	a, err := p.get(3000)
+	if err != nil || len(a) != 4096 {
+		t.Fatalf("get(3000): %d bytes, %v", len(a), err)
+	}
+	p.put(a)
+	b, _ := p.get(4096)
+	if &a[0] != &b[0] {
+		t.Error("a free buffer of the class was not reused")
+	}
+	if big, err := p.get(1 << 20); big != nil || err != nil {
+		t.Errorf("get(1 MiB) with 4 KiB in use of a 1 MiB limit: %d bytes, %v; want nil, nil", len(big), err)
+	}
+	p.put(b)
+	big, err := p.get(1 << 20)
+	if err != nil || len(big) != 1<<20 || p.mapped != 1<<20 {
+		t.Fatalf("get(1 MiB) with a free 4 KiB buffer: %d bytes, %v, %d mapped", len(big), err, p.mapped)
+	}
+	if _, err := p.get(2 << 20); err == nil {
+		t.Error("get beyond the largest class did not fail")
+	}
+	p.put(big)
 }
 
 // TestQueueFinishRetriesOnWorker: a Finish that answers ErrWouldBlock

@@ -2,11 +2,13 @@ package ublk
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"math/rand"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -58,20 +60,45 @@ type fakeCommit struct {
 
 func newFakeQueue(t *testing.T, depth, maxIO int, h Handler, files ...int32) (*queue, *fakeKernel) {
 	t.Helper()
-	return newFakeQueueShort(t, depth, maxIO, h, 0, files...)
+	return newFakeQueueWith(t, depth, maxIO, h, fakeOpts{}, files...)
 }
 
-// newFakeQueueShort is newFakeQueue whose backing reads and writes move
-// at most shortIO bytes each (0: no cap).
-func newFakeQueueShort(t *testing.T, depth, maxIO int, h Handler, shortIO int, files ...int32) (*queue, *fakeKernel) {
+// fakeOpts are the variations of a fake queue.
+type fakeOpts struct {
+	mode      IOMode // IOModeCopy or IOModeUserCopy
+	bufMemory int    // the user-copy pool's limit (0: the default)
+	// shortIO caps every backing read and write at this many bytes (0:
+	// none), as a file system may.
+	shortIO int
+}
+
+// newFakeQueueWith is newFakeQueue with options. In user copy the fake
+// char device is a sparse temporary file, read and written at the
+// positions of the requests' data as the kernel's would be.
+func newFakeQueueWith(t *testing.T, depth, maxIO int, h Handler, o fakeOpts, files ...int32) (*queue, *fakeKernel) {
 	t.Helper()
-	q := newQueue(0, depth, maxIO, 99, true, h, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	q.files = files
+	cdevFd := 99
+	if o.mode == IOModeUserCopy {
+		f, err := os.CreateTemp(t.TempDir(), "cdev")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		cdevFd = int(f.Fd())
+	}
+	q := newQueue(0, depth, maxIO, cdevFd, true, h, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	q.files, q.mode, q.bufMemory = files, o.mode, cmp.Or(o.bufMemory, DefaultBufferMemory)
 	k := &fakeKernel{t: t, q: q, inject: make(chan fakeReq, 1024), abort: make(chan struct{}, 1),
-		commit: make(chan fakeCommit, 4096), armed: map[uint16]bool{}, shortIO: shortIO}
+		commit: make(chan fakeCommit, 4096), armed: map[uint16]bool{}, shortIO: o.shortIO}
 	q.ring = k
 	q.descs = make([]ioDesc, depth)
-	q.bufs = make([]byte, depth*maxIO)
+	if o.mode == IOModeUserCopy {
+		q.pool = newBufPool(maxIO, q.bufMemory)
+		q.waiting = make([]uint16, 0, depth)
+		t.Cleanup(func() { q.pool.close() })
+	} else {
+		q.bufs = make([]byte, depth*maxIO)
+	}
 	q.scratch = make([]byte, pageSize)
 	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
@@ -151,12 +178,12 @@ func (k *fakeKernel) submit(s *uring.SQE) {
 	case uring.OpURingCmd:
 		cmd := *(*ioCmd)(unsafe.Pointer(&s.Cmd[0]))
 		op := uint32(s.Off)
-		if s.Off>>32 != 0 || s.Fd != 99 || int(cmd.Tag) >= k.q.depth || cmd.QID != 0 || s.UserData != uint64(cmd.Tag) {
+		if s.Off>>32 != 0 || s.Fd != int32(k.q.cdevFd) || int(cmd.Tag) >= k.q.depth || cmd.QID != 0 || s.UserData != uint64(cmd.Tag) {
 			k.t.Errorf("malformed io command %+v %+v", s, cmd)
 			return
 		}
-		if cmd.Addr != k.q.bufAddr(cmd.Tag) {
-			k.t.Errorf("tag %d: buffer %#x, want %#x", cmd.Tag, cmd.Addr, k.q.bufAddr(cmd.Tag))
+		if want := k.bufAddr(cmd.Tag); cmd.Addr != want {
+			k.t.Errorf("tag %d: buffer %#x, want %#x", cmd.Tag, cmd.Addr, want)
 		}
 		if k.armed[cmd.Tag] {
 			k.t.Errorf("tag %d: command while the kernel holds it", cmd.Tag)
@@ -167,8 +194,7 @@ func (k *fakeKernel) submit(s *uring.SQE) {
 			c := fakeCommit{tag: cmd.Tag, result: cmd.Result}
 			d := k.q.descs[cmd.Tag]
 			if d.OpFlags&0xff == descOpRead && cmd.Result > 0 {
-				off := int(cmd.Tag) * k.q.maxIO
-				c.data = bytes.Clone(k.q.bufs[off : off+int(cmd.Result)])
+				c.data = k.readData(cmd.Tag, int(cmd.Result))
 			}
 			k.commit <- c
 		default:
@@ -200,13 +226,17 @@ func (k *fakeKernel) backingIO(s *uring.SQE) int32 {
 	}
 	var buf []byte
 	if s.Opcode == uring.OpRead || s.Opcode == uring.OpWrite {
-		// The queue's buffers are a Go slice here: find the address in it.
-		at := int(s.Addr - k.q.bufAddr(0))
-		if at < 0 || at+n > len(k.q.bufs) {
-			k.t.Errorf("backing I/O outside the tag buffers: %#x+%d", s.Addr, n)
+		// Find the address in the request's buffer.
+		b := k.q.reqs[uint16(s.UserData>>16)].Buf
+		at := -1
+		if len(b) > 0 {
+			at = int(s.Addr - uint64(uintptr(unsafe.Pointer(&b[0]))))
+		}
+		if at < 0 || at+n > len(b) {
+			k.t.Errorf("backing I/O outside the request's buffer: %#x+%d", s.Addr, n)
 			return -int32(unix.EFAULT)
 		}
-		buf = k.q.bufs[at : at+n]
+		buf = b[at : at+n]
 	}
 	var res int
 	var err error
@@ -229,6 +259,38 @@ func (k *fakeKernel) backingIO(s *uring.SQE) int32 {
 	return int32(res)
 }
 
+// bufAddr is the buffer address the FETCH or COMMIT of tag must carry.
+func (k *fakeKernel) bufAddr(tag uint16) uint64 {
+	if k.q.mode == IOModeUserCopy {
+		return 0
+	}
+	return k.q.bufAddr(tag)
+}
+
+// writeData puts a WRITE's data where the server finds it.
+func (k *fakeKernel) writeData(tag uint16, p []byte) {
+	if k.q.mode != IOModeUserCopy {
+		copy(k.q.bufs[int(tag)*k.q.maxIO:], p)
+		return
+	}
+	if _, err := unix.Pwrite(k.q.cdevFd, p, userCopyPos(k.q.id, tag)); err != nil {
+		k.t.Errorf("fake cdev write: %v", err)
+	}
+}
+
+// readData returns the n bytes of data a READ of tag committed.
+func (k *fakeKernel) readData(tag uint16, n int) []byte {
+	if k.q.mode != IOModeUserCopy {
+		off := int(tag) * k.q.maxIO
+		return bytes.Clone(k.q.bufs[off : off+n])
+	}
+	p := make([]byte, n)
+	if _, err := unix.Pread(k.q.cdevFd, p, userCopyPos(k.q.id, tag)); err != nil {
+		k.t.Errorf("fake cdev read: %v", err)
+	}
+	return p
+}
+
 // deliver turns waiting requests, aborts and eventfd writes into CQEs.
 func (k *fakeKernel) deliver() {
 	rest := k.waiting[:0]
@@ -240,7 +302,7 @@ func (k *fakeKernel) deliver() {
 		k.armed[r.tag] = false
 		k.q.descs[r.tag] = r.desc
 		if r.data != nil {
-			copy(k.q.bufs[int(r.tag)*k.q.maxIO:], r.data)
+			k.writeData(r.tag, r.data)
 		}
 		k.cqes = append(k.cqes, uring.CQE{UserData: uint64(r.tag), Res: ioResOK})
 	}

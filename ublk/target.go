@@ -127,9 +127,10 @@ type Request struct {
 	Flags  Flags // FUA, NOUNMAP
 	Offset int64 // byte offset on the device
 	Length int   // byte count
-	// Buf aliases the tag's I/O buffer (len == Length) for OpRead and
-	// OpWrite in copy mode, and is nil otherwise (under zero copy the data
-	// never enters this process). It is valid only until completion.
+	// Buf is the request's data buffer (len == Length) for OpRead and
+	// OpWrite in copy and user copy mode, and nil otherwise (under zero
+	// copy the data never enters this process). It is valid only until
+	// completion.
 	Buf []byte
 	// Private is the handler's own word about the request (what it holds,
 	// which step it is at); zero when the request arrives.
@@ -152,6 +153,9 @@ type Request struct {
 	next     int
 	inflight int
 	ioErr    int32
+	// poolBuf is the user-copy pool buffer Buf is cut from, or nil; owned
+	// by the queue goroutine.
+	poolBuf []byte
 }
 
 // File names a file that backing I/O goes to: one of Config.Files,

@@ -29,7 +29,7 @@ func attachCmd(g *globalFlags) *cobra.Command {
 			}
 			if req.IOMode != "" {
 				if _, err := ublk.ParseIOMode(req.IOMode); err != nil {
-					return usagef("--io-mode %q: want copy, auto or zero-copy", req.IOMode)
+					return usagef("--io-mode %q: want %s", req.IOMode, ioModes)
 				}
 			}
 			dev, err := g.client().Attach(cmd.Context(), req)
@@ -46,6 +46,6 @@ func attachCmd(g *globalFlags) *cobra.Command {
 	cmd.Flags().StringVar(&req.Name, "name", "", "a name for the device (default: the backing file's name)")
 	cmd.Flags().IntVar(&req.Queues, "queues", 0, "ublk queues (default min(CPUs, 4))")
 	cmd.Flags().IntVar(&req.Depth, "depth", 0, "ublk queue depth (default 128)")
-	cmd.Flags().StringVar(&req.IOMode, "io-mode", "", "how data moves: zero-copy (Linux 6.16+, fails elsewhere), copy, or auto (zero copy where the kernel has it; default: the daemon's --io-mode)")
+	cmd.Flags().StringVar(&req.IOMode, "io-mode", "", "how data moves: "+ioModes+" (default: the daemon's --io-mode)")
 	return cmd
 }

@@ -23,6 +23,9 @@ import (
 // printed (by the re-executed daemon).
 type silentExit int
 
+// ioModes describes the values of --io-mode.
+const ioModes = "auto (zero copy where the kernel has it, Linux 6.16+, else user copy, 6.5+, else copy), zero-copy, user-copy or copy (fail where the kernel lacks them)"
+
 func (e silentExit) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
 
 func daemonCmd(g *globalFlags) *cobra.Command {
@@ -66,7 +69,7 @@ func daemonCmd(g *globalFlags) *cobra.Command {
 			log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
 			mode, err := ublk.ParseIOMode(ioMode)
 			if err != nil {
-				return usagef("--io-mode %q: want copy, auto or zero-copy", ioMode)
+				return usagef("--io-mode %q: want %s", ioMode, ioModes)
 			}
 			return serveDaemon(ctx, api.SocketPath(g.socket), params, mode, log)
 		},
@@ -75,7 +78,7 @@ func daemonCmd(g *globalFlags) *cobra.Command {
 		cmd.Flags().Var(paramFlag{&params, name}, flagName(name), paramUsage(name))
 	}
 	cmd.Flags().BoolVarP(&verbose, "verbose", "v", false, "log debug messages")
-	cmd.Flags().StringVar(&ioMode, "io-mode", "auto", "how the filtered devices' data moves: auto (zero copy where the kernel has it, Linux 6.16+), zero-copy or copy")
+	cmd.Flags().StringVar(&ioMode, "io-mode", "auto", "how the filtered devices' data moves: "+ioModes)
 	return cmd
 }
 

@@ -3,6 +3,7 @@
 package integration
 
 import (
+	"errors"
 	"fmt"
 	"testing"
 
@@ -16,23 +17,34 @@ type fioVerifyJob struct {
 	offset, size int64
 }
 
+// sizes is fio's block size option: bs, or with bs 0 sizes from 512 B to
+// 1 MiB in steps of 512 B, at offsets unaligned to any chunk.
+func (j fioVerifyJob) sizes() []string {
+	if j.bs == 0 {
+		return []string{"--bsrange=512-1m"}
+	}
+	return []string{fmt.Sprintf("--bs=%d", j.bs)}
+}
+
 func (j fioVerifyJob) args(file string) []string {
-	return []string{
+	return append([]string{
 		fmt.Sprintf("--name=bs%d-qd%d", j.bs, j.depth),
 		"--filename=" + file,
-		"--rw=randwrite", fmt.Sprintf("--bs=%d", j.bs),
+		"--rw=randwrite",
 		fmt.Sprintf("--offset=%d", j.offset), fmt.Sprintf("--size=%d", j.size),
 		"--ioengine=io_uring", fmt.Sprintf("--iodepth=%d", j.depth),
 		"--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
 		"--randseed=" + fmt.Sprint(j.bs+j.depth),
-	}
+	}, j.sizes()...)
 }
 
 // TestUblkFioVerify writes with fio randwrite + crc32c verify at 4 KiB,
 // 64 KiB and 1 MiB blocks and queue depths 1, 32 and 128 on a two-queue
-// device, each combination in its own region; after the device is gone, fio
+// device, each combination in its own region, then mixed sizes from 512 B
+// to 1 MiB at offsets unaligned to chunks; after the device is gone, fio
 // verifies the same regions in the backing file, so the bytes that reached
-// the backing file are the ones written.
+// the backing file are the ones written. It runs in every I/O mode: a mode
+// the kernel lacks is skipped and says so, never replaced by another.
 func TestUblkFioVerify(t *testing.T) {
 	var jobs []fioVerifyJob
 	var off int64
@@ -43,13 +55,29 @@ func TestUblkFioVerify(t *testing.T) {
 			off += size
 		}
 	}
-	d, file, _ := ublkDevice(t, off, 2, 128, nil)
-	for _, j := range jobs {
-		fio(t, append(j.args(d.Path()), "--direct=1")...)
-	}
-	closeDevice(t, d)
-	for _, j := range jobs {
-		fio(t, append(j.args(file), "--verify_only=1")...)
+	mixed := fioVerifyJob{0, 16, off, 8 << 20}
+	off += mixed.size
+	for _, mode := range []ublk.IOMode{ublk.IOModeCopy, ublk.IOModeUserCopy, ublk.IOModeZeroCopy} {
+		t.Run(mode.String(), func(t *testing.T) {
+			file := tempFile(t, off)
+			d, _, err := ublkDeviceIn(t, file, mode, 2, 128, storage.OpenOptions{}, nil)
+			if errors.Is(err, ublk.ErrNotSupported) {
+				t.Skipf("this kernel has no %v mode: %v", mode, err)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := d.IOMode(); got != mode {
+				t.Fatalf("device runs in %v, want %v", got, mode)
+			}
+			for _, j := range append(jobs, mixed) {
+				fio(t, append(j.args(d.Path()), "--direct=1")...)
+			}
+			closeDevice(t, d)
+			for _, j := range append(jobs, mixed) {
+				fio(t, append(j.args(file), "--verify_only=1")...)
+			}
+		})
 	}
 }
 

@@ -80,8 +80,10 @@ func (w *queueWatch) Finish(r *ublk.Request, err error) error {
 // ms milliseconds (dm-delay), and returns its node.
 func delayedDevice(t *testing.T, dev string, ms int) string {
 	t.Helper()
-	if out, err := exec.Command("modprobe", "dm-delay").CombinedOutput(); err != nil {
-		t.Fatalf("modprobe dm-delay: %v: %s", err, out)
+	if out, _ := exec.Command("dmsetup", "targets").Output(); !strings.Contains(string(out), "delay") {
+		if out, err := exec.Command("modprobe", "dm_delay").CombinedOutput(); err != nil {
+			t.Fatalf("no dm-delay target and modprobe dm_delay: %v: %s", err, out)
+		}
 	}
 	sectors := blockSectors(t, dev)
 	half := sectors / 2

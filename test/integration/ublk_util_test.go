@@ -4,6 +4,7 @@ package integration
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -38,26 +39,37 @@ func ublkDeviceOpts(t testing.TB, size int64, queues, depth int, opts storage.Op
 // at path, as ublkDeviceOpts does, and returns it with the opened backing.
 func ublkDeviceOver(t testing.TB, path string, queues, depth int, opts storage.OpenOptions, wrap func(ublk.Handler, *storage.File) ublk.Handler) (*ublk.Device, *storage.File) {
 	t.Helper()
+	d, b, err := ublkDeviceIn(t, path, ublk.IOModeAuto, queues, depth, opts, wrap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d, b
+}
+
+// ublkDeviceIn is ublkDeviceOver in the I/O mode mode; it returns the
+// error of ublk.New (ublk.ErrNotSupported when the kernel lacks the mode).
+func ublkDeviceIn(t testing.TB, path string, mode ublk.IOMode, queues, depth int, opts storage.OpenOptions, wrap func(ublk.Handler, *storage.File) ublk.Handler) (*ublk.Device, *storage.File, error) {
+	t.Helper()
 	b, err := storage.OpenWith(path, opts)
 	if err != nil {
 		t.Fatalf("open backing %s: %v", path, err)
 	}
 	t.Cleanup(func() { b.Close() })
 	cfg := snapshot.DeviceConfig(b, nil)
-	cfg.Queues, cfg.Depth = queues, depth
+	cfg.Queues, cfg.Depth, cfg.IOMode = queues, depth, mode
 	h := snapshot.NewPassthrough(b, slog.Default())
 	if wrap != nil {
 		h = wrap(h, b)
 	}
 	d, err := ublk.New(context.Background(), cfg, h)
 	if err != nil {
-		t.Fatalf("ublk.New(%d MiB, %d queues, depth %d): %v", cfg.Size>>20, queues, depth, err)
+		return nil, nil, fmt.Errorf("ublk.New(%d MiB, %d queues, depth %d, %v): %w", cfg.Size>>20, queues, depth, mode, err)
 	}
 	t.Cleanup(func() { closeDevice(t, d) })
 	if _, err := os.Stat(d.Path()); err != nil {
 		t.Fatalf("device started but %s is missing: %v", d.Path(), err)
 	}
-	return d, b
+	return d, b, nil
 }
 
 // syncFile serves requests synchronously from a storage.File, whatever
