@@ -148,15 +148,7 @@ func (h *originalHandler) Handle(req *ublk.Request) (err error) {
 		h.describeChange(req)
 		return nil
 	}
-	err = h.orig.PrepareAsync(req.Offset, n, func(err error) {
-		if err != nil {
-			h.leave(req)
-			req.Complete(err)
-			return
-		}
-		h.describeChange(req)
-		req.Submit()
-	})
+	err = h.orig.PrepareAsync(req.Offset, n, h.prepared(req))
 	switch {
 	case errors.Is(err, cow.ErrPending):
 		return ublk.ErrInProgress
@@ -166,6 +158,32 @@ func (h *originalHandler) Handle(req *ublk.Request) (err error) {
 	}
 	h.describeChange(req)
 	return nil
+}
+
+// preparedFunc is the callback of PrepareAsync for one tag's requests,
+// made once per tag (ublk.Request.Tagged).
+type preparedFunc struct {
+	done func(error)
+}
+
+// prepared returns the function that goes on with req once the COW its
+// change needs is done: it describes the change and submits it, or fails
+// the request.
+func (h *originalHandler) prepared(req *ublk.Request) func(error) {
+	if p, ok := req.Tagged.(*preparedFunc); ok {
+		return p.done
+	}
+	p := &preparedFunc{done: func(err error) {
+		if err != nil {
+			h.leave(req)
+			req.Complete(err)
+			return
+		}
+		h.describeChange(req)
+		req.Submit()
+	}}
+	req.Tagged = p
+	return p.done
 }
 
 // enter admits a data-changing request through the gate (on the queue

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -224,6 +226,44 @@ func TestOriginalHandlerAllocations(t *testing.T) {
 			}); n != 0 {
 				t.Errorf("%s: %v (nowait %v): %v allocations per request, want 0", name, tc.op, tc.nowait, n)
 			}
+		}
+	}
+}
+
+// The ring path allocates nothing per request either: describing a read,
+// a FUA write, a flush, a discard and a write-zeroes of a filtered device
+// over a file, and finishing them.
+func TestOriginalHandlerRingAllocations(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "backing")
+	if err := os.WriteFile(path, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := storage.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := newOriginalHandler(cow.NewOriginal(f), newGate(), nil, quietLog)
+	fin := h.(ublk.Finisher)
+	buf := make([]byte, 4096)
+	for _, tc := range []struct {
+		op    ublk.Op
+		flags ublk.Flags
+	}{{ublk.OpRead, 0}, {ublk.OpWrite, ublk.FlagFUA}, {ublk.OpFlush, 0}, {ublk.OpDiscard, 0}, {ublk.OpWriteZeroes, 0}} {
+		r := req(tc.op, tc.flags, 0, buf, true)
+		if n := testing.AllocsPerRun(100, func() {
+			r.ClearIO()
+			if err := h.Handle(r); err != nil {
+				t.Fatal(err)
+			}
+			if len(r.IOs()) == 0 {
+				t.Fatalf("%v: no ring I/O described", tc.op)
+			}
+			if err := fin.Finish(r, nil); err != nil {
+				t.Fatal(err)
+			}
+		}); n != 0 {
+			t.Errorf("%v: %v allocations per request, want 0", tc.op, n)
 		}
 	}
 }

@@ -135,6 +135,10 @@ type Request struct {
 	// Private is the handler's own word about the request (what it holds,
 	// which step it is at); zero when the request arrives.
 	Private uint64
+	// Tagged is the handler's own per-tag object: kept across the
+	// requests of the tag (nil at first), so that what a handler needs
+	// for every request (a callback bound to it) is allocated once.
+	Tagged any
 
 	q      *queue      // owning queue; nil for a request of NewRequest
 	tag    uint16      // ublk tag; immutable

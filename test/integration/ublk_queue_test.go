@@ -16,6 +16,7 @@ import (
 
 	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/ublk"
+	"golang.org/x/sys/unix"
 )
 
 // reqKind sorts requests by what they may wait for.
@@ -75,34 +76,69 @@ func (w *queueWatch) Finish(r *ublk.Request, err error) error {
 	return err
 }
 
-// delayedDevice makes a device-mapper device over the block device dev
-// whose first half is linear and whose second half delays every read by
-// ms milliseconds (dm-delay), and returns its node.
-func delayedDevice(t *testing.T, dev string, ms int) string {
+// heldDevice is a device-mapper device over a block device whose second
+// half maps through an inner device that hold suspends (--noflush: I/O to
+// that half waits in device-mapper, for as long as the test wants, until
+// release resumes it).
+type heldDevice struct {
+	path  string // the outer device's node
+	inner string // the inner device's name
+	sysfs string // the outer device's /sys/dev/block directory
+}
+
+// newHeldDevice makes a heldDevice over the block device dev.
+func newHeldDevice(t *testing.T, dev string) *heldDevice {
 	t.Helper()
-	if out, _ := exec.Command("dmsetup", "targets").Output(); !strings.Contains(string(out), "delay") {
-		if out, err := exec.Command("modprobe", "dm_delay").CombinedOutput(); err != nil {
-			t.Fatalf("no dm-delay target and modprobe dm_delay: %v: %s", err, out)
-		}
-	}
 	sectors := blockSectors(t, dev)
 	half := sectors / 2
-	name := fmt.Sprintf("ublksnap-delay-%d", os.Getpid())
-	table := fmt.Sprintf("0 %d linear %s 0\n%d %d delay %s %d %d %s %d 0\n", half, dev, half, sectors-half, dev, half, ms, dev, half)
-	cmd := exec.Command("dmsetup", "create", name)
+	base := fmt.Sprintf("ublksnap-held-%d", os.Getpid())
+	h := &heldDevice{inner: base + "-inner"}
+	dmsetup(t, fmt.Sprintf("0 %d linear %s %d\n", sectors-half, dev, half), "create", h.inner)
+	t.Cleanup(func() { dmsetup(t, "", "remove", "--retry", h.inner) })
+	outer := base + "-outer"
+	dmsetup(t, fmt.Sprintf("0 %d linear %s 0\n%d %d linear /dev/mapper/%s 0\n", half, dev, half, sectors-half, h.inner), "create", outer)
+	t.Cleanup(func() { dmsetup(t, "", "remove", "--retry", outer) })
+	h.path = "/dev/mapper/" + outer
+	var st unix.Stat_t
+	if err := unix.Stat(h.path, &st); err != nil {
+		t.Fatal(err)
+	}
+	h.sysfs = fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(st.Rdev), unix.Minor(st.Rdev))
+	return h
+}
+
+// hold suspends the slow half until release (also at cleanup).
+func (h *heldDevice) hold(t *testing.T) {
+	dmsetup(t, "", "suspend", "--noflush", h.inner)
+	t.Cleanup(func() { h.release(t) })
+}
+
+func (h *heldDevice) release(t *testing.T) { dmsetup(t, "", "resume", h.inner) }
+
+// readsInFlight is the number of reads the outer device has started and
+// not finished.
+func (h *heldDevice) readsInFlight(t *testing.T) int {
+	b, err := os.ReadFile(h.sysfs + "/inflight")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r, w int
+	if _, err := fmt.Sscan(string(b), &r, &w); err != nil {
+		t.Fatalf("%s/inflight: %q: %v", h.sysfs, b, err)
+	}
+	return r
+}
+
+// dmsetup runs dmsetup with args and table on its input, without udev
+// (dmsetup makes the /dev/mapper nodes itself).
+func dmsetup(t *testing.T, table string, args ...string) {
+	t.Helper()
+	cmd := exec.Command("dmsetup", args...)
 	cmd.Stdin = strings.NewReader(table)
 	cmd.Env = append(os.Environ(), "DM_DISABLE_UDEV=1")
 	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("dmsetup create %s: %v: %s", name, err, out)
+		t.Errorf("dmsetup %s: %v: %s", strings.Join(args, " "), err, out)
 	}
-	t.Cleanup(func() {
-		rm := exec.Command("dmsetup", "remove", "--retry", name)
-		rm.Env = append(os.Environ(), "DM_DISABLE_UDEV=1")
-		if out, err := rm.CombinedOutput(); err != nil {
-			t.Errorf("dmsetup remove %s: %v: %s", name, err, out)
-		}
-	})
-	return "/dev/mapper/" + name
 }
 
 // blockSectors returns the size of a block device in sectors.
@@ -122,14 +158,16 @@ func blockSectors(t *testing.T, dev string) int64 {
 
 // TestUblkQueueThreadNeverWaits (defect 6, and the ring I/O of issue 19)
 // serves a pass-through device with one queue over a backing whose second
-// half answers reads only after 8 s (dm-delay over a loop device). Every
-// request is served as backing I/O on the queue's ring, none on a worker
-// (FUA writes and flushes included), and while a read of the slow half is
-// stuck in the backing, reads and writes of the fast half go on through
-// the same queue.
+// half can be held (device-mapper over a loop device, one half through a
+// suspended device). Every request is served as backing I/O on the queue's
+// ring, none on a worker (FUA writes and flushes included), and while a
+// read of the held half is stuck in the backing, reads and writes of the
+// other half go on through the same queue. Nothing here depends on time:
+// the held read cannot end before the test resumes its device.
 func TestUblkQueueThreadNeverWaits(t *testing.T) {
 	loop := loopDevice(t, tempFile(t, 32<<20))
-	slow := delayedDevice(t, loop, 8000)
+	held := newHeldDevice(t, loop)
+	slow := held.path
 	var w *queueWatch
 	d, _ := ublkDeviceOver(t, slow, 1, 32, storage.OpenOptions{}, func(h ublk.Handler, _ *storage.File) ublk.Handler {
 		w = &queueWatch{inner: h}
@@ -151,31 +189,33 @@ func TestUblkQueueThreadNeverWaits(t *testing.T) {
 		}
 	}
 
-	// A read of the slow half, stuck for 8 s in dm-delay.
+	// A read of the held half, stuck in the backing until released.
+	held.hold(t)
 	slowRead := exec.Command("dd", "if="+d.Path(), "of=/dev/null", "bs=4k", "count=1", "skip=6144", "iflag=direct")
 	var slowOut strings.Builder
 	slowRead.Stdout, slowRead.Stderr = &slowOut, &slowOut
-	start := time.Now()
 	if err := slowRead.Start(); err != nil {
 		t.Fatal(err)
 	}
 	slowDone := make(chan error, 1)
 	go func() { slowDone <- slowRead.Wait() }()
-	// Requests of the fast half meanwhile, through the same queue.
+	for held.readsInFlight(t) == 0 {
+		select {
+		case err := <-slowDone:
+			t.Fatalf("the held read ended (%v: %s) before it reached the backing", err, slowOut.String())
+		case <-time.After(10 * time.Millisecond): // polling sysfs, which has no event
+		}
+	}
+	// Requests of the other half meanwhile, through the same queue.
 	fio(t, "--name=fast", "--filename="+d.Path(), "--rw=randrw", "--bs=4k", "--size=4M",
 		"--direct=1", "--ioengine=psync", "--number_ios=64")
-	fastTook := time.Since(start)
 	select {
 	case err := <-slowDone:
-		t.Fatalf("the slow read ended (%v: %s) before the fast requests could be checked", err, slowOut.String())
+		t.Fatalf("the held read ended (%v: %s) while its device was suspended", err, slowOut.String())
 	default:
 	}
+	held.release(t)
 	if err := <-slowDone; err != nil {
-		t.Fatalf("slow read: %v: %s", err, slowOut.String())
-	}
-	slowTook := time.Since(start)
-	t.Logf("64 fast requests done %v after the slow read started; the slow read took %v", fastTook, slowTook)
-	if slowTook < 7*time.Second {
-		t.Errorf("the slow read took %v: dm-delay did not hold it", slowTook)
+		t.Fatalf("held read: %v: %s", err, slowOut.String())
 	}
 }
