@@ -148,6 +148,9 @@ func NewDiffArea(orig storage.Device, ds *storage.DiffStorage, params Params, lo
 	return da, nil
 }
 
+// Original returns the original device of the area.
+func (da *DiffArea) Original() storage.Device { return da.orig }
+
 // Name returns the original device's name.
 func (da *DiffArea) Name() string { return da.name }
 

@@ -305,3 +305,80 @@ func writeRegion(r *storage.DiffRegion, src []byte, off, l int64) error {
 // write to the original copies the chunk before it changes the original,
 // so while this holds the original still has the image's bytes.
 func (da *DiffArea) ImageReadsOriginal(nr uint64) bool { return isNew(da.lookup(nr)) }
+
+// ImageReadPlan receives how an image read is served when its data should
+// not pass through the engine (a ring that reads straight into the
+// request): ReadFrom asks for n bytes at off of dev to be read into the
+// request at byte at, later; Fill puts p there now. stale, when not 0, is
+// the token to give OriginalReadStale once that read has completed.
+type ImageReadPlan interface {
+	ReadFrom(dev storage.Device, off int64, at, n int, stale uint64)
+	Fill(p []byte, at int) error
+}
+
+// BeginImageRead plans the image read of n bytes at off into plan, chunk
+// by chunk: an untouched chunk reads from the original (with a stale
+// token), a stored one from its region, one held in memory is filled now
+// under its lock. On success the area stays entered (it cannot close)
+// until EndImageRead, which the caller calls once the reads are done; on
+// error nothing is held. With nowait, a busy chunk answers ErrWouldBlock.
+func (da *DiffArea) BeginImageRead(ctx context.Context, off int64, n int, plan ImageReadPlan, nowait bool) error {
+	if err := da.checkRange("read image", off, int64(n)); err != nil {
+		return err
+	}
+	if !da.enter() {
+		return ErrClosed
+	}
+	err := da.forEachChunk(off, int64(n), func(nr uint64, coff, pos, l int64) error {
+		return da.planImageChunk(ctx, nr, coff, int(pos), int(l), plan, nowait)
+	})
+	if err != nil {
+		da.leave()
+	}
+	return err
+}
+
+// planImageChunk plans one segment of chunk nr (see BeginImageRead).
+func (da *DiffArea) planImageChunk(ctx context.Context, nr uint64, coff int64, at, n int, plan ImageReadPlan, nowait bool) error {
+	if da.corrupted.Load() {
+		return ErrCorrupted
+	}
+	c := da.lookup(nr)
+	if isNew(c) {
+		// Stale if the chunk is copied before the read ends, as in
+		// readImageChunk.
+		plan.ReadFrom(da.orig, int64(nr)<<da.chunkShift+coff, at, n, nr+1)
+		return nil
+	}
+	if err := da.lockChunk(ctx, c, nowait); err != nil {
+		return err
+	}
+	defer c.lock.release()
+	switch c.State() {
+	case ChunkNew:
+		plan.ReadFrom(da.orig, int64(nr)<<da.chunkShift+coff, at, n, nr+1)
+	case ChunkInMemory:
+		return plan.Fill(c.buf.data[coff:coff+int64(n)], at)
+	case ChunkStored:
+		// A region never moves: the read may run after the lock is gone.
+		plan.ReadFrom(c.region.Dev, c.region.Sector<<storage.SectorShift+coff, at, n, 0)
+	case ChunkFailed:
+		return ErrCorrupted
+	}
+	return nil
+}
+
+// OriginalReadStale reports whether the original read of a plan whose
+// token is stale may have seen data newer than the snapshot: its chunk
+// was copied since it was planned. The caller plans the read again.
+func (da *DiffArea) OriginalReadStale(stale uint64) bool {
+	return stale != 0 && !isNew(da.lookup(stale-1))
+}
+
+// EndImageRead ends a read BeginImageRead planned, once its reads are
+// done: ErrCorrupted if the area was corrupted meanwhile (COW is off then,
+// and what the original gave may be newer than the snapshot).
+func (da *DiffArea) EndImageRead() error {
+	defer da.leave()
+	return da.checkCorrupted()
+}

@@ -306,19 +306,63 @@ func (h *originalHandler) panicked(req *ublk.Request, r any) error {
 }
 
 // imageHandler serves a snapshot image from its difference area. Writes to
-// the image change only the difference storage. The engine answers
-// ErrWouldBlock (EAGAIN) on the queue goroutine whenever it would wait, and
-// the ublk package then retries on a worker.
+// the image change only the difference storage. Reads of a device whose
+// original and storage are files go through the ring: the engine plans
+// each chunk's part (cow.ImageReadPlan) as a read of the original, a read
+// of the chunk's region, or a copy of a chunk held in memory, and Finish
+// plans again on a worker when an original chunk was copied while it was
+// read. Everything else runs through the engine on the request's buffer:
+// on the queue goroutine when it need not wait, else (ErrWouldBlock) on a
+// worker.
 type imageHandler struct {
 	area  *cow.DiffArea // immutable
 	track *cbt.Map      // the change tracking of the image's device, or nil; immutable
 	log   *slog.Logger  // immutable
+	ring  bool          // reads go through the ring, the original on ublk.RegisteredFile(0); immutable
 }
 
+// Private words of the image handler's requests.
+const (
+	privPlanned = 1 << iota // the read was planned: the area is entered until Finish
+	privNoRing              // a part of the read cannot be ring I/O: serve it on the buffer
+)
+
 // newImageHandler returns the handler of a snapshot image; its changes
-// mark both maps of track (this backup and the next copy them).
+// mark both maps of track (this backup and the next copy them). Its
+// device's ublk configuration must register backingFiles(area.Original()).
 func newImageHandler(area *cow.DiffArea, track *cbt.Map, log *slog.Logger) ublk.Handler {
-	return &imageHandler{area: area, track: track, log: log}
+	_, ring := area.Original().(*storage.File)
+	return &imageHandler{area: area, track: track, log: log, ring: ring}
+}
+
+// imagePlan is the cow.ImageReadPlan of one tag's reads (made once per
+// tag: ublk.Request.Tagged).
+type imagePlan struct {
+	h   *imageHandler
+	req *ublk.Request
+}
+
+func (p *imagePlan) ReadFrom(dev storage.Device, off int64, at, n int, stale uint64) {
+	switch f, ok := dev.(dataFile); {
+	case dev == p.h.area.Original():
+		p.req.Read(ublk.RegisteredFile(0), off, at, n, stale)
+	case ok:
+		p.req.Read(ublk.PlainFile(f.DataFD()), off, at, n, stale)
+	default:
+		p.req.Private |= privNoRing
+	}
+}
+
+func (p *imagePlan) Fill(b []byte, at int) error { return p.req.CopyIn(b, at) }
+
+// plan returns req's imagePlan.
+func (h *imageHandler) plan(req *ublk.Request) *imagePlan {
+	p, ok := req.Tagged.(*imagePlan)
+	if !ok {
+		p = &imagePlan{h: h, req: req}
+		req.Tagged = p
+	}
+	return p
 }
 
 func (h *imageHandler) Handle(req *ublk.Request) (err error) {
@@ -330,6 +374,22 @@ func (h *imageHandler) Handle(req *ublk.Request) (err error) {
 		}
 	}()
 	ctx, nowait := context.Background(), req.NoWait()
+	if req.Op == ublk.OpRead && h.ring && req.Private&privNoRing == 0 {
+		if err := h.area.BeginImageRead(ctx, req.Offset, req.Length, h.plan(req), nowait); err != nil {
+			req.ClearIO()
+			return err
+		}
+		if len(req.IOs()) == 0 {
+			return h.area.EndImageRead() // all of it was in memory
+		}
+		req.Private |= privPlanned
+		return nil
+	}
+	if req.Buf == nil && (req.Op == ublk.OpRead || req.Op == ublk.OpWrite) {
+		// Zero copy without USER_COPY, or a storage without descriptors:
+		// a configuration the daemon never makes.
+		return fmt.Errorf("%v of the image of %s: no buffer for the engine: %w", req, h.area.Name(), syscall.EIO)
+	}
 	// Marked before the change, and so also when the change fails (it
 	// may have been applied in part), and again when a nowait attempt is
 	// retried: marking is idempotent.
@@ -354,4 +414,28 @@ func (h *imageHandler) Handle(req *ublk.Request) (err error) {
 		return nil
 	}
 	return syscall.EOPNOTSUPP
+}
+
+// Finish ends a planned read: a part that could not be ring I/O, or an
+// original chunk copied while it was read, sends the read to a worker to
+// be served again (the chunk then comes from the difference storage).
+func (h *imageHandler) Finish(req *ublk.Request, err error) error {
+	if req.Private&privPlanned == 0 {
+		return err
+	}
+	req.Private &^= privPlanned
+	again := req.Private&privNoRing != 0
+	for _, io := range req.IOs() {
+		again = again || h.area.OriginalReadStale(io.Cookie)
+	}
+	if endErr := h.area.EndImageRead(); err == nil {
+		err = endErr
+	}
+	switch {
+	case err != nil:
+		return fmt.Errorf("%v of the image of %s: %w", req, h.area.Name(), err)
+	case again:
+		return ublk.ErrWouldBlock
+	}
+	return nil
 }

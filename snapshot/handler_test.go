@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"math/rand"
 	"os"
 	"path/filepath"
 	"sync/atomic"
@@ -265,5 +266,82 @@ func TestOriginalHandlerRingAllocations(t *testing.T) {
 		}); n != 0 {
 			t.Errorf("%v: %v allocations per request, want 0", tc.op, n)
 		}
+	}
+}
+
+// fileDevice opens a temporary file of n bytes of data (random when data
+// is nil) as a storage.File and returns it with its contents.
+func fileDevice(t *testing.T, n int, random bool) (*storage.File, []byte) {
+	t.Helper()
+	data := make([]byte, n)
+	if random {
+		rand.New(rand.NewSource(int64(n))).Read(data)
+	}
+	path := filepath.Join(t.TempDir(), "dev")
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := storage.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f, data
+}
+
+// Image reads over files go through the ring: each chunk's part from the
+// original, from its region in the difference storage, or from memory,
+// split inside one request; a read whose original chunk is copied while
+// it is in flight is served again, and then gives the snapshot's data.
+func TestImageHandlerRingReads(t *testing.T) {
+	const chunk = 64 << 10
+	origFile, want := fileDevice(t, 1<<20, true)
+	orig, da, _ := snapshotOf(t, origFile, func(storage.Device) storage.Device {
+		f, _ := fileDevice(t, 4<<20, false)
+		return f
+	})
+	ctx := context.Background()
+	// Chunks 1 and 2 copied (and stored, or held in memory), 0 and 3 not.
+	for _, c := range []int64{1, 2} {
+		if err := orig.Write(ctx, c*chunk, make([]byte, 4096), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h := newImageHandler(da, nil, quietLog)
+	files := backingFiles(origFile)
+	for _, tc := range []struct{ off, n int64 }{{0, 4096}, {chunk - 512, 3 * chunk}, {chunk, chunk}, {3 * chunk, 8192}} {
+		r := req(ublk.OpRead, 0, tc.off, make([]byte, tc.n), true)
+		if err := ublk.Run(h, r, files); err != nil {
+			t.Fatalf("read %d at %d: %v", tc.n, tc.off, err)
+		}
+		if !bytes.Equal(r.Buf, want[tc.off:tc.off+tc.n]) {
+			t.Errorf("read %d at %d: not the snapshot's data", tc.n, tc.off)
+		}
+		if len(r.IOs()) == 0 && tc.off != chunk {
+			t.Errorf("read %d at %d: no ring I/O described", tc.n, tc.off)
+		}
+	}
+
+	// Chunk 3 is copied while a read of it is in flight.
+	r := req(ublk.OpRead, 0, 3*chunk, make([]byte, 4096), true)
+	if err := h.Handle(r); err != nil || len(r.IOs()) != 1 {
+		t.Fatalf("Handle: %v, %d IOs", err, len(r.IOs()))
+	}
+	if err := orig.Write(ctx, 3*chunk, make([]byte, 4096), false); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.(ublk.Finisher).Finish(r, nil); !errors.Is(err, ublk.ErrWouldBlock) {
+		t.Fatalf("Finish after the chunk was copied: %v, want ErrWouldBlock (serve again)", err)
+	}
+	r = req(ublk.OpRead, 0, 3*chunk, make([]byte, 4096), true)
+	if err := ublk.Run(h, r, files); err != nil || !bytes.Equal(r.Buf, want[3*chunk:3*chunk+4096]) {
+		t.Fatalf("read again: %v, snapshot's data %v", err, bytes.Equal(r.Buf, want[3*chunk:3*chunk+4096]))
+	}
+	// Every planned read left the area: it closes.
+	orig.SetDiffArea(nil)
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := da.Close(cctx); err != nil {
+		t.Fatalf("close the area after the reads: %v", err)
 	}
 }

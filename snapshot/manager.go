@@ -148,6 +148,7 @@ type SnapshotInfo struct {
 type MemberInfo struct {
 	Device       string        // the filtered device's node
 	Image        string        // the image's node once taken
+	ImageIOMode  string        // how the image's data moves, once taken
 	ChunkSize    int64         // bytes, once taken
 	ChunksCopied int64         // chunks no longer New
 	Errno        syscall.Errno // what corrupted the member, or 0

@@ -361,15 +361,28 @@ func (m *Manager) switchToCOW(ctx context.Context, s *snapshot) error {
 	return nil
 }
 
+// imageMode is the I/O mode of the image of a device that runs in mode:
+// the same, but zero copy as IOModeAuto (an image's zero copy also needs
+// USER_COPY, and falls back to user copy without it).
+func imageMode(mode ublk.IOMode) ublk.IOMode {
+	if mode == ublk.IOModeZeroCopy {
+		return ublk.IOModeAuto
+	}
+	return mode
+}
+
 // serveImages serves an image device for every member over its area.
 func (m *Manager) serveImages(ctx context.Context, s *snapshot) error {
 	for _, mb := range s.members {
 		logical, physical := mb.area.BlockSizes()
 		cfg := geometryConfig(storage.Geometry{Size: mb.area.Size(), LogicalBlockSize: logical, PhysicalBlockSize: physical}, m.log)
 		cfg.Owner = m.owner
-		// The engine reads and fills the image's data itself: user copy
-		// (buffers from a bounded pool) where the kernel has it.
-		cfg.IOMode, cfg.NeedsData = ublk.IOModeAuto, true
+		// Reads go straight from the original or the difference storage
+		// into the request (zero copy on 7.x); the engine needs a write's
+		// data (copied in from a bounded pool). The image moves its data
+		// as its device does.
+		cfg.IOMode, cfg.WriteData = imageMode(mb.dev.blk.IOMode()), true
+		cfg.Files = backingFiles(mb.area.Original())
 		// Like blksnap's images (GENHD_FL_NO_PART), and because a
 		// daemon killed during a take's partition scan hangs on 6.12.
 		cfg.NoPartitionScan = true
@@ -634,7 +647,7 @@ func (s *snapshot) info() SnapshotInfo {
 func (mb *member) info() MemberInfo {
 	out := MemberInfo{Device: mb.dev.path()}
 	if mb.image != nil {
-		out.Image = mb.image.Path()
+		out.Image, out.ImageIOMode = mb.image.Path(), mb.image.IOMode().String()
 	}
 	if mb.area != nil {
 		st := mb.area.Stats()

@@ -75,10 +75,12 @@ type Config struct {
 	// backing files; the zero value is IOModeCopy, which every kernel has
 	// and which gives handlers Request.Buf.
 	IOMode IOMode
-	// NeedsData says the handler reads or fills Request.Buf itself (it
-	// does not only describe backing I/O): IOModeAuto then never picks
-	// zero copy, which has no Buf.
-	NeedsData bool
+	// WriteData says the handler needs a WRITE's data in Request.Buf in
+	// every mode (it fills READs by backing I/O and Request.CopyIn). Zero
+	// copy then needs UBLK_F_USER_COPY as well, through which the queue
+	// copies a WRITE's data into a buffer of the pool (see IOModeUserCopy)
+	// and CopyIn writes into a READ's pages.
+	WriteData bool
 	// BufferMemory bounds the bytes of request buffers per queue in user
 	// copy mode; 0 means DefaultBufferMemory. A request that finds the
 	// pool spent waits for another to finish.
@@ -123,8 +125,9 @@ const (
 	// tags.
 	IOModeCopy IOMode = iota
 	// IOModeAuto: the best mode the kernel has for the handler: zero copy
-	// (UBLK_F_AUTO_BUF_REG, Linux 6.16+) unless Config.NeedsData, else
-	// user copy (UBLK_F_USER_COPY, 6.5+), else copy.
+	// (UBLK_F_AUTO_BUF_REG, Linux 6.16+; with Config.WriteData also
+	// UBLK_F_USER_COPY), else user copy (UBLK_F_USER_COPY, 6.5+), else
+	// copy.
 	IOModeAuto
 	// IOModeZeroCopy: the kernel registers each request's own pages in the
 	// queue ring's buffer table and the backing I/O reads or writes them
@@ -169,15 +172,19 @@ func ParseIOMode(s string) (IOMode, error) {
 
 // pick returns the mode a device in mode m runs in on a kernel with
 // features feats, and the ADD_DEV flag it needs (0 for copy mode).
-// needsData rules out zero copy.
-func (m IOMode) pick(feats uint64, needsData bool) (IOMode, uint64, error) {
+// writeData (Config.WriteData) makes zero copy need user copy too.
+func (m IOMode) pick(feats uint64, writeData bool) (IOMode, uint64, error) {
+	zeroCopy := uint64(featAutoBufReg)
+	if writeData {
+		zeroCopy |= featUserCopy
+	}
 	switch {
-	case m == IOModeZeroCopy && feats&featAutoBufReg == 0:
-		return m, 0, fmt.Errorf("%w: zero copy needs UBLK_F_AUTO_BUF_REG (Linux 6.16+); this kernel offers features %#x", ErrNotSupported, feats)
+	case m == IOModeZeroCopy && feats&zeroCopy != zeroCopy:
+		return m, 0, fmt.Errorf("%w: zero copy needs UBLK_F_AUTO_BUF_REG (Linux 6.16+), here with USER_COPY; this kernel offers features %#x", ErrNotSupported, feats)
 	case m == IOModeUserCopy && feats&featUserCopy == 0:
 		return m, 0, fmt.Errorf("%w: user copy needs UBLK_F_USER_COPY (Linux 6.5+); this kernel offers features %#x", ErrNotSupported, feats)
-	case m == IOModeZeroCopy, m == IOModeAuto && !needsData && feats&featAutoBufReg != 0:
-		return IOModeZeroCopy, featAutoBufReg, nil
+	case m == IOModeZeroCopy, m == IOModeAuto && feats&zeroCopy == zeroCopy:
+		return IOModeZeroCopy, zeroCopy, nil
 	case m == IOModeUserCopy, m == IOModeAuto && feats&featUserCopy != 0:
 		return IOModeUserCopy, featUserCopy, nil
 	}
@@ -238,9 +245,6 @@ func (c *Config) Validate() error {
 	}
 	if int(c.IOMode) >= len(ioModes) {
 		bad("I/O mode %d: want IOModeCopy, IOModeAuto, IOModeZeroCopy or IOModeUserCopy", c.IOMode)
-	}
-	if c.IOMode == IOModeZeroCopy && c.NeedsData {
-		bad("zero copy for a handler that needs the data (NeedsData)")
 	}
 	if c.BufferMemory < 0 || c.BufferMemory > 0 && c.BufferMemory < c.MaxIOSize {
 		bad("buffer memory %d: must be 0 (the default) or at least the max I/O size %d", c.BufferMemory, c.MaxIOSize)

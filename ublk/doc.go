@@ -43,8 +43,10 @@
 // READ's data back before the commit: as many copies as copy mode, but
 // buffers exist only while their request is in flight, so a queue's memory
 // is Config.BufferMemory, not depth × MaxIOSize. Config.IOMode picks the
-// mode; IOModeAuto takes zero copy where the kernel offers it (unless the
-// handler NeedsData), else user copy, else copy.
+// mode; IOModeAuto takes zero copy where the kernel offers it, else user
+// copy, else copy. A handler that needs a WRITE's data (Config.WriteData)
+// gets it in zero copy too, copied in through USER_COPY, and fills READs
+// with backing I/O and Request.CopyIn.
 //
 // # Surviving the server
 //

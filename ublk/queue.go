@@ -75,6 +75,10 @@ type queue struct {
 	// buffers from pool while they are in flight; immutable.
 	mode      IOMode
 	bufMemory int      // the pool's limit in user copy (Config.BufferMemory); immutable
+	// userCopy: the device has UBLK_F_USER_COPY: in user-copy mode every
+	// READ and WRITE, in zero copy every WRITE, takes a pool buffer, and
+	// Request.CopyIn writes through the char device; immutable.
+	userCopy bool
 	files     []int32  // Config.Files, registered on the ring; immutable
 	finisher  Finisher // h as a Finisher, or nil; immutable
 
@@ -185,15 +189,16 @@ func (q *queue) openKernel() error {
 		if err := r.RegisterSparseBuffers(uint32(q.depth)); err != nil {
 			return fmt.Errorf("ublk: queue %d: %w", q.id, err)
 		}
-	case IOModeUserCopy:
-		q.pool = newBufPool(q.maxIO, q.bufMemory)
-		q.waiting = make([]uint16, 0, q.depth)
-	default:
+	case IOModeCopy:
 		q.bufs, err = unix.Mmap(-1, 0, q.depth*q.maxIO, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
 		if err != nil {
 			return fmt.Errorf("ublk: queue %d: mmap %d buffers of %d bytes: %w", q.id, q.depth, q.maxIO, err)
 		}
 		q.mmaps = append(q.mmaps, q.bufs)
+	}
+	if q.userCopy {
+		q.pool = newBufPool(q.maxIO, q.bufMemory)
+		q.waiting = make([]uint16, 0, q.depth)
 	}
 	q.scratch, err = unix.Mmap(-1, 0, pageSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
@@ -432,11 +437,11 @@ func (q *queue) dispatch(tag uint16) {
 			q.commit(tag, -int32(unix.EIO))
 			return
 		}
-		switch q.mode {
-		case IOModeCopy:
+		switch {
+		case q.mode == IOModeCopy:
 			off := int(tag) * q.maxIO
 			r.Buf = q.bufs[off : off+r.Length : off+r.Length]
-		case IOModeUserCopy:
+		case q.userCopy && (q.mode == IOModeUserCopy || r.Op == OpWrite):
 			if len(q.waiting) > 0 {
 				q.waiting = append(q.waiting, tag) // after those before it
 				return

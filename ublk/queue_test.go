@@ -88,6 +88,7 @@ func newFakeQueueWith(t *testing.T, depth, maxIO int, h Handler, o fakeOpts, fil
 	}
 	q := newQueue(0, depth, maxIO, cdevFd, true, h, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	q.files, q.mode, q.bufMemory = files, o.mode, cmp.Or(o.bufMemory, DefaultBufferMemory)
+	q.userCopy = o.mode == IOModeUserCopy
 	k := &fakeKernel{t: t, q: q, inject: make(chan fakeReq, 1024), abort: make(chan struct{}, 1),
 		commit: make(chan fakeCommit, 4096), armed: map[uint16]bool{}, shortIO: o.shortIO}
 	q.ring = k

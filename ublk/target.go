@@ -3,8 +3,11 @@ package ublk
 import (
 	"errors"
 	"fmt"
+	"io"
 	"sync/atomic"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // Op is the operation of a block request.
@@ -239,6 +242,30 @@ func (r *Request) Sync(f File) {
 // before it (so that a punch and an allocation run in order).
 func (r *Request) Fallocate(f File, mode uint32, off, n int64) {
 	r.add(IO{kind: ioFallocate, file: f, mode: mode, off: off, n: n, after: true})
+}
+
+// CopyIn puts p into the data of a READ at byte at: a copy into Buf, or in
+// zero copy a write through /dev/ublkcN (UBLK_F_USER_COPY, negotiated with
+// Config.WriteData). Whoever holds the request may call it, on any
+// goroutine.
+func (r *Request) CopyIn(p []byte, at int) error {
+	switch {
+	case at < 0 || at+len(p) > r.Length:
+		return fmt.Errorf("ublk: %v: %d bytes at %d: %w", r, len(p), at, syscall.EINVAL)
+	case r.Buf != nil:
+		copy(r.Buf[at:], p)
+		return nil
+	case r.q == nil || !r.q.userCopy:
+		return fmt.Errorf("ublk: %v: no buffer and no user copy (Config.WriteData): %w", r, syscall.EOPNOTSUPP)
+	}
+	n, err := unix.Pwrite(r.q.cdevFd, p, userCopyPos(r.q.id, r.tag)+int64(at))
+	if err == nil && n != len(p) {
+		err = io.ErrShortWrite
+	}
+	if err != nil {
+		return fmt.Errorf("ublk: %v: copy %d bytes at %d to the kernel: %w", r, len(p), at, err)
+	}
+	return nil
 }
 
 // IOs returns the I/O described for the request (for Finish).

@@ -39,7 +39,7 @@ type AttachRequest struct {
 	Name    string `json:"name,omitempty"`
 	Queues  int    `json:"queues,omitempty"`
 	Depth   int    `json:"depth,omitempty"`
-	IOMode  string `json:"io_mode,omitempty"` // "copy", "auto", "zero-copy"; "": the daemon's default
+	IOMode  string `json:"io_mode,omitempty"` // "auto", "zero-copy", "user-copy" or "copy"; "": the daemon's default
 }
 
 // Device is a filtered original device.
@@ -49,7 +49,7 @@ type Device struct {
 	Backing  string `json:"backing"` // the file or block device behind it
 	Size     uint64 `json:"size"`    // bytes
 	Snapshot string `json:"snapshot,omitempty"`
-	IOMode   string `json:"io_mode"`   // how its data moves: "copy" or "zero-copy"
+	IOMode   string `json:"io_mode"`   // how its data moves: "copy", "user-copy" or "zero-copy"
 	DirectIO bool   `json:"direct_io"` // the backing is read and written with O_DIRECT
 }
 
@@ -100,8 +100,9 @@ type Snapshot struct {
 
 // SnapshotMember is one original device of a snapshot and its image.
 type SnapshotMember struct {
-	Device       string `json:"device"`          // the filtered device's path
-	Image        string `json:"image,omitempty"` // the image's path once taken
+	Device       string `json:"device"`                  // the filtered device's path
+	Image        string `json:"image,omitempty"`         // the image's path once taken
+	ImageIOMode  string `json:"image_io_mode,omitempty"` // how the image's data moves: "copy", "user-copy" or "zero-copy"
 	ChunkSize    uint64 `json:"chunk_size,omitempty"`
 	ChunksCopied uint64 `json:"chunks_copied"`
 	ErrorCode    int    `json:"error_code"` // negative errno once corrupted, else 0
