@@ -309,6 +309,16 @@ func blockGeometry(fd int) (Geometry, error) {
 	return Geometry{Size: int64(size), LogicalBlockSize: lbs, PhysicalBlockSize: pbs, MinIOSize: max(iomin, lbs)}, nil
 }
 
+// DataFD returns the descriptor the file's data is read and written
+// through, for I/O that bypasses File (a ublk queue's ring). It stays
+// valid until Close.
+func (d *File) DataFD() int { return d.fd }
+
+// DirectIO reports whether the data descriptor bypasses the page cache
+// (O_DIRECT); ublksnap opens its backings buffered, as the loop device
+// does by default.
+func (d *File) DirectIO() bool { return false }
+
 // Name returns the path the file was opened with.
 func (d *File) Name() string { return d.f.Name() }
 
