@@ -53,7 +53,7 @@ func (da *DiffArea) cow(ctx context.Context, off, n int64) error {
 		if buf == nil {
 			pending = da.loadPending(pending)
 			var err error
-			if buf, err = da.buffers.take(ctx, da.stop, da.kick); err != nil {
+			if buf, err = da.buffers.take(ctx, da.stop); err != nil {
 				c.lock.release()
 				return waitFailed(err)
 			}

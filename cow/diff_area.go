@@ -18,8 +18,9 @@ import (
 // Sentinel errors of the chunk engine.
 var (
 	// ErrWouldBlock is returned by a nowait call that would have to wait
-	// for a chunk or load one. It matches syscall.EAGAIN, so the ublk
-	// package treats it as its own would-block answer.
+	// for a chunk or load one, or for chunk buffer budget. It matches
+	// syscall.EAGAIN, so the ublk package treats it as its own would-block
+	// answer.
 	ErrWouldBlock = fmt.Errorf("cow: operation would block: %w", syscall.EAGAIN)
 	// ErrCorrupted is returned by every image I/O once the difference area
 	// is corrupted. It matches syscall.EIO.
@@ -73,7 +74,7 @@ type DiffArea struct {
 	// set once, under storeMu.
 	draining bool
 
-	buffers *diffBufferPool // the chunk buffers, bounded
+	buffers *diffBufferPool // the chunk buffers, bounded by a BufferBudget; immutable
 
 	// inMemory counts the chunks in state InMemory, each holding a buffer;
 	// inMemoryPeak is its highest value. Both change with the state, under
@@ -101,12 +102,36 @@ type DiffArea struct {
 	opsIdle broadcast.Signal
 }
 
+// Option configures a DiffArea at creation.
+type Option func(*options)
+
+// options are what the Options set.
+type options struct {
+	budget *BufferBudget // nil: one of the area's own
+}
+
+// WithBufferBudget makes the area draw its chunk buffers on b, shared with
+// the other areas given it, instead of a budget of its own of
+// Params.DiffBufferMemoryLimit bytes.
+func WithBufferBudget(b *BufferBudget) Option {
+	return func(o *options) { o.budget = b }
+}
+
 // NewDiffArea creates the difference area of orig in a snapshot whose
 // difference storage is ds. The chunk size is computed from orig's geometry
-// and params, which must be valid. log may be nil.
-func NewDiffArea(orig storage.Device, ds *storage.DiffStorage, params Params, log *slog.Logger) (*DiffArea, error) {
+// and params, which must be valid. log may be nil. Its chunk buffers are
+// bounded by a budget of its own of params.DiffBufferMemoryLimit bytes,
+// unless WithBufferBudget gives a shared one.
+func NewDiffArea(orig storage.Device, ds *storage.DiffStorage, params Params, log *slog.Logger, opts ...Option) (*DiffArea, error) {
 	if err := params.Validate(); err != nil {
 		return nil, err
+	}
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if o.budget == nil {
+		o.budget = NewBufferBudget(params.DiffBufferMemoryLimit)
 	}
 	geo := orig.Geometry()
 	if geo.Size <= 0 || geo.LogicalBlockSize < storage.SectorSize || geo.Size%int64(geo.LogicalBlockSize) != 0 {
@@ -137,13 +162,11 @@ func NewDiffArea(orig storage.Device, ds *storage.DiffStorage, params Params, lo
 		logicalBlksz:  geo.LogicalBlockSize,
 		physicalBlksz: geo.PhysicalBlockSize,
 		chunkMap:      make(map[uint64]*Chunk),
-		buffers: newDiffBufferPool(chunkBytes,
-			int(min(params.DiffBufferMemoryLimit/int64(chunkBytes), 1<<20)),
-			params.FreeDiffBufferPoolSize),
-		ctx:    ctx,
-		cancel: cancel,
-		stop:   ctx.Done(),
+		ctx:           ctx,
+		cancel:        cancel,
+		stop:          ctx.Done(),
 	}
+	da.buffers = newDiffBufferPool(chunkBytes, params.FreeDiffBufferPoolSize, o.budget, da.kick)
 	da.log.Debug("difference area created", "chunk_bytes", chunkBytes, "chunks", da.chunkCount)
 	return da, nil
 }
@@ -179,7 +202,7 @@ type Stats struct {
 	Queued        int // chunks waiting in the store queue
 	BuffersLive   int // chunk buffers allocated (in use and free)
 	BuffersPeak   int // highest BuffersLive so far
-	BuffersLimit  int // the bound on BuffersLive
+	BuffersLimit  int // the bound on BuffersLive: the budget in buffers (shared: if the other areas hold none)
 	InMemoryPeak  int // most chunks InMemory at one instant, counted exactly
 	ChunkSize     int64
 	ChunksInState [4]int // chunks per ChunkState (counted under each chunk's lock-free state)
@@ -198,11 +221,14 @@ func (da *DiffArea) Stats() Stats {
 	s.Queued = len(da.storeQueue)
 	da.storeMu.Unlock()
 	s.BuffersLive, s.BuffersPeak = da.buffers.stats()
-	s.BuffersLimit = da.buffers.limit
+	s.BuffersLimit = da.buffers.limit()
 	s.InMemoryPeak = int(da.inMemoryPeak.Load())
 	s.ChunkSize = da.ChunkSize()
 	return s
 }
+
+// BufferBudget returns the budget the area's chunk buffers draw on.
+func (da *DiffArea) BufferBudget() *BufferBudget { return da.buffers.budget }
 
 // enter registers a request; it fails once Close has started.
 func (da *DiffArea) enter() bool {
@@ -306,8 +332,9 @@ func (da *DiffArea) kickLocked() {
 }
 
 // storeNeededLocked reports whether the store worker should run: queued
-// chunks beyond the limit, a writer starving for a buffer, or a corrupted
-// area whose queued buffers should be freed. da.storeMu must be held.
+// chunks beyond the limit, a writer of any area sharing the budget
+// starving for a buffer, or a corrupted area whose queued buffers should
+// be freed. da.storeMu must be held.
 func (da *DiffArea) storeNeededLocked() bool {
 	n := len(da.storeQueue)
 	if n == 0 || da.ctx.Err() != nil {
@@ -532,8 +559,8 @@ func waitUntil(ctx context.Context, mu *sync.Mutex, sig *broadcast.Signal, cond 
 	return nil
 }
 
-// free drops the store queue and the chunks' buffers once no request and
-// no store worker runs.
+// free drops the store queue and the chunks' buffers, returning their
+// bytes to the budget, once no request and no store worker runs.
 func (da *DiffArea) free() {
 	da.storeMu.Lock()
 	clear(da.storeQueue)
@@ -545,5 +572,5 @@ func (da *DiffArea) free() {
 	}
 	da.chunkMap = nil
 	da.mapMu.Unlock()
-	da.buffers.cleanup()
+	da.buffers.close()
 }

@@ -11,6 +11,8 @@
 //	Chunk      2^chunkShift bytes of the original (the last may be short),
 //	           with a state and a binary semaphore
 //	DiffBuffer the in-memory copy of one chunk
+//	BufferBudget
+//	           the bytes of chunk buffers the areas sharing it may hold
 //
 // The chunk size is computed at creation from the device's capacity and
 // minimum I/O size and the Params (blksnap's chunk_minimum_shift,
@@ -41,12 +43,15 @@
 //   - DiffArea.storeMu guards the store queue and the worker flag.
 //   - DiffArea.opsMu guards the count of requests inside the area and the
 //     closed flag.
-//   - diffBufferPool.mu guards the buffer pool. Order: storeMu before
-//     pool.mu; no lock is held during I/O except chunk locks.
+//   - diffBufferPool.mu guards an area's free buffers and counts.
+//   - BufferBudget.mu guards the budget's bytes, its queue of waiters and
+//     its member pools; the budget calls nothing while holding it.
+//     Order: storeMu before BufferBudget.mu, pool.mu before
+//     BufferBudget.mu; no lock is held during I/O except chunk locks.
 //
-// Waits for a condition under one of these mutexes (a buffer released, no
-// request left, the worker stopped) use a broadcast.Signal kept under that
-// mutex.
+// Waits for a condition under one of these mutexes (no request left, the
+// worker stopped) use a broadcast.Signal kept under that mutex; a wait for
+// buffer budget has a channel of its own, closed when it is granted.
 //
 // # Copy on write
 //
@@ -69,12 +74,27 @@
 // than chunk_maximum_in_queue chunks wait, when a writer starves for a
 // buffer, or when the area is corrupted (to free the buffers); it allocates
 // a region on a chunk's first store, writes the buffer there, marks the
-// chunk Stored and returns the buffer to the pool. The pool keeps up to
-// free_diff_buffer_pool_size free buffers and never lets more than
-// DiffBufferMemoryLimit bytes of buffers live: a writer that needs one more
-// waits. Writers never wait for a buffer or a chunk while holding buffers of
-// chunks they have not loaded yet (they load and queue those first), so the
-// bound cannot deadlock.
+// chunk Stored and returns the buffer to the pool.
+//
+// Every live buffer, in use or kept free, holds its size in bytes of a
+// BufferBudget. An area given none (NewDiffArea without
+// WithBufferBudget) has one of its own of DiffBufferMemoryLimit bytes; the
+// snapshot manager gives every area it creates one budget of
+// DiffBufferMemoryLimit bytes, so that all the devices of all snapshots
+// together hold at most that much, not that much each. A writer whose
+// buffer does not fit waits in turn (first come first served, whatever
+// the area; a nowait try answers ErrWouldBlock); one buffer is always
+// admitted when the budget holds nothing, so a chunk larger than the
+// budget still proceeds. When a writer starts waiting, every area of the
+// budget drops its free buffers and kicks its store worker, which then
+// runs while anyone waits; a freed buffer then goes to the first waiter
+// if it has the size asked for, or back to the budget, rather than to the
+// free list. Only while nobody waits does an area keep up to
+// free_diff_buffer_pool_size free buffers for reuse, and they count
+// against the budget. Writers never wait for a buffer or a chunk while
+// holding buffers of chunks they have not loaded yet (they load and queue
+// those first), and the store worker never waits for a writer, so every
+// byte held comes back and the bound cannot deadlock, across areas too.
 //
 // # Snapshot image
 //

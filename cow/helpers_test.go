@@ -31,9 +31,9 @@ type testEnv struct {
 }
 
 // newTestEnv takes a snapshot of dev into ds and registers cleanup.
-func newTestEnv(t testing.TB, dev storage.Device, ds *storage.DiffStorage, p Params) *testEnv {
+func newTestEnv(t testing.TB, dev storage.Device, ds *storage.DiffStorage, p Params, opts ...Option) *testEnv {
 	t.Helper()
-	da, err := NewDiffArea(dev, ds, p, nil)
+	da, err := NewDiffArea(dev, ds, p, nil, opts...)
 	if err != nil {
 		t.Fatalf("NewDiffArea: %v", err)
 	}

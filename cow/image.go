@@ -242,7 +242,7 @@ func (da *DiffArea) writeImageChunk(ctx context.Context, nr uint64, src []byte, 
 		buf := da.buffers.tryTake()
 		if buf == nil {
 			var err error
-			if buf, err = da.buffers.take(ctx, da.stop, da.kick); err != nil {
+			if buf, err = da.buffers.take(ctx, da.stop); err != nil {
 				c.lock.release()
 				if errors.Is(err, errClosing) {
 					return ErrClosed

@@ -34,16 +34,20 @@ type Params struct {
 	// in memory until more than this many are queued for storing (16).
 	ChunkMaximumInQueue int
 	// FreeDiffBufferPoolSize is free_diff_buffer_pool_size: free chunk
-	// buffers kept for reuse per difference area (128).
+	// buffers kept for reuse per difference area (128), within
+	// DiffBufferMemoryLimit and only while no writer waits for a buffer.
 	FreeDiffBufferPoolSize int
 	// DiffStorageMinimum is diff_storage_minimum in sectors: the size asked
 	// for when space runs low and the growth step of a storage file
 	// (2097152: 1 GiB). At least two minimum chunks, and a multiple of it.
 	DiffStorageMinimum int64
 	// DiffBufferMemoryLimit (ublksnap's own) bounds the bytes of chunk
-	// buffers one difference area holds, in use and free (64 MiB; at least
-	// one buffer is always allowed). Writers that need a buffer beyond it
-	// wait for the store worker, so memory does not grow with the load.
+	// buffers, in use and free (64 MiB; at least one buffer is always
+	// allowed): of all the difference areas of a snapshot manager
+	// together, which share one BufferBudget of this size, or of one area
+	// created without a budget. Writers that need a buffer beyond it wait
+	// for the store workers, so memory does not grow with the load or the
+	// number of devices.
 	DiffBufferMemoryLimit int64
 }
 

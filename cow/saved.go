@@ -70,16 +70,18 @@ func (da *DiffArea) Saved() ([]SavedChunk, error) {
 	return out, nil
 }
 
-// RestoreDiffArea is NewDiffArea with the copied chunks of a saved area:
-// each is Stored at its region of ds. The chunk size must come out as it
-// was (shift): same device geometry, same parameters.
-func RestoreDiffArea(orig storage.Device, ds *storage.DiffStorage, params Params, log *slog.Logger, shift uint, chunks []SavedChunk) (*DiffArea, error) {
-	da, err := NewDiffArea(orig, ds, params, log)
+// RestoreDiffArea is NewDiffArea (with its Options) with the copied
+// chunks of a saved area: each is Stored at its region of ds. The chunk
+// size must come out as it was (shift): same device geometry, same
+// parameters.
+func RestoreDiffArea(orig storage.Device, ds *storage.DiffStorage, params Params, log *slog.Logger, shift uint, chunks []SavedChunk, opts ...Option) (*DiffArea, error) {
+	da, err := NewDiffArea(orig, ds, params, log, opts...)
 	if err != nil {
 		return nil, err
 	}
 	fail := func(err error) (*DiffArea, error) {
 		da.cancel()
+		da.free() // leaves the budget; no request ever entered
 		return nil, err
 	}
 	if da.chunkShift != shift {

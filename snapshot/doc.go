@@ -37,6 +37,15 @@
 // every member to COW at one instant, and resumes them. The pause is
 // bounded by Config.TakeTimeout; filesystems are frozen around it.
 //
+// # Memory
+//
+// The Manager creates one cow.BufferBudget of Params.DiffBufferMemoryLimit
+// bytes and gives it to every difference area it creates or restores: the
+// chunk buffers of all members of all snapshots together stay within it,
+// whatever the number of devices (see package cow). Params, and so the
+// budget, are fixed when the Manager is created; a daemon started with
+// other parameters gets a budget of its own size.
+//
 // # Change tracking
 //
 // Every device has a cbt.Map from attach on: its handler marks each

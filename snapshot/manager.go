@@ -52,15 +52,16 @@ type Config struct {
 // Manager owns the filtered devices and the snapshots; see the package
 // documentation for the model.
 type Manager struct {
-	params         cow.Params    // immutable
-	log            *slog.Logger  // immutable
-	server         BlockServer   // immutable
-	host           Host          // immutable
-	takeTimeout    time.Duration // immutable
-	destroyTimeout time.Duration // immutable
-	statePath      string        // the state file, or ""; immutable
-	owner          uint64        // tag of our ublk devices (ownerTag); immutable
-	ioMode         ublk.IOMode   // I/O mode of filtered devices by default; immutable
+	params         cow.Params        // immutable
+	buffers        *cow.BufferBudget // every diff area's chunk buffers, params.DiffBufferMemoryLimit bytes; immutable
+	log            *slog.Logger      // immutable
+	server         BlockServer       // immutable
+	host           Host              // immutable
+	takeTimeout    time.Duration     // immutable
+	destroyTimeout time.Duration     // immutable
+	statePath      string            // the state file, or ""; immutable
+	owner          uint64            // tag of our ublk devices (ownerTag); immutable
+	ioMode         ublk.IOMode       // I/O mode of filtered devices by default; immutable
 
 	mu        sync.Mutex
 	devices   map[string]*device       // filtered devices by node path; guarded by mu
@@ -82,6 +83,7 @@ func New(cfg Config) (*Manager, error) {
 	}
 	m := &Manager{
 		params:         cfg.Params,
+		buffers:        cow.NewBufferBudget(cfg.Params.DiffBufferMemoryLimit),
 		log:            cfg.Logger,
 		server:         cfg.Server,
 		host:           cfg.Host,

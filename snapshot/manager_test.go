@@ -84,6 +84,42 @@ func TestCreateTakeDestroy(t *testing.T) {
 	}
 }
 
+// Every difference area the manager creates, of every member of every
+// snapshot, draws its chunk buffers on the manager's one budget of
+// diff_buffer_memory_limit bytes.
+func TestDiffAreasShareOneBudget(t *testing.T) {
+	p := testParams()
+	p.DiffBufferMemoryLimit = 1 << 20
+	e := newEnv(t, Config{Params: p})
+	a, b, c := e.attach("a.img", 1), e.attach("b.img", 2), e.attach("c.img", 3)
+	s, err := e.m.CreateSnapshot(bg, CreateOptions{Devices: []string{a, b}, Storage: filepath.Join(e.dir, "ab"), Limit: 8 << 20})
+	if err == nil {
+		_, err = e.m.Take(bg, s.ID)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := e.takeSnapshot(c)
+	if got := e.m.buffers.Limit(); got != p.DiffBufferMemoryLimit {
+		t.Errorf("budget of %d bytes, want diff_buffer_memory_limit %d", got, p.DiffBufferMemoryLimit)
+	}
+	for _, id := range []string{s.ID, other} {
+		for _, mb := range e.m.snapshots[id].members {
+			if mb.area.BufferBudget() != e.m.buffers {
+				t.Errorf("the area of %s in %s has a budget of its own", mb.dev.path(), id)
+			}
+		}
+	}
+	for _, dev := range []string{a, b, c} {
+		if err := e.m.devices[dev].orig.Write(bg, 0, make([]byte, 4096), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st := e.m.buffers.Stats(); st.Peak < 3<<16 || st.Peak > st.Limit {
+		t.Errorf("budget %+v; want the three first chunks (64 KiB each) counted, within the limit", st)
+	}
+}
+
 func TestMembershipRules(t *testing.T) {
 	e := newEnv(t, Config{})
 	a, b := e.attach("a.img", 1), e.attach("b.img", 2)

@@ -134,7 +134,7 @@ func (m *Manager) restoreSnapshot(e snapshotEntry, members map[int]*device) (*sn
 			m.abandon(s)
 			return nil, fmt.Errorf("member %s is not served again", sm.Device)
 		}
-		area, err := cow.RestoreDiffArea(d.file, ds, m.params, m.log, sm.ChunkShift, sm.Chunks)
+		area, err := cow.RestoreDiffArea(d.file, ds, m.params, m.log, sm.ChunkShift, sm.Chunks, cow.WithBufferBudget(m.buffers))
 		if err != nil {
 			m.abandon(s)
 			return nil, err

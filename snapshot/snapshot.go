@@ -294,7 +294,7 @@ func (m *Manager) Take(ctx context.Context, id string) (SnapshotInfo, error) {
 
 func (m *Manager) take(ctx context.Context, s *snapshot) error {
 	for _, mb := range s.members {
-		area, err := cow.NewDiffArea(mb.dev.file, s.storage, m.params, m.log)
+		area, err := cow.NewDiffArea(mb.dev.file, s.storage, m.params, m.log, cow.WithBufferBudget(m.buffers))
 		if err != nil {
 			return fmt.Errorf("%w: %v", ErrInvalid, err)
 		}

@@ -370,6 +370,9 @@ func TestSnapshotSurvivesPlannedRestart(t *testing.T) {
 	if !bytes.Equal(image(), before) {
 		t.Fatal("the image after the restart differs from before")
 	}
+	if e.m.snapshots[s.ID].members[0].area.BufferBudget() != e.m.buffers {
+		t.Error("the restored area does not draw on the manager's buffer budget")
+	}
 	write(0, 9)
 	write(2<<20, 9)
 	if !bytes.Equal(image(), before) {

@@ -30,14 +30,16 @@ func (e silentExit) Error() string { return fmt.Sprintf("exit status %d", int(e)
 
 func daemonCmd(g *globalFlags) *cobra.Command {
 	var verbose bool
-	var ioMode string
+	var ioMode, memLimit string
 	params := cow.DefaultParams()
 	cmd := &cobra.Command{
 		Use:   "daemon [--socket PATH] [--PARAMETER VALUE ...]",
 		Short: "Run the daemon that owns the devices and snapshots (root)",
 		Long: "The daemon serves the CLI on a unix socket, in its own mount namespace.\n" +
 			"The parameters are blksnap's, with dashes for underscores (see cow.Params);\n" +
-			"sizes take units (64MiB, 1GiB; a bare number is bytes).\n\n" +
+			"sizes take units (64MiB, 1GiB; a bare number is bytes). The chunk buffers of all\n" +
+			"snapshots together stay within --diff-buffer-memory-limit, and --memory-limit\n" +
+			"makes the Go runtime return freed memory before the daemon grows past it.\n\n" +
 			"Its filtered devices outlive it. SIGTERM or SIGINT ends the daemon but leaves\n" +
 			"them, their I/O waiting, with the taken snapshots kept in a named file or block\n" +
 			"device, to the next daemon on the same socket, which serves them again; after a\n" +
@@ -46,6 +48,10 @@ func daemonCmd(g *globalFlags) *cobra.Command {
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkParams(cmd, &params); err != nil {
+				return err
+			}
+			mem, err := daemonMemoryLimit(memLimit, params, gomemlimitEnv())
+			if err != nil {
 				return err
 			}
 			if os.Geteuid() != 0 {
@@ -67,6 +73,7 @@ func daemonCmd(g *globalFlags) *cobra.Command {
 				level = slog.LevelDebug
 			}
 			log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
+			mem.apply(log)
 			mode, err := ublk.ParseIOMode(ioMode)
 			if err != nil {
 				return usagef("--io-mode %q: want %s", ioMode, ioModes)
@@ -79,6 +86,7 @@ func daemonCmd(g *globalFlags) *cobra.Command {
 	}
 	cmd.Flags().BoolVarP(&verbose, "verbose", "v", false, "log debug messages")
 	cmd.Flags().StringVar(&ioMode, "io-mode", "auto", "how the filtered devices' data moves: "+ioModes)
+	cmd.Flags().StringVar(&memLimit, "memory-limit", "", "the Go runtime's soft memory limit, a size such as 192MiB, at least --diff-buffer-memory-limit (default: that + 64 MiB; GOMEMLIMIT, if set, wins)")
 	return cmd
 }
 

@@ -5,11 +5,13 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"testing"
@@ -127,6 +129,57 @@ func TestDaemonParameterFlags(t *testing.T) {
 	}
 	if err := (paramFlag{&p, "diff_buffer_memory_limit"}).Set("32MiB"); err != nil || p.DiffBufferMemoryLimit != 32<<20 {
 		t.Errorf("32MiB: %v, %d bytes", err, p.DiffBufferMemoryLimit)
+	}
+}
+
+// --memory-limit takes a size, defaults to the chunk buffer limit plus
+// 64 MiB, may not be below the chunk buffer limit, and gives way to
+// GOMEMLIMIT.
+func TestDaemonMemoryLimit(t *testing.T) {
+	p := cow.DefaultParams() // 64 MiB of chunk buffers
+	for _, tc := range []struct {
+		flag, env string
+		want      int64
+	}{
+		{"", "", 128 << 20},
+		{"192MiB", "", 192 << 20},
+		{"64MiB", "", 64 << 20},
+		{"", "1GiB", 128 << 20},
+		{"201326592", "1GiB", 192 << 20},
+	} {
+		m, err := daemonMemoryLimit(tc.flag, p, tc.env)
+		if err != nil || m.bytes != tc.want || m.gomemlimit != tc.env {
+			t.Errorf("daemonMemoryLimit(%q, GOMEMLIMIT=%q) = %+v, %v; want %d bytes", tc.flag, tc.env, m, err, tc.want)
+		}
+	}
+	for _, bad := range [][]string{
+		{"--memory-limit", "lots"},
+		{"--memory-limit", "32MiB"},
+		{"--memory-limit", "63MiB"},
+		{"--memory-limit", "100MiB", "--diff-buffer-memory-limit", "128MiB"},
+	} {
+		var stdout, stderr bytes.Buffer
+		code := run(context.Background(), append([]string{"daemon"}, bad...), &stdout, &stderr)
+		if code != 2 || !strings.Contains(stderr.String(), "--memory-limit") {
+			t.Errorf("daemon %q: exit %d, %q; want 2 naming --memory-limit", bad, code, stderr.String())
+		}
+	}
+	var stdout, stderr bytes.Buffer
+	if code := run(context.Background(), []string{"daemon", "--help"}, &stdout, &stderr); code != 0 || !strings.Contains(stdout.String(), "--memory-limit string") {
+		t.Errorf("daemon --help: exit %d, lacks --memory-limit:\n%s", code, stdout.String())
+	}
+
+	// apply sets the runtime's limit, unless GOMEMLIMIT is set.
+	was := debug.SetMemoryLimit(-1)
+	t.Cleanup(func() { debug.SetMemoryLimit(was) })
+	quiet := slog.New(slog.DiscardHandler)
+	memoryLimit{bytes: 3 << 30, gomemlimit: "1GiB"}.apply(quiet)
+	if got := debug.SetMemoryLimit(-1); got != was {
+		t.Errorf("apply with GOMEMLIMIT set changed the limit to %d", got)
+	}
+	memoryLimit{bytes: 3 << 30}.apply(quiet)
+	if got := debug.SetMemoryLimit(-1); got != 3<<30 {
+		t.Errorf("apply set the limit to %d, want %d", got, int64(3<<30))
 	}
 }
 
