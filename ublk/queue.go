@@ -74,13 +74,13 @@ type queue struct {
 	// copy mode each tag has its buffer in bufs; in user copy requests take
 	// buffers from pool while they are in flight; immutable.
 	mode      IOMode
-	bufMemory int      // the pool's limit in user copy (Config.BufferMemory); immutable
+	bufMemory int // the pool's limit in user copy (Config.BufferMemory); immutable
 	// userCopy: the device has UBLK_F_USER_COPY: in user-copy mode every
 	// READ and WRITE, in zero copy every WRITE, takes a pool buffer, and
 	// Request.CopyIn writes through the char device; immutable.
 	userCopy bool
-	files     []int32  // Config.Files, registered on the ring; immutable
-	finisher  Finisher // h as a Finisher, or nil; immutable
+	files    []int32  // Config.Files, registered on the ring; immutable
+	finisher Finisher // h as a Finisher, or nil; immutable
 
 	// Owned by the queue goroutine.
 	ring     queueRing
