@@ -60,6 +60,12 @@ type originalHandler struct {
 	log   *slog.Logger  // immutable
 	ring  bool          // backing I/O goes through the ring, on ublk.RegisteredFile(0); immutable
 	block bool          // the backing is a block device (fallocate modes differ); immutable
+	// inline: the backing is memory (storage.File.InMemory): reads,
+	// writes and flushes of requests with a buffer are served by plain
+	// system calls on the calling goroutine, cheaper than a ring I/O that
+	// io_uring would hand to a worker thread; immutable.
+	inline bool
+	file   *storage.File // the backing when ring is set; immutable
 }
 
 // newOriginalHandler returns the handler of a filtered device; track, if
@@ -68,7 +74,7 @@ type originalHandler struct {
 func newOriginalHandler(orig *cow.Original, g *gate, track *cbt.Map, log *slog.Logger) ublk.Handler {
 	h := &originalHandler{orig: orig, gate: g, track: track, log: log}
 	if f, ok := orig.Device().(*storage.File); ok {
-		h.ring = true
+		h.ring, h.file, h.inline = true, f, f.InMemory()
 		if st, err := f.Stat(); err == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK {
 			h.block = true
 		}
@@ -91,7 +97,20 @@ func DeviceConfig(dev storage.Device, log *slog.Logger) ublk.Config {
 	if cfg.Files != nil {
 		cfg.IOMode = ublk.IOModeAuto
 	}
+	cfg.InlineMax = inlineMax(dev)
 	return cfg
+}
+
+// inlineMax is the largest request of a device over dev served inline
+// (ublk.Config.InlineMax): up to 64 KiB for a backing in memory, where a
+// ring I/O's hand-off to an io_uring worker costs more than a copy (under
+// TCG, 4 KiB reads at QD1: 288 µs inline against 528-774 µs as zero-copy
+// ring I/O; 1 MiB reads: 140-160 MiB/s inline, 900-1200 as ring I/O).
+func inlineMax(dev storage.Device) int {
+	if f, ok := dev.(*storage.File); ok && f.InMemory() {
+		return 64 << 10
+	}
+	return 0
 }
 
 // geometryConfig is the ublk configuration of a device of geometry geo,
@@ -125,11 +144,19 @@ func (h *originalHandler) Handle(req *ublk.Request) (err error) {
 		h.leave(req)
 		return err
 	}
+	inline := h.inline && req.Buf != nil
 	switch req.Op {
 	case ublk.OpRead:
+		if inline {
+			_, err := h.file.ReadAt(req.Buf, req.Offset)
+			return err
+		}
 		req.Read(ublk.RegisteredFile(0), req.Offset, 0, req.Length, 0)
 		return nil
 	case ublk.OpFlush:
+		if h.inline {
+			return h.file.Flush()
+		}
 		req.Sync(ublk.RegisteredFile(0))
 		return nil
 	case ublk.OpWrite, ublk.OpDiscard, ublk.OpWriteZeroes:
@@ -145,8 +172,7 @@ func (h *originalHandler) Handle(req *ublk.Request) (err error) {
 			h.leave(req)
 			return err
 		}
-		h.describeChange(req)
-		return nil
+		return h.change(req)
 	}
 	err = h.orig.PrepareAsync(req.Offset, n, h.prepared(req))
 	switch {
@@ -156,8 +182,7 @@ func (h *originalHandler) Handle(req *ublk.Request) (err error) {
 		h.leave(req)
 		return err
 	}
-	h.describeChange(req)
-	return nil
+	return h.change(req)
 }
 
 // preparedFunc is the callback of PrepareAsync for one tag's requests,
@@ -179,7 +204,10 @@ func (h *originalHandler) prepared(req *ublk.Request) func(error) {
 			req.Complete(err)
 			return
 		}
-		h.describeChange(req)
+		if err := h.change(req); err != nil || len(req.IOs()) == 0 {
+			req.Complete(err)
+			return
+		}
 		req.Submit()
 	}}
 	req.Tagged = p
@@ -212,6 +240,23 @@ func (h *originalHandler) leave(req *ublk.Request) {
 		req.Private &^= privAdmitted
 		h.gate.Leave()
 	}
+}
+
+// change makes a write whose COW is done on an in-memory backing (and
+// lets it out of the gate), or describes its backing I/O.
+func (h *originalHandler) change(req *ublk.Request) error {
+	if req.Op != ublk.OpWrite || !h.inline || req.Buf == nil {
+		h.describeChange(req)
+		return nil
+	}
+	var err error
+	if req.Flags&ublk.FlagFUA != 0 {
+		_, err = h.file.WriteAtFUA(req.Buf, req.Offset)
+	} else {
+		_, err = h.file.WriteAt(req.Buf, req.Offset)
+	}
+	h.leave(req)
+	return err
 }
 
 // describeChange describes the backing I/O of a write, discard or
@@ -318,7 +363,11 @@ type imageHandler struct {
 	area  *cow.DiffArea // immutable
 	track *cbt.Map      // the change tracking of the image's device, or nil; immutable
 	log   *slog.Logger  // immutable
-	ring  bool          // reads go through the ring, the original on ublk.RegisteredFile(0); immutable
+	ring  bool          // reads may go through the ring, the original on ublk.RegisteredFile(0); immutable
+	// inline: the original is memory (storage.File.InMemory): reads with
+	// a buffer are cheaper through the engine on the calling goroutine
+	// than as ring I/O that io_uring hands to a worker thread; immutable.
+	inline bool
 }
 
 // Private words of the image handler's requests.
@@ -331,8 +380,8 @@ const (
 // mark both maps of track (this backup and the next copy them). Its
 // device's ublk configuration must register backingFiles(area.Original()).
 func newImageHandler(area *cow.DiffArea, track *cbt.Map, log *slog.Logger) ublk.Handler {
-	_, ring := area.Original().(*storage.File)
-	return &imageHandler{area: area, track: track, log: log, ring: ring}
+	f, ok := area.Original().(*storage.File)
+	return &imageHandler{area: area, track: track, log: log, ring: ok, inline: ok && f.InMemory()}
 }
 
 // imagePlan is the cow.ImageReadPlan of one tag's reads (made once per
@@ -374,7 +423,7 @@ func (h *imageHandler) Handle(req *ublk.Request) (err error) {
 		}
 	}()
 	ctx, nowait := context.Background(), req.NoWait()
-	if req.Op == ublk.OpRead && h.ring && req.Private&privNoRing == 0 {
+	if req.Op == ublk.OpRead && h.ring && (req.Buf == nil || !h.inline) && req.Private&privNoRing == 0 {
 		if err := h.area.BeginImageRead(ctx, req.Offset, req.Length, h.plan(req), nowait); err != nil {
 			req.ClearIO()
 			return err

@@ -14,7 +14,6 @@ import (
 
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/storage"
-	"github.com/ublksnap/ublksnap/ublk"
 )
 
 // snapshot is one snapshot (blksnap's struct snapshot) and its difference
@@ -361,16 +360,6 @@ func (m *Manager) switchToCOW(ctx context.Context, s *snapshot) error {
 	return nil
 }
 
-// imageMode is the I/O mode of the image of a device that runs in mode:
-// the same, but zero copy as IOModeAuto (an image's zero copy also needs
-// USER_COPY, and falls back to user copy without it).
-func imageMode(mode ublk.IOMode) ublk.IOMode {
-	if mode == ublk.IOModeZeroCopy {
-		return ublk.IOModeAuto
-	}
-	return mode
-}
-
 // serveImages serves an image device for every member over its area.
 func (m *Manager) serveImages(ctx context.Context, s *snapshot) error {
 	for _, mb := range s.members {
@@ -381,8 +370,9 @@ func (m *Manager) serveImages(ctx context.Context, s *snapshot) error {
 		// into the request (zero copy on 7.x); the engine needs a write's
 		// data (copied in from a bounded pool). The image moves its data
 		// as its device does.
-		cfg.IOMode, cfg.WriteData = imageMode(mb.dev.blk.IOMode()), true
+		cfg.IOMode, cfg.WriteData = mb.dev.blk.IOMode(), true
 		cfg.Files = backingFiles(mb.area.Original())
+		cfg.InlineMax = inlineMax(mb.area.Original())
 		// Like blksnap's images (GENHD_FL_NO_PART), and because a
 		// daemon killed during a take's partition scan hangs on 6.12.
 		cfg.NoPartitionScan = true

@@ -175,6 +175,7 @@ type File struct {
 	block  bool       // a block device rather than a regular file; immutable
 	temp   bool       // an unnamed file (OpenTemp) that vanishes on close; immutable
 	mapped []byte     // MAP_SHARED view of the file with OpenOptions.Mmap; immutable
+	memory bool       // a regular file of tmpfs or ramfs; immutable
 	mu     sync.Mutex // guards geo.Size and serialises Grow
 	geo    Geometry   // the geometry; only Size changes, by Grow, under mu
 }
@@ -280,6 +281,10 @@ func newFile(f *os.File, block bool) (*File, error) {
 			pb := max(int(st.Blksize), SectorSize)
 			d.geo = Geometry{Size: st.Size, LogicalBlockSize: SectorSize, PhysicalBlockSize: pb, MinIOSize: pb}
 		}
+		var fs unix.Statfs_t
+		if err == nil && unix.Fstatfs(int(f.Fd()), &fs) == nil {
+			d.memory = fs.Type == unix.TMPFS_MAGIC || fs.Type == unix.RAMFS_MAGIC
+		}
 	}
 	if err != nil {
 		f.Close()
@@ -313,6 +318,13 @@ func blockGeometry(fd int) (Geometry, error) {
 // through, for I/O that bypasses File (a ublk queue's ring). It stays
 // valid until Close.
 func (d *File) DataFD() int { return d.fd }
+
+// InMemory reports whether the file lives in memory (tmpfs, ramfs): its
+// reads and writes never wait for a device, and io_uring cannot do them
+// without handing each one to a worker thread (those file systems have
+// no non-blocking attempt, FMODE_NOWAIT), so a plain pread or pwrite on the
+// calling thread is the cheaper way.
+func (d *File) InMemory() bool { return d.memory }
 
 // DirectIO reports whether the data descriptor bypasses the page cache
 // (O_DIRECT); ublksnap opens its backings buffered, as the loop device
@@ -351,6 +363,9 @@ func (d *File) WriteAt(p []byte, off int64) (int, error) {
 func (d *File) ReadAtNoWait(p []byte, off int64) (int, error) {
 	if d.mapped != nil {
 		return d.copyMapped(p, off, false)
+	}
+	if d.memory {
+		return d.ReadAt(p, off) // never waits, and RWF_NOWAIT is refused
 	}
 	done := 0
 	for done < len(p) {

@@ -85,6 +85,13 @@ type Config struct {
 	// copy mode; 0 means DefaultBufferMemory. A request that finds the
 	// pool spent waits for another to finish.
 	BufferMemory int
+	// InlineMax gives READs and WRITEs of up to this many bytes their data
+	// in Request.Buf in every mode, so that the handler can serve them
+	// itself on the queue goroutine (a backing in memory, which io_uring
+	// reaches only through a worker thread: for small requests the hop
+	// costs more than the copy). Zero copy then needs UBLK_F_USER_COPY as
+	// well, through which the queue copies their data; 0: none.
+	InlineMax int
 	// Files are descriptors registered on every queue ring, named in
 	// backing I/O by RegisteredFile(index). They must stay open while the
 	// device is served.
@@ -125,9 +132,9 @@ const (
 	// tags.
 	IOModeCopy IOMode = iota
 	// IOModeAuto: the best mode the kernel has for the handler: zero copy
-	// (UBLK_F_AUTO_BUF_REG, Linux 6.16+; with Config.WriteData also
-	// UBLK_F_USER_COPY), else user copy (UBLK_F_USER_COPY, 6.5+), else
-	// copy.
+	// (UBLK_F_AUTO_BUF_REG, Linux 6.16+; with Config.WriteData or
+	// InlineMax also UBLK_F_USER_COPY), else user copy (UBLK_F_USER_COPY,
+	// 6.5+), else copy.
 	IOModeAuto
 	// IOModeZeroCopy: the kernel registers each request's own pages in the
 	// queue ring's buffer table and the backing I/O reads or writes them
@@ -172,10 +179,11 @@ func ParseIOMode(s string) (IOMode, error) {
 
 // pick returns the mode a device in mode m runs in on a kernel with
 // features feats, and the ADD_DEV flag it needs (0 for copy mode).
-// writeData (Config.WriteData) makes zero copy need user copy too.
-func (m IOMode) pick(feats uint64, writeData bool) (IOMode, uint64, error) {
+// buffers (Config.WriteData or InlineMax) makes zero copy need user copy
+// too.
+func (m IOMode) pick(feats uint64, buffers bool) (IOMode, uint64, error) {
 	zeroCopy := uint64(featAutoBufReg)
-	if writeData {
+	if buffers {
 		zeroCopy |= featUserCopy
 	}
 	switch {
@@ -245,6 +253,9 @@ func (c *Config) Validate() error {
 	}
 	if int(c.IOMode) >= len(ioModes) {
 		bad("I/O mode %d: want IOModeCopy, IOModeAuto, IOModeZeroCopy or IOModeUserCopy", c.IOMode)
+	}
+	if c.InlineMax < 0 || c.InlineMax > c.MaxIOSize {
+		bad("inline max %d: must be in [0, max I/O size %d]", c.InlineMax, c.MaxIOSize)
 	}
 	if c.BufferMemory < 0 || c.BufferMemory > 0 && c.BufferMemory < c.MaxIOSize {
 		bad("buffer memory %d: must be 0 (the default) or at least the max I/O size %d", c.BufferMemory, c.MaxIOSize)

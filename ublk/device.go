@@ -117,7 +117,7 @@ func (d *Device) setup(ctx context.Context) error {
 	if d.cfg.NoPartitionScan {
 		want |= featNoAutoPartScan
 	}
-	mode, flag, err := d.cfg.IOMode.pick(feats, d.cfg.WriteData)
+	mode, flag, err := d.cfg.IOMode.pick(feats, d.cfg.WriteData || d.cfg.InlineMax > 0)
 	if err != nil {
 		return err
 	}
@@ -171,6 +171,7 @@ func (d *Device) startQueues(ctx context.Context, start func(devID uint32, cance
 		// recovered), whatever this process's Config asks.
 		q.mode = modeOf(info.Flags)
 		q.userCopy = info.Flags&featUserCopy != 0
+		q.writeData, q.inlineMax = d.cfg.WriteData, d.cfg.InlineMax
 		q.bufMemory = cmp.Or(d.cfg.BufferMemory, DefaultBufferMemory)
 		for _, fd := range d.cfg.Files {
 			q.files = append(q.files, int32(fd))

@@ -46,7 +46,9 @@
 // mode; IOModeAuto takes zero copy where the kernel offers it, else user
 // copy, else copy. A handler that needs a WRITE's data (Config.WriteData)
 // gets it in zero copy too, copied in through USER_COPY, and fills READs
-// with backing I/O and Request.CopyIn.
+// with backing I/O and Request.CopyIn; Config.InlineMax gives small
+// requests their data in a pool buffer in zero copy as well, for a
+// handler that serves them with plain system calls.
 //
 // # Surviving the server
 //

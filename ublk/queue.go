@@ -76,11 +76,16 @@ type queue struct {
 	mode      IOMode
 	bufMemory int // the pool's limit in user copy (Config.BufferMemory); immutable
 	// userCopy: the device has UBLK_F_USER_COPY: in user-copy mode every
-	// READ and WRITE, in zero copy every WRITE, takes a pool buffer, and
+	// READ and WRITE takes a pool buffer (in zero copy, see writeData), and
 	// Request.CopyIn writes through the char device; immutable.
 	userCopy bool
-	files    []int32  // Config.Files, registered on the ring; immutable
-	finisher Finisher // h as a Finisher, or nil; immutable
+	// writeData (Config.WriteData) and inlineMax (Config.InlineMax): in
+	// zero copy with userCopy, WRITEs and requests of up to inlineMax
+	// bytes take pool buffers; immutable.
+	writeData bool
+	inlineMax int
+	files     []int32  // Config.Files, registered on the ring; immutable
+	finisher  Finisher // h as a Finisher, or nil; immutable
 
 	// Owned by the queue goroutine.
 	ring     queueRing
@@ -441,7 +446,7 @@ func (q *queue) dispatch(tag uint16) {
 		case q.mode == IOModeCopy:
 			off := int(tag) * q.maxIO
 			r.Buf = q.bufs[off : off+r.Length : off+r.Length]
-		case q.userCopy && (q.mode == IOModeUserCopy || r.Op == OpWrite):
+		case q.userCopy && (q.mode == IOModeUserCopy || r.Op == OpWrite && q.writeData || r.Length <= q.inlineMax):
 			if len(q.waiting) > 0 {
 				q.waiting = append(q.waiting, tag) // after those before it
 				return

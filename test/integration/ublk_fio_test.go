@@ -39,24 +39,23 @@ func (j fioVerifyJob) args(file string) []string {
 }
 
 // TestUblkFioVerify writes with fio randwrite + crc32c verify at 4 KiB,
-// 64 KiB and 1 MiB blocks and queue depths 1, 32 and 128 on a two-queue
-// device, each combination in its own region, then mixed sizes from 512 B
-// to 1 MiB at offsets unaligned to chunks; after the device is gone, fio
+// 64 KiB and 1 MiB blocks at queue depths from 1 to 128 on a two-queue
+// device, each job in its own region, and mixed sizes from 512 B to 1 MiB
+// at offsets unaligned to chunks; after the device is gone, fio
 // verifies the same regions in the backing file, so the bytes that reached
 // the backing file are the ones written. It runs in every I/O mode: a mode
 // the kernel lacks is skipped and says so, never replaced by another.
 func TestUblkFioVerify(t *testing.T) {
+	// Block size, depth and size: each size at QD1 and deep, and mixed.
 	var jobs []fioVerifyJob
 	var off int64
-	for _, bs := range []int{4 << 10, 64 << 10, 1 << 20} {
-		size := map[int]int64{4 << 10: 2 << 20, 64 << 10: 4 << 20, 1 << 20: 8 << 20}[bs]
-		for _, depth := range []int{1, 32, 128} {
-			jobs = append(jobs, fioVerifyJob{bs, depth, off, size})
-			off += size
-		}
+	for _, j := range []struct {
+		bs, depth int
+		size      int64
+	}{{4 << 10, 1, 1 << 20}, {4 << 10, 128, 2 << 20}, {64 << 10, 32, 4 << 20}, {1 << 20, 1, 4 << 20}, {1 << 20, 32, 8 << 20}, {0, 16, 8 << 20}} {
+		jobs = append(jobs, fioVerifyJob{j.bs, j.depth, off, j.size})
+		off += j.size
 	}
-	mixed := fioVerifyJob{0, 16, off, 8 << 20}
-	off += mixed.size
 	for _, mode := range []ublk.IOMode{ublk.IOModeCopy, ublk.IOModeUserCopy, ublk.IOModeZeroCopy} {
 		t.Run(mode.String(), func(t *testing.T) {
 			file := tempFile(t, off)
@@ -70,11 +69,11 @@ func TestUblkFioVerify(t *testing.T) {
 			if got := d.IOMode(); got != mode {
 				t.Fatalf("device runs in %v, want %v", got, mode)
 			}
-			for _, j := range append(jobs, mixed) {
+			for _, j := range jobs {
 				fio(t, append(j.args(d.Path()), "--direct=1")...)
 			}
 			closeDevice(t, d)
-			for _, j := range append(jobs, mixed) {
+			for _, j := range jobs {
 				fio(t, append(j.args(file), "--verify_only=1")...)
 			}
 		})
