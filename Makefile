@@ -48,10 +48,9 @@ bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 2x -benchmem ./cow/ ./storage/ | tee bench/out/host.txt
 	cp bench/out/host.txt bench/results/host.txt
 	@for k in $(KERNELS); do \
-		case $$k in 6.*) target=0.75 ;; *) target=0.9 ;; esac; \
 		rm -rf bench/out/$$k; \
-		$(VM) --kernel $$k --mem 6144 --timeout 5400 --out bench/out/$$k -- bench/run.sh || exit 1; \
-		$(GO) run ./bench/report -in bench/out/$$k -out bench/results -name $$k -loop-target $$target || exit 1; \
+		$(VM) --kernel $$k --mem 6144 --timeout 5400 --out bench/out/$$k -- env $$(env | grep '^BENCH_') bench/run.sh || exit 1; \
+		$(GO) run ./bench/report -in bench/out/$$k -out bench/results -name $$k || exit 1; \
 		for p in bench/out/$$k/profile-*.pb.gz; do \
 			[ -e "$$p" ] || continue; n=$${p##*/profile-}; \
 			$(GO) tool pprof -top -nodecount 30 "$$p" >bench/results/$$k-profile-$${n%.pb.gz}.txt 2>/dev/null; \

@@ -21,27 +21,39 @@
 #   write1m   1 MiB sequential overwrites, QD8
 #   randr4k   4 KiB random reads of the image (of the device without one), QD32
 #   read1m    1 MiB sequential reads of the image (of the device), QD8
+#   lat4k     4 KiB random reads at QD1, p50 completion latency (loop and
+#             ublksnap without snapshot only)
 #
-# Every row runs BENCH_RUNS times, cycling through the contenders. At the
-# end both ublksnap devices join one snapshot, are written and their images
-# read, so the daemon's peak RSS (VmHWM) covers two devices and two images.
-# The COW bound is measured too: reading one chunk and writing one chunk of
-# tmpfs from user space with psync, the least a first write costs.
+# Every row runs BENCH_RUNS times, cycling through the contenders, so that a
+# slow phase of the host hits every contender alike; the report takes
+# medians and quartiles. At the end both ublksnap devices join one snapshot,
+# are written and their images read, so the daemon's peak RSS (VmHWM)
+# covers two devices and two images; its RssAnon, RssFile and RssShmem are
+# sampled every second through the whole run as well.
 #
-# Output in OUTDIR: raw.csv (row,contender,run,iops,mib_s) and meta.csv
-# (key,value), which bench/report turns into tables and a chart, and CPU
-# profiles of the daemon (profile-*.pb.gz, from its /debug/pprof).
+# Two bounds of what user space can move, measured with fio psync on tmpfs:
+#   COW bound       reading one chunk and writing one chunk: the least a
+#                   first write costs when one copy runs at a time
+#   two-copy bound  1 MiB sequential reads and writes (MiB/s each) and
+#                   1/(1/read + 1/write): a byte read into a buffer and
+#                   written out of it, the two copies of a 1 MiB request
+#                   in ublk's copy mode (6.12 has no zero copy)
+#
+# Output in OUTDIR: raw.csv (row,contender,run,iops,mib_s,clat_p50_us) and
+# meta.csv (key,value), which bench/report turns into tables and a chart,
+# CPU profiles of the daemon (profile-*.pb.gz, from its /debug/pprof), and
+# rss-peaks (the sampled peaks so far, kept should the run not finish).
 #
 # Environment: UBLKSNAP (binary, default bin/ublksnap), BENCH_SIZE (MiB,
 # default 256), BENCH_RUNTIME (seconds per time-based run, default 4),
-# BENCH_RUNS (default 3), BENCH_CHUNK_SHIFT (default 18: 256 KiB).
+# BENCH_RUNS (default 5), BENCH_CHUNK_SHIFT (default 18: 256 KiB).
 set -euo pipefail
 
 UBLKSNAP=${UBLKSNAP:-bin/ublksnap}
 OUT=${1:-${UBLKSNAP_VM_OUT:-}}
 SIZE_MB=${BENCH_SIZE:-256}
 RUNTIME=${BENCH_RUNTIME:-4}
-RUNS=${BENCH_RUNS:-3}
+RUNS=${BENCH_RUNS:-5}
 CHUNK_SHIFT=${BENCH_CHUNK_SHIFT:-18}
 
 die() { echo "bench: $*" >&2; exit 1; }
@@ -49,7 +61,7 @@ say() { echo "bench: $*" >&2; }
 [ -n "$OUT" ] || die "usage: bench/run.sh OUTDIR"
 [ "$(id -u)" = 0 ] || die "needs root (run it in the VM: make bench)"
 [ -e /dev/ublk-control ] || die "no /dev/ublk-control: run it in the VM (make bench)"
-for t in fio losetup dmsetup; do command -v $t >/dev/null || die "$t is not installed"; done
+for t in fio jq losetup dmsetup; do command -v $t >/dev/null || die "$t is not installed"; done
 [ -x "$UBLKSNAP" ] || die "$UBLKSNAP missing: make build"
 
 chunk=$((1 << CHUNK_SHIFT))
@@ -64,11 +76,12 @@ work=$(mktemp -d /tmp/bench.XXXXXX)
 mount -t tmpfs -o size=90% bench "$work" || die "cannot mount a tmpfs on $work"
 sock=$work/ublksnap.sock
 daemon_pid=
+sampler_pid=
 loops=()
 mkdir -p "$OUT"
 raw=$OUT/raw.csv
 meta=$OUT/meta.csv
-echo "row,contender,run,iops,mib_s" >"$raw"
+echo "row,contender,run,iops,mib_s,clat_p50_us" >"$raw"
 echo "key,value" >"$meta"
 
 u() { "$UBLKSNAP" --socket "$sock" "$@"; }
@@ -78,6 +91,7 @@ cleanup() {
 		dmsetup remove "$d" 2>/dev/null
 	done
 	for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null; done
+	[ -n "$sampler_pid" ] && kill "$sampler_pid" 2>/dev/null
 	if [ -n "$daemon_pid" ]; then
 		u shutdown --force
 		wait "$daemon_pid" 2>/dev/null
@@ -107,23 +121,29 @@ loopdev() {
 	echo "$l"
 }
 
-# fiorun DEV ROW: run ROW's fio job on DEV and print "iops mib_s".
+# fiojob DIR FIO-ARGS...: one fio job; prints "iops mib_s clat_p50_us" of
+# its DIR (read or write) side.
+fiojob() {
+	local dir=$1
+	shift
+	fio --name=job --numjobs=1 "$@" --output-format=json |
+		jq -r --arg d "$dir" '.jobs[0][$d] | "\(.iops) \(.bw / 1024) \((.clat_ns.percentile["50.000000"] // 0) / 1000)"'
+}
+
+# fiorun DEV ROW: run ROW's fio job on DEV and print "iops mib_s clat_p50_us".
 fiorun() {
-	local dev=$1 row=$2 args
+	local dev=$1 row=$2 dir=write args
 	case $row in
 	first4k) # one pass: without number_ios fio wraps around until SIZE bytes are written
 		args=(--rw=write:$((chunk - 4096)) --bs=4k --iodepth=32 --number_ios=$((SIZE_MB * 1048576 / chunk))) ;;
 	randw4k) args=(--rw=randwrite --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
 	first1m | write1m) args=(--rw=write --bs=1M --iodepth=8 --size="${SIZE_MB}M") ;;
-	randr4k) args=(--rw=randread --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
-	read1m) args=(--rw=read --bs=1M --iodepth=8 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
+	randr4k) dir=read args=(--rw=randread --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
+	read1m) dir=read args=(--rw=read --bs=1M --iodepth=8 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
+	lat4k) dir=read args=(--rw=randread --bs=4k --iodepth=1 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
 	*) die "unknown row $row" ;;
 	esac
-	fio --name="$row" --filename="$dev" --ioengine=io_uring --direct=1 --numjobs=1 \
-		--size="${SIZE_MB}M" "${args[@]}" --output-format=terse --terse-version=3 |
-		awk -F';' -v row="$row" '{
-			if (row ~ /^rand?r/ || row == "read1m") print $8, $7 / 1024; else print $49, $48 / 1024
-		}'
+	fiojob "$dir" --filename="$dev" --ioengine=io_uring --direct=1 --size="${SIZE_MB}M" "${args[@]}"
 }
 
 # record ROW CONTENDER RUN DEV
@@ -131,8 +151,8 @@ record() {
 	local res
 	res=$(fiorun "$4" "$1") || die "fio $1 on $2 ($4) failed"
 	set -- "$1" "$2" "$3" $res
-	echo "$1,$2,$3,$4,$5" >>"$raw"
-	say "run $3 $2 $1: $4 IOPS, $5 MiB/s"
+	echo "$1,$2,$3,$4,$5,$6" >>"$raw"
+	say "run $3 $2 $1: $4 IOPS, $5 MiB/s, p50 $6 µs"
 }
 
 # rows CONTENDER RUN ORIGIN FRESH IMAGE-OF: the six rows. FRESH is a
@@ -172,10 +192,39 @@ limit=${limit_mib}MiB
 daemon_pid=$!
 for _ in $(seq 100); do u status >/dev/null 2>&1 && break; sleep 0.2; done
 u status >/dev/null || die "the daemon did not start: $(cat "$work/daemon.log")"
+# The daemon re-executes itself from an I/O-flusher thread: the server is
+# the child of the process started here.
+server_pid=$(pgrep -P "$daemon_pid" | head -1 || true)
+server_pid=${server_pid:-$daemon_pid}
+
+# rss_peaks PEAKS: PEAKS ("anon file shmem", KiB) raised to the server's
+# RssAnon, RssFile and RssShmem now; fails once the server is gone.
+rss_peaks() {
+	awk -v peaks="$1" 'BEGIN { n = split("RssAnon: RssFile: RssShmem:", key, " "); split(peaks, m, " ") }
+		{ for (i = 1; i <= n; i++) if ($1 == key[i] && $2 > m[i]) m[i] = $2 }
+		END { print m[1] + 0, m[2] + 0, m[3] + 0 }' "/proc/$server_pid/status" 2>/dev/null
+}
+(
+	peaks="0 0 0"
+	while peaks=$(rss_peaks "$peaks"); do
+		echo "$peaks" >"$OUT/rss-peaks"
+		sleep 1
+	done
+) &
+sampler_pid=$!
+
 fill "$work/ublk1.img"
 fill "$work/ublk2.img"
 ublk1=$(u attach --backing "$work/ublk1.img" --name bench1)
 ublk2=$(u attach --backing "$work/ublk2.img" --name bench2)
+# status_field FIELD: FIELD of the first device in `status --json`, or
+# "unknown" if it has none.
+status_field() {
+	u --json status | jq -r --arg f "$1" '.devices[0][$f] | if . == null then "unknown" else tostring end' ||
+		echo unknown
+}
+metric ublksnap_io_mode "$(status_field io_mode)"
+metric ublksnap_direct_io "$(status_field direct_io)"
 mkdir -p "$work/diff"
 snapid=
 ublk_fresh() {
@@ -185,9 +234,7 @@ ublk_fresh() {
 }
 ublk_image() { u snapshot info --device "$1" | sed -n 's/^image=//p'; }
 ublk_done() {
-	local info
-	info=$(u --json status)
-	metric ublksnap_diff_used_bytes "$(echo "$info" | grep -o '"used": *[0-9]*' | head -1 | grep -o '[0-9]*$')"
+	metric ublksnap_diff_used_bytes "$(u --json status | jq '.snapshots[0].storage.used')"
 	u snapshot destroy --id "$snapid" >/dev/null
 	snapid=
 }
@@ -249,7 +296,9 @@ thin_done() {
 
 for r in $(seq 1 "$RUNS"); do
 	rows loop "$r" "$loop" : same
+	record lat4k loop "$r" "$loop"
 	rows ublksnap "$r" "$ublk1" : same
+	record lat4k ublksnap "$r" "$ublk1"
 	rows ublksnap+s "$r" "$ublk2" ublk_fresh ublk_image
 	ublk_done
 	rows dm-snap "$r" /dev/mapper/bench-origin dm_fresh dm_image
@@ -281,21 +330,35 @@ else
 	say "no curl: no profiles"
 fi
 
-# --- the COW bound ----------------------------------------------------------
-# One chunk read and one chunk written from user space (psync, tmpfs): the
-# least time one first write can take when one copy runs at a time.
-bound_job() {
-	fio --name=bound --filename="$1" --rw="$2" --bs="$chunk" --ioengine=psync --size="${SIZE_MB}M" \
-		--time_based --runtime="$RUNTIME" --output-format=terse --terse-version=3 |
-		awk -F';' -v rw="$2" '{ print (rw == "randread") ? $8 : $49 }'
+# --- the COW and two-copy bounds -------------------------------------------
+# bound FILE RW BS FIELD: FIELD (1: IOPS, 2: MiB/s) of user space's buffered
+# psync I/O on a tmpfs file.
+bound() {
+	local dir=write
+	[[ $2 == *read ]] && dir=read
+	fiojob "$dir" --filename="$1" --rw="$2" --bs="$3" --ioengine=psync --direct=0 --size="${SIZE_MB}M" \
+		--time_based --runtime="$RUNTIME" --ramp_time=1 | cut -d' ' -f"$4"
 }
-cp "$work/ublk1.img" "$work/bound-src.img" 2>/dev/null || fill "$work/bound-src.img"
-rd=$(bound_job "$work/bound-src.img" randread)
-wr=$(bound_job "$work/bound-dst.img" randwrite)
-rm -f "$work/bound-src.img" "$work/bound-dst.img"
+fill "$work/bound-src.img"
+# COW: one chunk read and one chunk written (to a new file, as the difference
+# storage is), the least time one first write takes when one copy runs at a
+# time.
+rd=$(bound "$work/bound-src.img" randread "$chunk" 1)
+wr=$(bound "$work/bound-dst.img" randwrite "$chunk" 1)
 metric cow_bound_read_chunks_s "$rd"
 metric cow_bound_write_chunks_s "$wr"
 say "COW bound: $rd chunk reads/s, $wr chunk writes/s"
+# Two copies: what user space moves reading 1 MiB into a buffer and writing
+# it out (over written data, as the backing is), the two copies of a 1 MiB
+# request in ublk's copy mode.
+rd=$(bound "$work/bound-src.img" read 1M 2)
+wr=$(bound "$work/bound-src.img" write 1M 2)
+rm -f "$work/bound-src.img" "$work/bound-dst.img"
+two_copy=$(awk -v r="$rd" -v w="$wr" 'BEGIN { print (r > 0 && w > 0) ? 1 / (1 / r + 1 / w) : 0 }')
+metric two_copy_read_mib_s "$rd"
+metric two_copy_write_mib_s "$wr"
+metric two_copy_bound_mib_s "$two_copy"
+say "two-copy bound: $rd MiB/s read, $wr MiB/s written, $two_copy MiB/s both"
 
 # --- two devices, two images: the daemon's peak memory ---------------------
 snapid=$(u snapshot create --device "$ublk1" --device "$ublk2" --storage "$work/diff" --limit $((2 * SIZE_MB + 64))MiB)
@@ -306,11 +369,15 @@ for d in "$ublk1" "$ublk2"; do
 done
 u snapshot destroy --id "$snapid" >/dev/null
 snapid=
-# The daemon re-executes itself from an I/O-flusher thread: the server is
-# the child of the process started here.
-server_pid=$(pgrep -P "$daemon_pid" | head -1)
-hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/${server_pid:-$daemon_pid}/status")
+kill "$sampler_pid" 2>/dev/null || true
+wait "$sampler_pid" 2>/dev/null || true
+sampler_pid=
+read -r anon file shmem < <(rss_peaks "$(cat "$OUT/rss-peaks" 2>/dev/null || echo 0 0 0)")
+hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/$server_pid/status")
 metric daemon_vmhwm_kib "$hwm"
+metric daemon_peak_rss_anon_kib "$anon"
+metric daemon_peak_rss_file_kib "$file"
+metric daemon_peak_rss_shmem_kib "$shmem"
 metric diff_buffer_memory_limit_bytes $((64 << 20))
-say "daemon peak RSS: $hwm KiB"
+say "daemon peak RSS: $hwm KiB (sampled peaks: anon $anon, file $file, shmem $shmem KiB)"
 say "results in $OUT"

@@ -9,13 +9,22 @@ import (
 	"gonum.org/v1/plot/vg"
 )
 
-// writeChart draws, per workload, one bar per contender: its median as a
-// ratio to the kernel's loop device, with a line at 1.
+// gain is how many times better than loop a contender's median is: the
+// ratio to loop, inverted for a latency row.
+func (r *results) gain(rw row, c string) float64 {
+	if rw.metric == latency {
+		return div(1, r.ratio(rw.id, c, "loop"))
+	}
+	return r.ratio(rw.id, c, "loop")
+}
+
+// writeChart draws, per workload, one bar per contender: its median's gain
+// over the kernel's loop device, with a line at 1.
 func (r *results) writeChart(path, name string) error {
 	p := plot.New()
 	p.Title.Text = fmt.Sprintf("ublksnap vs loop, dm-snapshot, dm-thin: kernel %s (line %s), median of %s runs",
 		r.meta["kernel"], name, r.meta["runs"])
-	p.Y.Label.Text = "ratio to the kernel loop device (higher is better)"
+	p.Y.Label.Text = "ratio to the kernel loop device (higher is better; lat4k: loop's latency / its)"
 	p.Legend.Top = true
 	p.Legend.Left = true
 	names := make([]string, len(rows))
@@ -30,7 +39,7 @@ func (r *results) writeChart(path, name string) error {
 	for i, c := range shown {
 		vals := make(plotter.Values, len(rows))
 		for j, rw := range rows {
-			vals[j] = r.ratio(rw.id, c, "loop")
+			vals[j] = r.gain(rw, c)
 			top = max(top, vals[j])
 		}
 		bars, err := plotter.NewBarChart(vals, barWidth)
