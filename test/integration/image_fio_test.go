@@ -8,8 +8,6 @@ import (
 	"os"
 	"strings"
 	"testing"
-
-	"golang.org/x/sys/unix"
 )
 
 // TestImageFioVerify checks the data of images in every I/O mode the
@@ -70,16 +68,8 @@ func TestImageFioVerify(t *testing.T) {
 // sequence and 512 B to 1 MiB at random, and compares with want.
 func checkDirectReads(t *testing.T, dev string, want []byte) {
 	t.Helper()
-	f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, buf := openDirect(t, dev, os.O_RDONLY)
 	defer f.Close()
-	buf, err := unix.Mmap(-1, 0, 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Munmap(buf)
 	rnd := rand.New(rand.NewSource(1))
 	read := func(off int64, n int) {
 		if _, err := f.ReadAt(buf[:n], off); err != nil {

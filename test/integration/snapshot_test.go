@@ -62,21 +62,30 @@ func deviceMD5Err(dev string) (string, error) {
 	}
 }
 
+// openDirect opens dev with O_DIRECT and flag and returns it with a 1 MiB
+// page-aligned buffer, unmapped at cleanup.
+func openDirect(t testing.TB, dev string, flag int) (*os.File, []byte) {
+	t.Helper()
+	f, err := os.OpenFile(dev, flag|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf, err := unix.Mmap(-1, 0, 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		f.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Munmap(buf) })
+	return f, buf
+}
+
 // fillRandom overwrites length bytes of dev at off with fresh random data,
 // with O_DIRECT writes of up to 1 MiB (in-process: fio's start-up costs
 // seconds under emulation).
 func fillRandom(t testing.TB, dev string, off, length int64) {
 	t.Helper()
-	f, err := os.OpenFile(dev, os.O_WRONLY|unix.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, buf := openDirect(t, dev, os.O_WRONLY)
 	defer f.Close()
-	buf, err := unix.Mmap(-1, 0, 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Munmap(buf)
 	rnd := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), uint64(off)))
 	for pos := off; pos < off+length; {
 		n := min(int64(len(buf)), off+length-pos)

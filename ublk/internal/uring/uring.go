@@ -514,14 +514,9 @@ func PrepReadFixed(sqe *SQE, fd int, bufIndex uint16, bufOff uint64, n uint32, o
 
 // PrepWriteFixed is PrepReadFixed for a WRITE_FIXED; rwFlags as for PrepWrite.
 func PrepWriteFixed(sqe *SQE, fd int, bufIndex uint16, bufOff uint64, n uint32, off uint64, rwFlags uint32, userData uint64) {
+	PrepReadFixed(sqe, fd, bufIndex, bufOff, n, off, userData)
 	sqe.Opcode = OpWriteFixed
-	sqe.Fd = int32(fd)
-	sqe.Addr = bufOff
-	sqe.Len = n
-	sqe.Off = off
 	sqe.OpFlags = rwFlags
-	sqe.BufIndex = bufIndex
-	sqe.UserData = userData
 }
 
 // PrepFsync fills sqe as an FSYNC; flags may be FsyncDatasync.
