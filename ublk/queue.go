@@ -229,6 +229,13 @@ func (q *queue) release() {
 	if q.pool != nil {
 		q.pool.close()
 	}
+	if r, ok := q.ring.(interface{ UnregisterFiles() error }); ok && len(q.files) > 0 {
+		// Now, not when the ring's teardown runs: a new server of the same
+		// backing must find its lock free once the device is closed.
+		if err := r.UnregisterFiles(); err != nil {
+			q.log.Error("ublk: unregister the backing files", "err", err)
+		}
+	}
 	if q.ring != nil {
 		if err := q.ring.Close(); err != nil {
 			q.log.Error("ublk: close queue ring", "err", err)

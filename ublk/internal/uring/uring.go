@@ -89,6 +89,7 @@ const (
 // io_uring_register opcodes and flags.
 const (
 	registerFiles        = 2  // IORING_REGISTER_FILES
+	unregisterFiles      = 3  // IORING_UNREGISTER_FILES
 	registerBuffers2     = 15 // IORING_REGISTER_BUFFERS2
 	rsrcRegisterSparse   = 1  // IORING_RSRC_REGISTER_SPARSE
 	rsrcRegisterArgsSize = 32 // sizeof(struct io_uring_rsrc_register)
@@ -454,6 +455,18 @@ func (r *Ring) RegisterFiles(fds []int32) error {
 		uintptr(unsafe.Pointer(&fds[0])), uintptr(len(fds)), 0, 0)
 	if errno != 0 {
 		return fmt.Errorf("uring: register %d files: %w", len(fds), errno)
+	}
+	return nil
+}
+
+// UnregisterFiles drops the registered files, and with them the ring's
+// references to their open files, at once: closing the ring drops them
+// only when its teardown runs, later, in a kernel worker (a lock on such
+// a file would outlive the ring's close).
+func (r *Ring) UnregisterFiles() error {
+	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), unregisterFiles, 0, 0, 0, 0)
+	if errno != 0 {
+		return fmt.Errorf("uring: unregister files: %w", errno)
 	}
 	return nil
 }
