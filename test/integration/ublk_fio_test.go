@@ -52,7 +52,7 @@ func TestUblkFioVerify(t *testing.T) {
 	for _, j := range []struct {
 		bs, depth int
 		size      int64
-	}{{4 << 10, 1, 1 << 20}, {4 << 10, 128, 2 << 20}, {64 << 10, 32, 4 << 20}, {1 << 20, 1, 4 << 20}, {1 << 20, 32, 8 << 20}, {0, 16, 8 << 20}} {
+	}{{4 << 10, 1, 512 << 10}, {4 << 10, 128, 1 << 20}, {64 << 10, 32, 2 << 20}, {1 << 20, 1, 2 << 20}, {1 << 20, 32, 4 << 20}, {0, 16, 4 << 20}} {
 		jobs = append(jobs, fioVerifyJob{j.bs, j.depth, off, j.size})
 		off += j.size
 	}
