@@ -193,9 +193,9 @@ func fileMD5(t testing.TB, p string) string {
 // each incremental holds exactly the changed blocks.
 func TestBackupChainRestoresEveryCycle(t *testing.T) {
 	d := startDaemon(t)
-	const size, fsSize = 48 << 20, 32 << 20
+	const size, fsSize = 24 << 20, 16 << 20
 	_, dev := d.attach(size)
-	run(t, "mkfs.ext4", "-q", "-F", dev, "32M")
+	run(t, "mkfs.ext4", "-q", "-F", dev, fmt.Sprintf("%dM", fsSize>>20))
 	dir := t.TempDir()
 	run(t, "mount", dev, dir)
 	t.Cleanup(func() { runErr("umount", dir) })
@@ -207,7 +207,7 @@ func TestBackupChainRestoresEveryCycle(t *testing.T) {
 	start := time.Now()
 	for cycle := range 25 {
 		for i := range 1 + rng.IntN(3) {
-			data := make([]byte, 4096*(1+rng.IntN(64)))
+			data := make([]byte, 4096*(1+rng.IntN(32)))
 			for j := range data {
 				data[j] = byte(rng.Uint32())
 			}

@@ -20,8 +20,8 @@ import (
 // reads come from the original, the storage and memory, also within one
 // request. Then fio writes and verifies mixed sizes on the writable image.
 func TestImageFioVerify(t *testing.T) {
-	const size = 40 << 20
-	pattern := []string{"--name=pattern", "--rw=write", "--bs=64k", "--size=32M",
+	const size = 24 << 20
+	pattern := []string{"--name=pattern", "--rw=write", "--bs=64k", "--size=16M",
 		"--ioengine=io_uring", "--iodepth=16", "--direct=1", "--verify=crc32c", "--verify_fatal=1"}
 	for _, mode := range []string{"copy", "user-copy", "zero-copy"} {
 		t.Run(mode, func(t *testing.T) {
@@ -52,12 +52,12 @@ func TestImageFioVerify(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			fio(t, "--name=overwrite", "--filename="+dev, "--rw=randwrite", "--bs=4k", "--size=16M",
+			fio(t, "--name=overwrite", "--filename="+dev, "--rw=randwrite", "--bs=4k", "--size=8M",
 				"--ioengine=io_uring", "--iodepth=16", "--direct=1", "--number_ios=1000", "--randseed=7")
 
 			fio(t, append(pattern, "--filename="+images[0], "--verify_only=1")...)
 			checkDirectReads(t, images[0], want)
-			fio(t, "--name=image-write", "--filename="+images[0], "--offset=32M", "--size=8M",
+			fio(t, "--name=image-write", "--filename="+images[0], "--offset=16M", "--size=8M",
 				"--rw=randwrite", "--bsrange=512-1m", "--ioengine=io_uring", "--iodepth=16", "--direct=1",
 				"--verify=crc32c", "--do_verify=1", "--verify_fatal=1")
 		})

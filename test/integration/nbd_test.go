@@ -67,7 +67,7 @@ func nbdMap(t testing.TB, uri, context string) []struct {
 // copy is the snapshot; destroying the snapshot ends the export.
 func TestNBDExportIsTheImage(t *testing.T) {
 	d := startDaemon(t)
-	const size = 64 << 20
+	const size = 32 << 20
 	_, dev := d.attach(size)
 	fillRandom(t, dev, 0, size)
 	id, images := d.snapshot(t.TempDir(), "128MiB", dev)
@@ -85,25 +85,22 @@ func TestNBDExportIsTheImage(t *testing.T) {
 			t.Fatalf("%s: md5 %s, the image device reads %s", f, got, want)
 		}
 	}
-	// Read throughput, the same reader on both sides (alternating, best
-	// of 3): nbdcopy from the export and from the image device, and dd
-	// of the image device with direct I/O.
-	best := map[string]time.Duration{}
-	for range 3 {
-		for name, args := range map[string][]string{
-			"nbdcopy export":       {"nbdcopy", uri, "null:"},
-			"nbdcopy image device": {"nbdcopy", images[0], "null:"},
-			"dd image device":      {"dd", "if=" + images[0], "of=/dev/null", "bs=1M", "iflag=direct"},
-		} {
-			start := time.Now()
-			run(t, args[0], args[1:]...)
-			if d := time.Since(start); best[name] == 0 || d < best[name] {
-				best[name] = d
-			}
-		}
-	}
-	for name, d := range best {
-		t.Logf("read 64 MiB: %-20s %v (%.0f MiB/s)", name, d.Round(time.Millisecond), 64/d.Seconds())
+	// Read throughput for the log, the same reader on both sides, one run
+	// each (TCG varies: compare within one log only): nbdcopy from the
+	// export and from the image device, dd of the image device with direct
+	// I/O.
+	for _, r := range []struct {
+		name string
+		args []string
+	}{
+		{"nbdcopy export", []string{"nbdcopy", uri, "null:"}},
+		{"nbdcopy image device", []string{"nbdcopy", images[0], "null:"}},
+		{"dd image device", []string{"dd", "if=" + images[0], "of=/dev/null", "bs=1M", "iflag=direct"}},
+	} {
+		start := time.Now()
+		run(t, r.args[0], r.args[1:]...)
+		d := time.Since(start)
+		t.Logf("read %d MiB: %-20s %v (%.0f MiB/s)", size>>20, r.name, d.Round(time.Millisecond), float64(size>>20)/d.Seconds())
 	}
 
 	var covered int64

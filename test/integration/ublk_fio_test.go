@@ -40,7 +40,7 @@ func (j fioVerifyJob) args(file string) []string {
 
 // TestUblkFioVerify writes with fio randwrite + crc32c verify at 4 KiB,
 // 64 KiB and 1 MiB blocks at queue depths from 1 to 128 on a two-queue
-// device, each job in its own region, and mixed sizes from 512 B to 1 MiB
+// device, each job in its own region (all side by side), and mixed sizes from 512 B to 1 MiB
 // at offsets unaligned to chunks; after the device is gone, fio
 // verifies the same regions in the backing file, so the bytes that reached
 // the backing file are the ones written. It runs in every I/O mode: a mode
@@ -69,13 +69,9 @@ func TestUblkFioVerify(t *testing.T) {
 			if got := d.IOMode(); got != mode {
 				t.Fatalf("device runs in %v, want %v", got, mode)
 			}
-			for _, j := range jobs {
-				fio(t, append(j.args(d.Path()), "--direct=1")...)
-			}
+			fioVerify(t, d.Path(), jobs, "--direct=1")
 			closeDevice(t, d)
-			for _, j := range jobs {
-				fio(t, append(j.args(file), "--verify_only=1")...)
-			}
+			fioVerify(t, file, jobs, "--verify_only=1")
 		})
 	}
 }
@@ -84,7 +80,16 @@ func TestUblkFioVerify(t *testing.T) {
 // the handler that wrap builds.
 func fioVerifyWith(t *testing.T, opts storage.OpenOptions, wrap func(ublk.Handler, *storage.File) ublk.Handler) {
 	d, _, _ := ublkDeviceOpts(t, 32<<20, 2, 64, opts, wrap)
-	for _, j := range []fioVerifyJob{{4 << 10, 32, 0, 8 << 20}, {64 << 10, 16, 8 << 20, 16 << 20}} {
-		fio(t, append(j.args(d.Path()), "--direct=1")...)
+	fioVerify(t, d.Path(), []fioVerifyJob{{4 << 10, 32, 0, 8 << 20}, {64 << 10, 16, 8 << 20, 16 << 20}}, "--direct=1")
+}
+
+// fioVerify runs the jobs on file in one fio process, side by side (one
+// start of fio under TCG costs seconds), global options first.
+func fioVerify(t *testing.T, file string, jobs []fioVerifyJob, global ...string) {
+	t.Helper()
+	args := append([]string(nil), global...)
+	for _, j := range jobs {
+		args = append(args, j.args(file)...)
 	}
+	fio(t, args...)
 }
