@@ -372,7 +372,9 @@ snapid=
 kill "$sampler_pid" 2>/dev/null || true
 wait "$sampler_pid" 2>/dev/null || true
 sampler_pid=
-read -r anon file shmem < <(rss_peaks "$(cat "$OUT/rss-peaks" 2>/dev/null || echo 0 0 0)")
+# (no process substitution: the VM has no /dev/fd)
+peaks=$(rss_peaks "$(cat "$OUT/rss-peaks" 2>/dev/null || echo 0 0 0)")
+read -r anon file shmem <<<"$peaks"
 hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/$server_pid/status")
 metric daemon_vmhwm_kib "$hwm"
 metric daemon_peak_rss_anon_kib "$anon"
