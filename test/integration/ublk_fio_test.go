@@ -40,8 +40,9 @@ func (j fioVerifyJob) args(file string) []string {
 
 // TestUblkFioVerify writes with fio randwrite + crc32c verify at 4 KiB,
 // 64 KiB and 1 MiB blocks at queue depths from 1 to 128 on a two-queue
-// device, each job in its own region (all side by side), and mixed sizes from 512 B to 1 MiB
-// at offsets unaligned to chunks; after the device is gone, fio
+// device, each job in its own region (all side by side), and mixed sizes
+// from 512 B to 1 MiB at offsets unaligned to chunks; after the device is
+// gone, fio
 // verifies the same regions in the backing file, so the bytes that reached
 // the backing file are the ones written. It runs in every I/O mode: a mode
 // the kernel lacks is skipped and says so, never replaced by another.
