@@ -86,7 +86,7 @@ func (m *Manager) Attach(ctx context.Context, opt AttachOptions) (DeviceInfo, er
 			return DeviceInfo{}, fmt.Errorf("%w: %s holds the difference storage of snapshot %s", ErrConflict, backing.name, s.id)
 		}
 	}
-	file, err := storage.Open(backing.open)
+	file, err := m.openBacking(backing)
 	if err != nil {
 		return DeviceInfo{}, fmt.Errorf("attach %s: %w", backing.name, err)
 	}
@@ -172,6 +172,17 @@ func (m *Manager) deviceConfig(dev storage.Device, mode ublk.IOMode, recoverable
 	cfg.Owner = m.owner
 	cfg.Recoverable = recoverable
 	return cfg
+}
+
+// openBacking opens the backing of a filtered device, past the page cache
+// where its file system allows (the device's own page cache is the one
+// that counts), and logs why not otherwise.
+func (m *Manager) openBacking(backing userPath) (*storage.File, error) {
+	file, err := storage.OpenWith(backing.open, storage.OpenOptions{Direct: true})
+	if err == nil && file.DirectIOError() != nil {
+		m.log.Info("the backing is read and written through the page cache", "backing", backing.name, "reason", file.DirectIOError())
+	}
+	return file, err
 }
 
 // directIO reports whether dev's data path is O_DIRECT.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime/debug"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/ublksnap/ublksnap/cbt"
@@ -35,12 +36,57 @@ type dataFile interface {
 }
 
 // backingFiles returns the descriptors a device over dev registers on its
-// queue rings (ublk.Config.Files): its data descriptor, if it has one.
+// queue rings (ublk.Config.Files): its data descriptor, if it has one, and
+// for a backing read and written with O_DIRECT its cached descriptor
+// beside it (see directFallback).
 func backingFiles(dev storage.Device) []int {
+	if f, ok := dev.(*storage.File); ok && f.DirectIO() {
+		return []int{f.DataFD(), f.CachedFD()}
+	}
 	if f, ok := dev.(dataFile); ok {
 		return []int{f.DataFD()}
 	}
 	return nil
+}
+
+// privCached, a bit of the Private word of both handlers, marks a request
+// whose ring I/O goes through the backing's page cache after O_DIRECT
+// refused it.
+const privCached = 1 << 7
+
+// directFallback lets a handler over a backing read and written with
+// O_DIRECT (registered file 0; its cached descriptor is file 1) serve a
+// request that O_DIRECT refuses (EINVAL) through the page cache instead
+// of failing it. None should come: the block layer aligns every
+// request's offset and length to the logical block size, which is at
+// least the backing's direct I/O alignment, and its memory to the
+// device's 512-byte DMA alignment (storage.OpenOptions.Direct checks
+// both); but a kernel that relaxes a rule for the requests it sends
+// must not turn that into I/O errors of the user's file system.
+type directFallback struct {
+	on     bool        // the backing is read and written with O_DIRECT; immutable
+	warned atomic.Bool // a fallback was logged (once per device)
+}
+
+// file returns the registered file that req's backing I/O goes to.
+func (f *directFallback) file(req *ublk.Request) ublk.File {
+	if req.Private&privCached != 0 {
+		return ublk.RegisteredFile(1)
+	}
+	return ublk.RegisteredFile(0)
+}
+
+// retry reports whether a read or write whose ring I/O failed with err
+// must be issued again through the page cache, and marks it so.
+func (f *directFallback) retry(req *ublk.Request, err error, log *slog.Logger) bool {
+	if !f.on || req.Private&privCached != 0 || !errors.Is(err, unix.EINVAL) || (req.Op != ublk.OpRead && req.Op != ublk.OpWrite) {
+		return false
+	}
+	req.Private |= privCached
+	if !f.warned.Swap(true) {
+		log.Warn("O_DIRECT refused a request: it, and any other it refuses, goes through the page cache", "req", req.String(), "err", err)
+	}
+	return true
 }
 
 // Private words of the original handler's requests.
@@ -60,6 +106,8 @@ type originalHandler struct {
 	log   *slog.Logger  // immutable
 	ring  bool          // backing I/O goes through the ring, on ublk.RegisteredFile(0); immutable
 	block bool          // the backing is a block device (fallocate modes differ); immutable
+	// direct serves through the page cache what O_DIRECT refuses.
+	direct directFallback
 	// inline: the backing is memory (storage.File.InMemory): reads,
 	// writes and flushes of requests with a buffer are served by plain
 	// system calls on the calling goroutine, cheaper than a ring I/O that
@@ -75,6 +123,7 @@ func newOriginalHandler(orig *cow.Original, g *gate, track *cbt.Map, log *slog.L
 	h := &originalHandler{orig: orig, gate: g, track: track, log: log}
 	if f, ok := orig.Device().(*storage.File); ok {
 		h.ring, h.file, h.inline = true, f, f.InMemory()
+		h.direct.on = f.DirectIO()
 		if st, err := f.Stat(); err == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK {
 			h.block = true
 		}
@@ -151,7 +200,7 @@ func (h *originalHandler) Handle(req *ublk.Request) (err error) {
 			_, err := h.file.ReadAt(req.Buf, req.Offset)
 			return err
 		}
-		req.Read(ublk.RegisteredFile(0), req.Offset, 0, req.Length, 0)
+		req.Read(h.direct.file(req), req.Offset, 0, req.Length, 0)
 		return nil
 	case ublk.OpFlush:
 		if h.inline {
@@ -262,7 +311,7 @@ func (h *originalHandler) change(req *ublk.Request) error {
 // describeChange describes the backing I/O of a write, discard or
 // write-zeroes whose COW is done.
 func (h *originalHandler) describeChange(req *ublk.Request) {
-	f, off, n := ublk.RegisteredFile(0), req.Offset, int64(req.Length)
+	f, off, n := h.direct.file(req), req.Offset, int64(req.Length)
 	switch {
 	case req.Op == ublk.OpWrite:
 		req.Write(f, off, 0, req.Length, req.Flags&ublk.FlagFUA != 0)
@@ -282,8 +331,18 @@ func (h *originalHandler) describeChange(req *ublk.Request) {
 
 // Finish ends a request's ring I/O: an admitted change leaves the gate; a
 // discard the backing cannot do succeeds (it is a hint); a write-zeroes it
-// cannot do is done on a worker, still admitted.
+// cannot do is done on a worker, still admitted; a read or write that
+// O_DIRECT refused is issued again through the page cache.
 func (h *originalHandler) Finish(req *ublk.Request, err error) error {
+	if h.direct.retry(req, err, h.log) {
+		req.ClearIO()
+		if req.Op == ublk.OpRead {
+			req.Read(h.direct.file(req), req.Offset, 0, req.Length, 0)
+		} else {
+			h.describeChange(req)
+		}
+		return nil
+	}
 	unsupported := errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL)
 	switch {
 	case req.Op == ublk.OpDiscard && unsupported:
@@ -364,6 +423,8 @@ type imageHandler struct {
 	track *cbt.Map      // the change tracking of the image's device, or nil; immutable
 	log   *slog.Logger  // immutable
 	ring  bool          // reads may go through the ring, the original on ublk.RegisteredFile(0); immutable
+	// direct reads through the page cache what O_DIRECT refuses.
+	direct directFallback
 	// inline: the original is memory (storage.File.InMemory): reads with
 	// a buffer are cheaper through the engine on the calling goroutine
 	// than as ring I/O that io_uring hands to a worker thread; immutable.
@@ -381,7 +442,9 @@ const (
 // device's ublk configuration must register backingFiles(area.Original()).
 func newImageHandler(area *cow.DiffArea, track *cbt.Map, log *slog.Logger) ublk.Handler {
 	f, ok := area.Original().(*storage.File)
-	return &imageHandler{area: area, track: track, log: log, ring: ok, inline: ok && f.InMemory()}
+	h := &imageHandler{area: area, track: track, log: log, ring: ok, inline: ok && f.InMemory()}
+	h.direct.on = ok && f.DirectIO()
+	return h
 }
 
 // imagePlan is the cow.ImageReadPlan of one tag's reads (made once per
@@ -394,7 +457,7 @@ type imagePlan struct {
 func (p *imagePlan) ReadFrom(dev storage.Device, off int64, at, n int, stale uint64) {
 	switch f, ok := dev.(dataFile); {
 	case dev == p.h.area.Original():
-		p.req.Read(ublk.RegisteredFile(0), off, at, n, stale)
+		p.req.Read(p.h.direct.file(p.req), off, at, n, stale)
 	case ok:
 		p.req.Read(ublk.PlainFile(f.DataFD()), off, at, n, stale)
 	default:
@@ -428,11 +491,18 @@ func (h *imageHandler) Handle(req *ublk.Request) (err error) {
 			req.ClearIO()
 			return err
 		}
-		if len(req.IOs()) == 0 {
+		switch {
+		case len(req.IOs()) > 0:
+			req.Private |= privPlanned
+			return nil
+		case req.Private&privNoRing == 0:
 			return h.area.EndImageRead() // all of it was in memory
 		}
-		req.Private |= privPlanned
-		return nil
+		// Nothing for the ring and a part it cannot do: the engine
+		// serves the whole read, below.
+		if err := h.area.EndImageRead(); err != nil {
+			return err
+		}
 	}
 	if req.Buf == nil && (req.Op == ublk.OpRead || req.Op == ublk.OpWrite) {
 		// Zero copy without USER_COPY, or a storage without descriptors:
@@ -465,9 +535,11 @@ func (h *imageHandler) Handle(req *ublk.Request) (err error) {
 	return syscall.EOPNOTSUPP
 }
 
-// Finish ends a planned read: a part that could not be ring I/O, or an
-// original chunk copied while it was read, sends the read to a worker to
-// be served again (the chunk then comes from the difference storage).
+// Finish ends a planned read: a part that could not be ring I/O, an
+// original chunk copied while it was read (the chunk then comes from the
+// difference storage), or a read of the original that O_DIRECT refused
+// (it then goes through the page cache) sends the read to a worker to be
+// planned and served again.
 func (h *imageHandler) Finish(req *ublk.Request, err error) error {
 	if req.Private&privPlanned == 0 {
 		return err
@@ -479,6 +551,9 @@ func (h *imageHandler) Finish(req *ublk.Request, err error) error {
 	}
 	if endErr := h.area.EndImageRead(); err == nil {
 		err = endErr
+	}
+	if h.direct.retry(req, err, h.log) {
+		again, err = true, nil
 	}
 	switch {
 	case err != nil:

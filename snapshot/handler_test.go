@@ -289,6 +289,54 @@ func fileDevice(t *testing.T, n int, random bool) (*storage.File, []byte) {
 	return f, data
 }
 
+// A read or write that O_DIRECT refuses (here: memory off the 512-byte
+// alignment, which the block layer never sends) is served again through
+// the page cache instead of failing, on the filtered device and on its
+// image; data a COW copied is still the image's.
+func TestDirectFallback(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "backing")
+	want := make([]byte, 1<<20)
+	rand.New(rand.NewSource(1)).Read(want)
+	if err := os.WriteFile(path, want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := storage.OpenWith(path, storage.OpenOptions{Direct: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if !f.DirectIO() {
+		t.Skipf("the test directory's file system has no direct I/O: %v", f.DirectIOError())
+	}
+	files := backingFiles(f)
+	orig, da, _ := snapshotOf(t, f, nil)
+	unaligned := func(n int) []byte { return make([]byte, n+1)[1:] }
+
+	h := newOriginalHandler(orig, newGate(), nil, quietLog)
+	w := unaligned(8192)
+	rand.New(rand.NewSource(2)).Read(w)
+	if err := ublk.Run(h, req(ublk.OpWrite, 0, 64<<10, w, true), files); err != nil {
+		t.Fatalf("unaligned write: %v", err)
+	}
+	r := req(ublk.OpRead, 0, 64<<10, unaligned(8192), true)
+	if err := ublk.Run(h, r, files); err != nil || !bytes.Equal(r.Buf, w) {
+		t.Fatalf("unaligned read of the write: %v", err)
+	}
+	if io := r.IOs(); len(io) != 1 {
+		t.Fatalf("%d IOs described for the read, want 1", len(io))
+	} else if file, _, _, _ := io[0].Data(); file != ublk.RegisteredFile(1) {
+		t.Errorf("the read went to %v, want the cached descriptor", file)
+	}
+
+	img := newImageHandler(da, nil, quietLog)
+	for _, off := range []int64{64 << 10, 512 << 10} { // copied, untouched
+		r := req(ublk.OpRead, 0, off, unaligned(8192), true)
+		if err := ublk.Run(img, r, files); err != nil || !bytes.Equal(r.Buf, want[off:off+8192]) {
+			t.Errorf("unaligned image read at %d: %v, or not the snapshot's data", off, err)
+		}
+	}
+}
+
 // Image reads over files go through the ring: each chunk's part from the
 // original, from its region in the difference storage, or from memory,
 // split inside one request; a read whose original chunk is copied while

@@ -16,7 +16,6 @@ import (
 
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/internal/atomicfile"
-	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/ublk"
 )
 
@@ -367,7 +366,7 @@ func (m *Manager) openRecorded(ctx context.Context, e deviceEntry) (*device, err
 	if !id.sameFile(identity{fsDev: e.FsDev, rdev: e.Rdev, ino: e.Ino, exists: true}) {
 		return nil, fmt.Errorf("%w: %s is no longer the file that was attached", ErrConflict, e.Backing)
 	}
-	file, err := storage.Open(backing.open)
+	file, err := m.openBacking(backing)
 	if err != nil {
 		return nil, err
 	}

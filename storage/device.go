@@ -165,19 +165,29 @@ func writeZeroBlocks(dev io.WriterAt, off, n int64) error {
 // with flock(LOCK_EX|LOCK_NB), which other ublksnap processes respect.
 //
 // Reads and writes are pread and pwrite (retried on EINTR and short
-// transfers, as os.File does), or copies through a shared mapping of a
-// regular file with OpenOptions.Mmap. A FUA write is pwritev2 with
-// RWF_DSYNC (only that write is made durable), a no-wait read preadv2 with
-// RWF_NOWAIT.
+// transfers, as os.File does), through the page cache or, with
+// OpenOptions.Direct, past it (O_DIRECT, see direct.go); or copies through
+// a shared mapping of a regular file with OpenOptions.Mmap. A FUA write is
+// pwritev2 with RWF_DSYNC (only that write is made durable), a no-wait
+// read preadv2 with RWF_NOWAIT.
 type File struct {
-	f      *os.File   // the open file; immutable
-	fd     int        // f's descriptor; immutable
-	block  bool       // a block device rather than a regular file; immutable
-	temp   bool       // an unnamed file (OpenTemp) that vanishes on close; immutable
-	mapped []byte     // MAP_SHARED view of the file with OpenOptions.Mmap; immutable
-	memory bool       // a regular file of tmpfs or ramfs; immutable
-	mu     sync.Mutex // guards geo.Size and serialises Grow
-	geo    Geometry   // the geometry; only Size changes, by Grow, under mu
+	f  *os.File // the open file, read and written through the page cache; immutable
+	fd int      // f's descriptor; immutable
+	// df is the same file opened a second time with O_DIRECT
+	// (OpenOptions.Direct, where the file system takes it), or nil, and
+	// dfd its descriptor, or -1; dioMask is the alignment - 1 it needs of
+	// offsets, lengths and memory, and directErr why there is no df when
+	// Direct was asked. Immutable.
+	df        *os.File
+	dfd       int
+	dioMask   int64
+	directErr error
+	block     bool       // a block device rather than a regular file; immutable
+	temp      bool       // an unnamed file (OpenTemp) that vanishes on close; immutable
+	mapped    []byte     // MAP_SHARED view of the file with OpenOptions.Mmap; immutable
+	memory    bool       // a regular file of tmpfs or ramfs; immutable
+	mu        sync.Mutex // guards geo.Size and serialises Grow
+	geo       Geometry   // the geometry; only Size changes, by Grow, under mu
 }
 
 var (
@@ -199,6 +209,13 @@ type OpenOptions struct {
 	// crashing. A mapped file cannot grow. It fits files whose data is in
 	// memory (tmpfs): a first touch of a page may wait in a page fault.
 	Mmap bool
+	// Direct reads and writes the data past the page cache (O_DIRECT)
+	// where the file system takes direct I/O aligned to the logical
+	// block size (block devices, ext4, XFS): a device presented over the
+	// file is then not cached twice. Elsewhere (tmpfs, which is memory
+	// already) the file is opened as without it, and DirectIOError says
+	// why. Not with Mmap.
+	Direct bool
 }
 
 // Open opens a regular file or a block device for reading and writing,
@@ -212,6 +229,9 @@ func OpenWith(path string, opts OpenOptions) (*File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open backing device: %w", err)
 	}
+	if opts.Mmap && opts.Direct {
+		return nil, fmt.Errorf("open backing device %s: mmap and direct I/O exclude each other: %w", path, unix.EINVAL)
+	}
 	var d *File
 	switch {
 	case st.Mode()&os.ModeDevice != 0 && st.Mode()&os.ModeCharDevice == 0:
@@ -222,13 +242,11 @@ func OpenWith(path string, opts OpenOptions) (*File, error) {
 		if err != nil {
 			return nil, fmt.Errorf("open backing device: %w", err)
 		}
-		return newFile(f, true)
-	case st.Mode().IsRegular():
-		f, err := os.OpenFile(path, os.O_RDWR|unix.O_CLOEXEC|unix.O_NOATIME, 0)
-		if errors.Is(err, unix.EPERM) {
-			// O_NOATIME needs ownership of the file.
-			f, err = os.OpenFile(path, os.O_RDWR|unix.O_CLOEXEC, 0)
+		if d, err = newFile(f, true); err != nil {
+			return nil, err
 		}
+	case st.Mode().IsRegular():
+		f, err := openNoAtime(path, os.O_RDWR|unix.O_CLOEXEC)
 		if err != nil {
 			return nil, fmt.Errorf("open backing device: %w", err)
 		}
@@ -241,6 +259,9 @@ func OpenWith(path string, opts OpenOptions) (*File, error) {
 		}
 	default:
 		return nil, fmt.Errorf("open backing device %s: not a regular file or block device: %w", path, unix.EINVAL)
+	}
+	if opts.Direct {
+		d.directErr = d.openDirect()
 	}
 	if opts.Mmap {
 		if d.geo.Size == 0 {
@@ -271,7 +292,7 @@ func OpenTemp(dir string) (*File, error) {
 
 // newFile probes the geometry of an open file; it closes f on failure.
 func newFile(f *os.File, block bool) (*File, error) {
-	d := &File{f: f, fd: int(f.Fd()), block: block}
+	d := &File{f: f, fd: int(f.Fd()), dfd: -1, block: block}
 	var err error
 	if block {
 		d.geo, err = blockGeometry(int(f.Fd()))
@@ -315,9 +336,19 @@ func blockGeometry(fd int) (Geometry, error) {
 }
 
 // DataFD returns the descriptor the file's data is read and written
-// through, for I/O that bypasses File (a ublk queue's ring). It stays
-// valid until Close.
-func (d *File) DataFD() int { return d.fd }
+// through, for I/O that bypasses File (a ublk queue's ring): the O_DIRECT
+// one with DirectIO, whose I/O must be aligned to the logical block size.
+// It stays valid until Close.
+func (d *File) DataFD() int {
+	if d.dfd >= 0 {
+		return d.dfd
+	}
+	return d.fd
+}
+
+// CachedFD returns the descriptor that reads and writes through the page
+// cache: DataFD without DirectIO. It stays valid until Close.
+func (d *File) CachedFD() int { return d.fd }
 
 // InMemory reports whether the file lives in memory (tmpfs, ramfs): its
 // reads and writes never wait for a device, and io_uring cannot do them
@@ -326,10 +357,13 @@ func (d *File) DataFD() int { return d.fd }
 // calling thread is the cheaper way.
 func (d *File) InMemory() bool { return d.memory }
 
-// DirectIO reports whether the data descriptor bypasses the page cache
-// (O_DIRECT); ublksnap opens its backings buffered, as the loop device
-// does by default.
-func (d *File) DirectIO() bool { return false }
+// DirectIO reports whether the data is read and written past the page
+// cache (O_DIRECT, OpenOptions.Direct).
+func (d *File) DirectIO() bool { return d.dfd >= 0 }
+
+// DirectIOError says why a file opened with OpenOptions.Direct is read and
+// written through the page cache after all; nil otherwise.
+func (d *File) DirectIOError() error { return d.directErr }
 
 // Name returns the path the file was opened with.
 func (d *File) Name() string { return d.f.Name() }
@@ -342,30 +376,46 @@ func (d *File) Geometry() Geometry {
 }
 
 // ReadAt reads len(p) bytes at off.
+// With DirectIO, an aligned read goes past the page cache and any other
+// through an aligned buffer of its own (never through the cache, which
+// direct writes would leave stale).
 func (d *File) ReadAt(p []byte, off int64) (int, error) {
-	if d.mapped != nil {
+	switch {
+	case d.mapped != nil:
 		return d.copyMapped(p, off, false)
+	case d.dfd >= 0 && d.aligned(p, off):
+		return d.directAt(p, off, false)
+	case d.dfd >= 0:
+		return d.readBounced(p, off)
 	}
 	return d.f.ReadAt(p, off)
 }
 
-// WriteAt writes len(p) bytes at off.
+// WriteAt writes len(p) bytes at off. With DirectIO, an aligned write goes
+// past the page cache, any other through it (the kernel writes the cached
+// range back and drops it before the next direct I/O over it).
 func (d *File) WriteAt(p []byte, off int64) (int, error) {
-	if d.mapped != nil {
+	switch {
+	case d.mapped != nil:
 		return d.copyMapped(p, off, true)
+	case d.dfd >= 0 && d.aligned(p, off):
+		return d.directAt(p, off, true)
 	}
 	return d.f.WriteAt(p, off)
 }
 
 // ReadAtNoWait reads len(p) bytes at off with RWF_NOWAIT: only what is in
-// the page cache; ErrWouldBlock otherwise. Through a mapping it copies (a
-// page fault may wait).
+// the page cache; ErrWouldBlock otherwise, always with DirectIO (a direct
+// read waits for the device). Through a mapping it copies (a page fault
+// may wait).
 func (d *File) ReadAtNoWait(p []byte, off int64) (int, error) {
-	if d.mapped != nil {
+	switch {
+	case d.mapped != nil:
 		return d.copyMapped(p, off, false)
-	}
-	if d.memory {
+	case d.memory:
 		return d.ReadAt(p, off) // never waits, and RWF_NOWAIT is refused
+	case d.dfd >= 0:
+		return 0, ErrWouldBlock
 	}
 	done := 0
 	for done < len(p) {
@@ -398,14 +448,18 @@ func (d *File) WriteAtFUA(p []byte, off int64) (int, error) {
 		}
 		return n, nil
 	}
+	fd := d.fd
+	if d.dfd >= 0 && d.aligned(p, off) {
+		fd = d.dfd
+	}
 	done := 0
 	for done < len(p) {
-		n, err := unix.Pwritev2(d.fd, [][]byte{p[done:]}, off+int64(done), unix.RWF_DSYNC)
+		n, err := unix.Pwritev2(fd, [][]byte{p[done:]}, off+int64(done), unix.RWF_DSYNC)
 		switch {
 		case err == unix.EINTR:
 			continue
 		case err == unix.EOPNOTSUPP:
-			if _, err := d.f.WriteAt(p[done:], off+int64(done)); err != nil {
+			if _, err := d.WriteAt(p[done:], off+int64(done)); err != nil {
 				return done, err
 			}
 			return len(p), d.Flush()
@@ -549,6 +603,9 @@ func (d *File) Close() error {
 	if d.mapped != nil {
 		err = unix.Munmap(d.mapped)
 		d.mapped = nil
+	}
+	if d.df != nil {
+		err = errors.Join(err, d.df.Close())
 	}
 	return errors.Join(err, d.f.Close())
 }

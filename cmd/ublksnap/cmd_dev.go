@@ -75,7 +75,7 @@ EXIT STATUS
 }
 
 func runDevServe(ctx context.Context, cmd *cobra.Command, o devServeOptions) error {
-	b, err := storage.OpenWith(o.backing, storage.OpenOptions{Mmap: o.mmap})
+	b, err := storage.OpenWith(o.backing, storage.OpenOptions{Mmap: o.mmap, Direct: !o.mmap})
 	if err != nil {
 		return err
 	}
