@@ -274,6 +274,9 @@ if command -v curl >/dev/null; then
 	profile write4k-nosnap : randw4k "$ublk1"
 	profile read1m-nosnap : read1m "$ublk1"
 	profile first4k-snap ublk_fresh first4k "$ublk2"
+	# 1 MiB reads of an image whose every chunk is copied.
+	fiorun "$ublk2" first1m >/dev/null
+	profile read1m-image : read1m "$(ublk_image "$ublk2")"
 	ublk_done
 else
 	say "no curl: no profiles"

@@ -176,10 +176,11 @@ func (m *Manager) deviceConfig(dev storage.Device, mode ublk.IOMode, recoverable
 
 // openBacking opens the backing of a filtered device, past the page cache
 // where its file system allows (the device's own page cache is the one
-// that counts), and logs why not otherwise.
+// that counts), and logs why not otherwise (but for a backing in memory,
+// which never is).
 func (m *Manager) openBacking(backing userPath) (*storage.File, error) {
 	file, err := storage.OpenWith(backing.open, storage.OpenOptions{Direct: true})
-	if err == nil && file.DirectIOError() != nil {
+	if err == nil && file.DirectIOError() != nil && !file.InMemory() {
 		m.log.Info("the backing is read and written through the page cache", "backing", backing.name, "reason", file.DirectIOError())
 	}
 	return file, err

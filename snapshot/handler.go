@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime/debug"
+	"slices"
 	"sync/atomic"
 	"syscall"
 
@@ -81,6 +82,9 @@ func (f *directFallback) file(req *ublk.Request) ublk.File {
 func (f *directFallback) retry(req *ublk.Request, err error, log *slog.Logger) bool {
 	if !f.on || req.Private&privCached != 0 || !errors.Is(err, unix.EINVAL) || (req.Op != ublk.OpRead && req.Op != ublk.OpWrite) {
 		return false
+	}
+	if !slices.ContainsFunc(req.IOs(), func(io ublk.IO) bool { file, _, _, _ := io.Data(); return file == ublk.RegisteredFile(0) }) {
+		return false // the refusal was not of the backing
 	}
 	req.Private |= privCached
 	if !f.warned.Swap(true) {

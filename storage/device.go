@@ -142,14 +142,14 @@ func WriteZeroes(dev Device, off, n int64) error {
 	if z, ok := dev.(ZeroWriter); ok {
 		return z.WriteZeroes(off, n)
 	}
-	return writeZeroBlocks(dev, off, n)
+	return writeZeroBlocks(dev, zeroBlock[:], off, n)
 }
 
-// writeZeroBlocks writes n zero bytes at off, one zeroBlock at a time.
-func writeZeroBlocks(dev io.WriterAt, off, n int64) error {
+// writeZeroBlocks writes n zero bytes at off, len(zero) at a time.
+func writeZeroBlocks(dev io.WriterAt, zero []byte, off, n int64) error {
 	for n > 0 {
-		l := min(n, int64(len(zeroBlock)))
-		if _, err := dev.WriteAt(zeroBlock[:l], off); err != nil {
+		l := min(n, int64(len(zero)))
+		if _, err := dev.WriteAt(zero[:l], off); err != nil {
 			return err
 		}
 		off += l
@@ -559,7 +559,7 @@ func (d *File) WriteZeroes(off, n int64) error {
 		}
 	}
 	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) {
-		err = writeZeroBlocks(d.f, off, n)
+		err = writeZeroBlocks(d, d.zeros(), off, n)
 	}
 	if err != nil {
 		return fmt.Errorf("write zeroes %s [%d+%d]: %w", d.Name(), off, n, err)

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"strings"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -48,6 +49,12 @@ func (d *File) openDirect() error {
 	if offAlign > d.geo.LogicalBlockSize || memAlign > SectorSize {
 		return fmt.Errorf("direct I/O needs %d-byte offsets and %d-byte memory alignment, more than the %d-byte blocks the device presents", offAlign, memAlign, d.geo.LogicalBlockSize)
 	}
+	if d.stableWrites() {
+		// A direct write may hand the disk pages that their owner
+		// changes meanwhile (a zero-copy request's); a copy into the
+		// page cache does not.
+		return errors.New("the disk needs pages kept stable while they are written (queue/stable_writes)")
+	}
 	// The same file through /proc, not the path again: the path may name
 	// another file by now. A block device's second open is not exclusive:
 	// the first holds it.
@@ -71,9 +78,33 @@ func (d *File) directAlignment() (offAlign, memAlign int, err error) {
 	case err == nil && stx.Mask&unix.STATX_DIOALIGN != 0:
 		return int(stx.Dio_offset_align), int(stx.Dio_mem_align), nil
 	case d.block:
-		return d.geo.LogicalBlockSize, d.geo.LogicalBlockSize, nil
+		// The memory alignment of nearly every disk; a request that needs
+		// more fails with EINVAL, which the data path takes.
+		return d.geo.LogicalBlockSize, SectorSize, nil
 	}
 	return 0, 0, errors.New("the kernel does not report the file's direct I/O alignment (statx STATX_DIOALIGN)")
+}
+
+// stableWrites reports whether the disk under d (d itself, or the device
+// of d's file system) asks for stable pages during writes: the
+// queue/stable_writes of its sysfs entry, or of the disk whose partition
+// it is.
+func (d *File) stableWrites() bool {
+	var st unix.Stat_t
+	if unix.Fstat(d.fd, &st) != nil {
+		return false
+	}
+	dev := st.Dev
+	if d.block {
+		dev = st.Rdev
+	}
+	entry := fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(dev), unix.Minor(dev))
+	for _, p := range []string{entry + "/queue/stable_writes", entry + "/../queue/stable_writes"} {
+		if b, err := os.ReadFile(p); err == nil {
+			return strings.TrimSpace(string(b)) == "1"
+		}
+	}
+	return false
 }
 
 // aligned reports whether a transfer of p at off can go through dfd.
@@ -113,13 +144,28 @@ func (d *File) directAt(p []byte, off int64, write bool) (int, error) {
 func (d *File) readBounced(p []byte, off int64) (int, error) {
 	start := off &^ d.dioMask
 	end := (off + int64(len(p)) + d.dioMask) &^ d.dioMask
-	raw := make([]byte, end-start+d.dioMask)
-	skip := -int64(uintptr(unsafe.Pointer(unsafe.SliceData(raw)))) & d.dioMask
-	b := raw[skip : skip+end-start]
+	b := alignedBuffer(int(end-start), d.dioMask)
 	n, err := d.directAt(b, start, false)
 	got := copy(p, b[min(off-start, int64(n)):n])
 	if got == len(p) {
 		return got, nil
 	}
 	return got, err
+}
+
+// zeros returns zeros to write with WriteAt: under direct I/O a buffer of
+// its own, aligned so that the writes go past the page cache too (rare:
+// only where the file system cannot zero a range itself).
+func (d *File) zeros() []byte {
+	if d.dfd < 0 {
+		return zeroBlock[:]
+	}
+	return alignedBuffer(len(zeroBlock), d.dioMask)
+}
+
+// alignedBuffer returns n zero bytes at an address aligned to mask+1.
+func alignedBuffer(n int, mask int64) []byte {
+	raw := make([]byte, int64(n)+mask)
+	skip := -int64(uintptr(unsafe.Pointer(unsafe.SliceData(raw)))) & mask
+	return raw[skip : skip+int64(n)]
 }

@@ -40,13 +40,6 @@ func residentPages(t *testing.T, path string) int {
 	return n
 }
 
-// alignedBuf returns n bytes at a page-aligned address.
-func alignedBuf(n int) []byte {
-	raw := make([]byte, n+os.Getpagesize())
-	skip := -int(uintptr(unsafe.Pointer(&raw[0]))) & (os.Getpagesize() - 1)
-	return raw[skip : skip+n]
-}
-
 // With OpenOptions.Direct on a file system that has direct I/O, the data
 // goes past the page cache: aligned and unaligned reads and writes and FUA
 // writes all reach the file, a no-wait read always says it would block,
@@ -65,7 +58,7 @@ func TestFileDirect(t *testing.T) {
 	if err := unix.Fadvise(f.CachedFD(), 0, 0, unix.FADV_DONTNEED); err != nil {
 		t.Fatal(err)
 	}
-	w := alignedBuf(64 << 10)
+	w := alignedBuffer(64<<10, 4095)
 	for i := range w {
 		w[i] = byte(i * 7)
 	}
@@ -75,7 +68,7 @@ func TestFileDirect(t *testing.T) {
 	if _, err := f.WriteAtFUA(w[:8192], 512<<10); err != nil {
 		t.Fatalf("aligned FUA write: %v", err)
 	}
-	r := alignedBuf(64 << 10)
+	r := alignedBuffer(64<<10, 4095)
 	if _, err := f.ReadAt(r, 128<<10); err != nil || !bytes.Equal(r, w) {
 		t.Fatalf("aligned read back: %v", err)
 	}

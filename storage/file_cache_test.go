@@ -49,19 +49,25 @@ func dropCache(t *testing.T, f *File) {
 }
 
 // A no-wait read of data not in the page cache answers ErrWouldBlock
-// (EAGAIN) and serves it once it is cached.
+// (EAGAIN), and serves the data once it is cached. RWF_NOWAIT starts the
+// readahead of what is missing, though, and on a fast disk that can end
+// before the read looks again: then the first read has the data too.
 func TestFileReadNoWaitUncached(t *testing.T) {
 	f, _ := diskFile(t, 1<<20)
 	dropCache(t, f)
 	p := make([]byte, 64<<10)
-	if _, err := f.ReadAtNoWait(p, 256<<10); !errors.Is(err, ErrWouldBlock) || !errors.Is(err, syscall.EAGAIN) {
-		t.Fatalf("no-wait read of uncached data: %v, want ErrWouldBlock", err)
+	want := bytes.Repeat([]byte{0xaa}, len(p))
+	switch n, err := f.ReadAtNoWait(p, 256<<10); {
+	case err == nil && n == len(p) && bytes.Equal(p, want):
+		t.Log("the readahead of the no-wait read finished before it looked again")
+	case !errors.Is(err, ErrWouldBlock) || !errors.Is(err, syscall.EAGAIN):
+		t.Fatalf("no-wait read of uncached data: %d bytes, %v; want ErrWouldBlock or all the data", n, err)
 	}
 	if _, err := f.ReadAt(p, 256<<10); err != nil {
 		t.Fatal(err)
 	}
 	clear(p)
-	if n, err := f.ReadAtNoWait(p, 256<<10); err != nil || n != len(p) || !bytes.Equal(p, bytes.Repeat([]byte{0xaa}, len(p))) {
+	if n, err := f.ReadAtNoWait(p, 256<<10); err != nil || n != len(p) || !bytes.Equal(p, want) {
 		t.Fatalf("no-wait read of cached data: %d, %v", n, err)
 	}
 }

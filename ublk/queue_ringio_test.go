@@ -6,6 +6,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -228,4 +229,35 @@ func (h *retryHandler) Finish(r *Request, err error) error {
 		return ErrWouldBlock // pretend the data read may be stale
 	}
 	return err
+}
+
+// A read that continues the previous one in both the file and the request
+// extends it; one with a cookie, of another file, or not contiguous in
+// either does not.
+func TestRequestReadCoalesces(t *testing.T) {
+	a, b := RegisteredFile(0), PlainFile(7)
+	r := NewRequest(OpRead, 0, 0, 64<<10, nil, true, func(error) {})
+	r.Read(a, 1<<20, 0, 4096, 0)
+	r.Read(a, 1<<20+4096, 4096, 4096, 0)   // continues: extends
+	r.Read(a, 2<<20, 8192, 4096, 0)        // a gap in the file
+	r.Read(a, 2<<20+4096, 16384, 4096, 0)  // a gap in the request
+	r.Read(b, 2<<20+8192, 20480, 4096, 0)  // another file
+	r.Read(b, 2<<20+12288, 24576, 4096, 9) // a cookie
+	r.Read(b, 2<<20+16384, 28672, 4096, 0) // after a cookie's read
+	r.Read(b, 2<<20+20480, 32768, 8192, 0) // continues: extends
+	type span struct {
+		f     File
+		off   int64
+		at, n int
+	}
+	want := []span{{a, 1 << 20, 0, 8192}, {a, 2 << 20, 8192, 4096}, {a, 2<<20 + 4096, 16384, 4096},
+		{b, 2<<20 + 8192, 20480, 4096}, {b, 2<<20 + 12288, 24576, 4096}, {b, 2<<20 + 16384, 28672, 12288}}
+	var got []span
+	for _, io := range r.IOs() {
+		f, off, at, n := io.Data()
+		got = append(got, span{f, off, at, n})
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("IOs %+v, want %+v", got, want)
+	}
 }

@@ -222,8 +222,17 @@ func (r *Request) add(io IO) *IO {
 }
 
 // Read describes a read of n bytes of f at off into the request's data at
-// byte at. cookie is the handler's note (see IO.Cookie).
+// byte at. cookie is the handler's note (see IO.Cookie). A read without a
+// cookie that continues the previous one (the same file, the next bytes
+// of both the file and the request) extends it: one SQE instead of two.
 func (r *Request) Read(f File, off int64, at, n int, cookie uint64) {
+	if k := len(r.ios); k > 0 && cookie == 0 {
+		if last := &r.ios[k-1]; last.kind == ioRead && last.file == f && last.Cookie == 0 &&
+			last.off+last.n == off && int64(last.at)+last.n == int64(at) {
+			last.n += int64(n)
+			return
+		}
+	}
 	r.add(IO{kind: ioRead, file: f, off: off, at: at, n: int64(n), Cookie: cookie})
 }
 
