@@ -10,7 +10,7 @@ VM_TIMEOUT ?= 2700
 KERNELS    ?= 6.12 7
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build test test-unit test-vm bench bench-direct bench-backup demo lint clean
+.PHONY: all build test test-unit test-vm bench bench-direct bench-cow bench-backup demo lint clean
 
 all: build
 
@@ -58,12 +58,13 @@ bench: build
 	done
 
 ## bench-direct: ublksnap over a block device against that block device, and the page cache it leaves, one VM boot per kernel line
-bench-direct: build
+## bench-cow: first writes under a snapshot, chunks copied in the kernel or through buffers, against dm-snapshot and dm-thin, one VM boot per kernel line
+bench-direct bench-cow: build
 	@mkdir -p bench/out bench/results
-	@for k in $(KERNELS); do \
-		rm -rf bench/out/direct-$$k; \
-		$(VM) --kernel $$k --mem 6144 --timeout 3600 --out bench/out/direct-$$k -- env $$(env | grep '^BENCH_') bench/direct.sh || exit 1; \
-		cp bench/out/direct-$$k/direct.md bench/results/direct-$$k.md; \
+	@s=$(@:bench-%=%); for k in $(KERNELS); do \
+		rm -rf bench/out/$$s-$$k; \
+		$(VM) --kernel $$k --mem 6144 --timeout 3600 --out bench/out/$$s-$$k -- env $$(env | grep '^BENCH_') bench/$$s.sh || exit 1; \
+		cp bench/out/$$s-$$k/$$s.md bench/results/$$s-$$k.md; \
 	done
 
 ## bench-backup: full and incremental backup of 1 GiB, restore, and the fio cost of change tracking, one VM boot per kernel line

@@ -26,7 +26,7 @@ SIZE_MB=${BENCH_SIZE:-128}
 RUNTIME=${BENCH_RUNTIME:-4}
 RUNS=${BENCH_RUNS:-5}
 chunk=$((256 << 10))
-# die, say, fill, loopdev, fiojob, fiorun, record
+# die, say, fill, loopdev, fiojob, fiorun, record, stats
 . "$(dirname "$0")/lib.sh"
 [ -n "$OUT" ] || die "usage: bench/direct.sh OUTDIR"
 [ "$(id -u)" = 0 ] || die "needs root (run it in the VM: make bench-direct)"
@@ -93,12 +93,9 @@ done
 	echo "| workload | unit | bdev | ublksnap over bdev | ublksnap / bdev |"
 	echo "|---|---|---:|---:|---:|"
 	for row in $rows; do
-		col=4 unit=IOPS
-		case $row in *1m) col=5 unit=MiB/s ;; lat4k) col=6 unit="µs p50" ;; esac
-		for c in bdev ublksnap; do
-			awk -F, -v row="$row" -v c="$c" -v col="$col" '$1 == row && $2 == c { print $col }' "$raw" | sort -g |
-				awk '{ v[NR] = $1 } END { printf "%s %s %s\n", v[int((NR + 1) / 2)], v[int((NR + 3) / 4)], v[int((3 * NR + 3) / 4)] }'
-		done | paste -sd' ' | awk -v row="$row" -v unit="$unit" \
+		unit=IOPS
+		case $row in *1m) unit=MiB/s ;; lat4k) unit="µs p50" ;; esac
+		for c in bdev ublksnap; do stats "$raw" "$row" "$c"; done | paste -sd' ' | awk -v row="$row" -v unit="$unit" \
 			'{ printf "| %s | %s | %.0f [%.0f–%.0f] | %.0f [%.0f–%.0f] | %.2f |\n", row, unit, $1, $2, $3, $4, $5, $6, ($1 > 0 ? $4 / $1 : 0) }'
 	done
 } >"$OUT/direct.md"

@@ -38,6 +38,8 @@ fiorun() {
 	case $row in
 	first4k) # one pass: without number_ios fio wraps around until SIZE bytes are written
 		args=(--rw=write:$((chunk - 4096)) --bs=4k --iodepth=32 --number_ios=$((SIZE_MB * 1048576 / chunk))) ;;
+	firstlat4k) # the same at QD1, for the latency of one first write
+		args=(--rw=write:$((chunk - 4096)) --bs=4k --iodepth=1 --number_ios=$((SIZE_MB * 1048576 / chunk))) ;;
 	randw4k) args=(--rw=randwrite --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
 	first1m | write1m) args=(--rw=write --bs=1M --iodepth=8 --size="${SIZE_MB}M") ;;
 	randr4k) dir=read args=(--rw=randread --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
@@ -57,3 +59,74 @@ record() {
 	say "run $3 $2 $1: $4 IOPS, $5 MiB/s, p50 $6 µs"
 }
 
+
+# stats RAW ROW CONTENDER: "median q1 q3" of ROW's runs of CONTENDER in RAW,
+# in the column that row is judged by (IOPS; MiB/s for 1 MiB rows; p50
+# latency for lat4k and firstlat4k).
+stats() {
+	local col=4
+	case $2 in *1m) col=5 ;; *lat4k) col=6 ;; esac
+	awk -F, -v row="$2" -v c="$3" -v col="$col" '$1 == row && $2 == c { print $col }' "$1" | sort -g |
+		awk '{ v[NR] = $1 } END { printf "%s %s %s\n", v[int((NR + 1) / 2)], v[int((NR + 3) / 4)], v[int((3 * NR + 3) / 4)] }'
+}
+
+# dm_setup: the device-mapper contenders over fresh tmpfs files in $work, of
+# $sectors sectors with $chunk_sectors chunks: dm-snapshot (bench-origin,
+# with dm_fresh, dm_image, dm_done for a persistent snapshot in a COW file
+# of $limit_mib MiB) and dm-thin (bench-thin, with thin_fresh, thin_image,
+# thin_done for a thin snapshot). The caller's cleanup removes the bench-*
+# devices; dm_done and thin_done record metrics with metric.
+dm_setup() {
+	fill "$work/dm-origin.img"
+	dmorigin=$(loopdev "$work/dm-origin.img")
+	dmsetup create bench-origin --table "0 $sectors snapshot-origin $dmorigin"
+	dmcow=
+	dm_fresh() {
+		if [ -n "$dmcow" ]; then
+			dmsetup remove bench-snap
+			losetup -d "$dmcow"
+		fi
+		rm -f "$work/dm-cow.img"
+		truncate -s "${limit_mib}M" "$work/dm-cow.img"
+		dmcow=$(loopdev "$work/dm-cow.img")
+		dmsetup create bench-snap --table "0 $sectors snapshot $dmorigin $dmcow P $chunk_sectors"
+	}
+	dm_image() { echo /dev/mapper/bench-snap; }
+	dm_done() {
+		metric dm_snap_status "$(dmsetup status bench-snap | cut -d' ' -f4-)"
+		dmsetup remove bench-snap
+		losetup -d "$dmcow"
+		rm -f "$work/dm-cow.img"
+		dmcow=
+	}
+
+	truncate -s 64M "$work/thin-meta.img"
+	truncate -s $((3 * SIZE_MB))M "$work/thin-data.img"
+	thinmeta=$(loopdev "$work/thin-meta.img")
+	thindata=$(loopdev "$work/thin-data.img")
+	dd if=/dev/zero of="$thinmeta" bs=4096 count=1 status=none
+	dmsetup create bench-pool --table \
+		"0 $((3 * sectors)) thin-pool $thinmeta $thindata $chunk_sectors 0 1 skip_block_zeroing"
+	dmsetup message bench-pool 0 "create_thin 0"
+	dmsetup create bench-thin --table "0 $sectors thin /dev/mapper/bench-pool 0"
+	fio --name=fill --filename=/dev/mapper/bench-thin --rw=write --bs=1M --size="${SIZE_MB}M" \
+		--ioengine=psync --direct=1 --output-format=terse >/dev/null || die "filling the thin volume failed"
+	thinid=0
+	thin_fresh() {
+		if [ "$thinid" -gt 0 ]; then
+			dmsetup remove bench-thinsnap
+			dmsetup message bench-pool 0 "delete $thinid"
+		fi
+		thinid=$((thinid + 1))
+		dmsetup suspend bench-thin
+		dmsetup message bench-pool 0 "create_snap $thinid 0"
+		dmsetup resume bench-thin
+		dmsetup create bench-thinsnap --table "0 $sectors thin /dev/mapper/bench-pool $thinid"
+	}
+	thin_image() { echo /dev/mapper/bench-thinsnap; }
+	thin_done() {
+		dmsetup remove bench-thinsnap
+		dmsetup message bench-pool 0 "delete $thinid"
+		thinid=0
+	}
+}

@@ -16,6 +16,7 @@
 # freshly taken snapshot, so that every write meets an uncopied chunk; the
 # other rows are time based and run after every chunk has been copied.
 #   first4k   4 KiB writes, one per chunk (rw=write:CHUNK-4k), QD32
+#   firstlat4k the same at QD1, p50 completion latency
 #   randw4k   4 KiB random overwrites, QD32
 #   first1m   1 MiB sequential writes over a fresh snapshot, QD8
 #   write1m   1 MiB sequential overwrites, QD8
@@ -104,13 +105,15 @@ trap 'exit 130' INT TERM
 
 metric() { echo "$1,$2" >>"$meta"; }
 
-# rows CONTENDER RUN ORIGIN FRESH IMAGE-OF: the six rows. FRESH is a
+# rows CONTENDER RUN ORIGIN FRESH IMAGE-OF: the seven rows. FRESH is a
 # command that (re)creates a freshly taken snapshot, or ":" for a device
 # without one; IMAGE-OF prints the device the read rows use.
 rows() {
 	local c=$1 r=$2 dev=$3 fresh=$4 imageof=$5
 	$fresh
 	record first4k "$c" "$r" "$dev"
+	$fresh
+	record firstlat4k "$c" "$r" "$dev"
 	$fresh
 	record first1m "$c" "$r" "$dev"
 	record write1m "$c" "$r" "$dev"
@@ -188,58 +191,7 @@ ublk_done() {
 	snapid=
 }
 
-fill "$work/dm-origin.img"
-dmorigin=$(loopdev "$work/dm-origin.img")
-dmsetup create bench-origin --table "0 $sectors snapshot-origin $dmorigin"
-dmcow=
-dm_fresh() {
-	if [ -n "$dmcow" ]; then
-		dmsetup remove bench-snap
-		losetup -d "$dmcow"
-	fi
-	rm -f "$work/dm-cow.img"
-	truncate -s "${limit_mib}M" "$work/dm-cow.img"
-	dmcow=$(loopdev "$work/dm-cow.img")
-	dmsetup create bench-snap --table "0 $sectors snapshot $dmorigin $dmcow P $chunk_sectors"
-}
-dm_image() { echo /dev/mapper/bench-snap; }
-dm_done() {
-	metric dm_snap_status "$(dmsetup status bench-snap | cut -d' ' -f4-)"
-	dmsetup remove bench-snap
-	losetup -d "$dmcow"
-	rm -f "$work/dm-cow.img"
-	dmcow=
-}
-
-truncate -s 64M "$work/thin-meta.img"
-truncate -s $((3 * SIZE_MB))M "$work/thin-data.img"
-thinmeta=$(loopdev "$work/thin-meta.img")
-thindata=$(loopdev "$work/thin-data.img")
-dd if=/dev/zero of="$thinmeta" bs=4096 count=1 status=none
-dmsetup create bench-pool --table \
-	"0 $((3 * sectors)) thin-pool $thinmeta $thindata $chunk_sectors 0 1 skip_block_zeroing"
-dmsetup message bench-pool 0 "create_thin 0"
-dmsetup create bench-thin --table "0 $sectors thin /dev/mapper/bench-pool 0"
-fio --name=fill --filename=/dev/mapper/bench-thin --rw=write --bs=1M --size="${SIZE_MB}M" \
-	--ioengine=psync --direct=1 --output-format=terse >/dev/null || die "filling the thin volume failed"
-thinid=0
-thin_fresh() {
-	if [ "$thinid" -gt 0 ]; then
-		dmsetup remove bench-thinsnap
-		dmsetup message bench-pool 0 "delete $thinid"
-	fi
-	thinid=$((thinid + 1))
-	dmsetup suspend bench-thin
-	dmsetup message bench-pool 0 "create_snap $thinid 0"
-	dmsetup resume bench-thin
-	dmsetup create bench-thinsnap --table "0 $sectors thin /dev/mapper/bench-pool $thinid"
-}
-thin_image() { echo /dev/mapper/bench-thinsnap; }
-thin_done() {
-	dmsetup remove bench-thinsnap
-	dmsetup message bench-pool 0 "delete $thinid"
-	thinid=0
-}
+dm_setup
 
 # --- the runs ---------------------------------------------------------------
 

@@ -3,6 +3,9 @@ package cow
 import (
 	"context"
 	"errors"
+	"fmt"
+
+	"github.com/ublksnap/ublksnap/storage"
 )
 
 // cow performs the copy-on-write for a write, discard or write-zeroes of n
@@ -25,12 +28,44 @@ func (da *DiffArea) cow(ctx context.Context, off, n int64) error {
 	if n == 0 {
 		return nil
 	}
+	for {
+		again, err := da.cowPass(ctx, off, n)
+		if !again {
+			return err
+		}
+		// The kernel refused a copy and the area copies through buffers
+		// from now on: the chunks it left New are taken again.
+	}
+}
+
+// cowBatch is what one pass of cow holds: locked New chunks not copied
+// yet, loads with a buffer each and copies in the kernel without one.
+type cowBatch struct {
+	loads  []*Chunk
+	copies []*Chunk
+}
+
+// flush saves the chunks of the batch (see loadPending and copyPending)
+// and empties it; again reports that the kernel refused a copy, leaving
+// those chunks New.
+func (da *DiffArea) flush(b *cowBatch) (again bool) {
+	b.loads = da.loadPending(b.loads)
+	again = da.copyPending(b.copies)
+	clear(b.copies)
+	b.copies = b.copies[:0]
+	return again
+}
+
+// cowPass is one pass of cow over the range; again reports that the
+// kernel refused a copy and the range must be gone over once more.
+func (da *DiffArea) cowPass(ctx context.Context, off, n int64) (again bool, err error) {
 	first, last := da.chunkSpan(off, n)
-	var pending []*Chunk // locked New chunks with a buffer, not loaded yet
+	var b cowBatch
 	for nr := first; nr <= last; nr++ {
 		if da.corrupted.Load() {
-			da.abandon(pending)
-			return nil
+			da.abandon(b.loads)
+			da.abandon(b.copies)
+			return false, nil
 		}
 		c := da.lookup(nr)
 		if c != nil && c.State() != ChunkNew {
@@ -40,29 +75,92 @@ func (da *DiffArea) cow(ctx context.Context, off, n int64) error {
 			c = da.chunkGet(nr)
 		}
 		if !c.lock.tryAcquire() {
-			pending = da.loadPending(pending)
+			if da.flush(&b) {
+				return true, nil
+			}
 			if err := c.lock.acquire(ctx, da.stop); err != nil {
-				return waitFailed(err)
+				return false, waitFailed(err)
 			}
 		}
 		if c.State() != ChunkNew {
 			c.lock.release()
 			continue
 		}
+		if da.kernelCopy.Load() {
+			b.copies = append(b.copies, c)
+			continue
+		}
 		buf := da.buffers.tryTake()
 		if buf == nil {
-			pending = da.loadPending(pending)
+			if da.flush(&b) {
+				c.lock.release()
+				return true, nil
+			}
 			var err error
 			if buf, err = da.buffers.take(ctx, da.stop); err != nil {
 				c.lock.release()
-				return waitFailed(err)
+				return false, waitFailed(err)
 			}
 		}
 		c.buf = buf
-		pending = append(pending, c)
+		b.loads = append(b.loads, c)
 	}
-	da.loadPending(pending)
-	return nil
+	return da.flush(&b), nil
+}
+
+// copyPending copies the pending chunks from the original into regions of
+// the difference storage inside the kernel (storage.CopyRange), a run of
+// neighbouring chunks whose regions are neighbours too in one call, marks
+// them Stored and releases their locks; an allocation or copy failure
+// corrupts the area and fails the chunks left. If the kernel cannot copy
+// between these devices, kernel copies are turned off for the area and
+// the chunks left are released still New (keeping any region they got),
+// and copyPending reports it.
+func (da *DiffArea) copyPending(pending []*Chunk) (refused bool) {
+	for i := 0; i < len(pending); {
+		if da.corrupted.Load() {
+			da.abandon(pending[i:])
+			return false
+		}
+		if err := da.allocRegion(pending[i]); err != nil {
+			da.setCorrupted(err)
+			da.abandon(pending[i:])
+			return false
+		}
+		run := *pending[i].region
+		bytes := pending[i].bytes()
+		j := i + 1
+		for ; j < len(pending) && pending[j].number == pending[j-1].number+1; j++ {
+			c := pending[j]
+			if da.allocRegion(c) != nil || c.region.Dev != run.Dev || c.region.Sector != run.Sector+run.Count {
+				break // a failure is met again as the start of the next run
+			}
+			run.Count += c.region.Count
+			bytes += c.bytes()
+		}
+		err := storage.CopyRange(run.Dev, run.Sector<<storage.SectorShift, da.orig, int64(pending[i].number)<<da.chunkShift, bytes)
+		switch {
+		case errors.Is(err, storage.ErrNoKernelCopy):
+			if da.kernelCopy.Swap(false) {
+				da.log.Info("no in-kernel copy from the original to the difference storage: chunks are copied through buffers", "storage", run.Dev.Name())
+			}
+			for _, c := range pending[i:] {
+				c.lock.release()
+			}
+			return true
+		case err != nil:
+			da.setCorrupted(fmt.Errorf("copy chunks #%d-#%d of %s: %w", pending[i].number, pending[j-1].number, da.name, err))
+			da.abandon(pending[i:])
+			return false
+		}
+		for _, c := range pending[i:j] {
+			da.setChunkState(c, ChunkNew, ChunkStored)
+			c.lock.release()
+		}
+		da.kernelCopied.Add(int64(j - i))
+		i = j
+	}
+	return false
 }
 
 // waitFailed maps the failure of a wait in cow: a closing area turns COW

@@ -57,10 +57,9 @@ type DiffArea struct {
 	logicalBlksz  int    // logical block size of the original (and the image); immutable
 	physicalBlksz int    // physical block size of the original (and the image); immutable
 
-	// mapMu guards chunkMap, the sparse map of the chunks touched so far.
-	// Chunks are only added, never removed, until Close.
-	mapMu    sync.RWMutex
-	chunkMap map[uint64]*Chunk
+	// chunks is the sparse map of the chunks touched so far, read and
+	// added to without a lock. Chunks are only added, never removed.
+	chunks *chunkTable
 
 	// storeMu guards the store queue: the InMemory chunks waiting to be
 	// written to the difference storage, in the order they were loaded;
@@ -81,6 +80,12 @@ type DiffArea struct {
 	// the chunk's lock.
 	inMemory     atomic.Int64
 	inMemoryPeak atomic.Int64
+
+	// kernelCopy is set while chunks are saved by an in-kernel copy
+	// (Params.ChunkCopyInKernel), and cleared for good the first time the
+	// kernel refuses one; kernelCopied counts the chunks so saved.
+	kernelCopy   atomic.Bool
+	kernelCopied atomic.Int64
 
 	// corrupted is set once, by setCorrupted; errorCode is the errno that
 	// caused it, written before corrupted is set.
@@ -161,11 +166,12 @@ func NewDiffArea(orig storage.Device, ds *storage.DiffStorage, params Params, lo
 		chunkCount:    uint64(countByShift(geo.Size, shift)),
 		logicalBlksz:  geo.LogicalBlockSize,
 		physicalBlksz: geo.PhysicalBlockSize,
-		chunkMap:      make(map[uint64]*Chunk),
+		chunks:        newChunkTable(uint64(countByShift(geo.Size, shift))),
 		ctx:           ctx,
 		cancel:        cancel,
 		stop:          ctx.Done(),
 	}
+	da.kernelCopy.Store(params.ChunkCopyInKernel == 1 && storage.KernelCopyable(orig))
 	da.buffers = newDiffBufferPool(chunkBytes, params.FreeDiffBufferPoolSize, o.budget, da.kick)
 	da.log.Debug("difference area created", "chunk_bytes", chunkBytes, "chunks", da.chunkCount)
 	return da, nil
@@ -204,6 +210,7 @@ type Stats struct {
 	BuffersPeak   int // highest BuffersLive so far
 	BuffersLimit  int // the bound on BuffersLive: the budget in buffers (shared: if the other areas hold none)
 	InMemoryPeak  int // most chunks InMemory at one instant, counted exactly
+	KernelCopied  int // chunks saved by an in-kernel copy, without a buffer
 	ChunkSize     int64
 	ChunksInState [4]int // chunks per ChunkState (counted under each chunk's lock-free state)
 }
@@ -211,18 +218,18 @@ type Stats struct {
 // Stats returns current counts; it walks the chunk map.
 func (da *DiffArea) Stats() Stats {
 	var s Stats
-	da.mapMu.RLock()
-	s.Chunks = len(da.chunkMap)
-	for _, c := range da.chunkMap {
+	da.chunks.each(func(c *Chunk) bool {
+		s.Chunks++
 		s.ChunksInState[c.State()]++
-	}
-	da.mapMu.RUnlock()
+		return true
+	})
 	da.storeMu.Lock()
 	s.Queued = len(da.storeQueue)
 	da.storeMu.Unlock()
 	s.BuffersLive, s.BuffersPeak = da.buffers.stats()
 	s.BuffersLimit = da.buffers.limit()
 	s.InMemoryPeak = int(da.inMemoryPeak.Load())
+	s.KernelCopied = int(da.kernelCopied.Load())
 	s.ChunkSize = da.ChunkSize()
 	return s
 }
@@ -263,25 +270,14 @@ func (da *DiffArea) chunkSectors(nr uint64) int64 {
 }
 
 // lookup returns chunk nr, or nil if it was never touched.
-func (da *DiffArea) lookup(nr uint64) *Chunk {
-	da.mapMu.RLock()
-	defer da.mapMu.RUnlock()
-	return da.chunkMap[nr]
-}
+func (da *DiffArea) lookup(nr uint64) *Chunk { return da.chunks.lookup(nr) }
 
 // chunkGet returns chunk nr, adding a New chunk to the map if needed.
 func (da *DiffArea) chunkGet(nr uint64) *Chunk {
 	if c := da.lookup(nr); c != nil {
 		return c
 	}
-	da.mapMu.Lock()
-	defer da.mapMu.Unlock()
-	c := da.chunkMap[nr]
-	if c == nil {
-		c = newChunk(nr, da.chunkSectors(nr))
-		da.chunkMap[nr] = c
-	}
-	return c
+	return da.chunks.getOrAdd(nr, newChunk(nr, da.chunkSectors(nr)))
 }
 
 // checkRange validates an I/O range against the device.
@@ -405,14 +401,10 @@ func (da *DiffArea) storeChunk(c *Chunk) {
 		da.failChunkLocked(c)
 		return
 	}
-	if c.region == nil {
-		r, err := da.diffStorage.Alloc(int64(1)<<(da.chunkShift-storage.SectorShift), da.logicalBlksz)
-		if err != nil {
-			da.setCorrupted(fmt.Errorf("allocate region for chunk #%d: %w", c.number, err))
-			da.failChunkLocked(c)
-			return
-		}
-		c.region = r
+	if err := da.allocRegion(c); err != nil {
+		da.setCorrupted(err)
+		da.failChunkLocked(c)
+		return
 	}
 	if err := c.region.WriteAt(c.buf.data[:c.bytes()], 0); err != nil {
 		da.setCorrupted(fmt.Errorf("store chunk #%d: %w", c.number, err))
@@ -421,6 +413,20 @@ func (da *DiffArea) storeChunk(c *Chunk) {
 	}
 	da.setChunkState(c, ChunkInMemory, ChunkStored)
 	da.dropBuffer(c)
+}
+
+// allocRegion gives c a region of the difference storage, unless it has
+// one; c.lock must be held.
+func (da *DiffArea) allocRegion(c *Chunk) error {
+	if c.region != nil {
+		return nil
+	}
+	r, err := da.diffStorage.Alloc(int64(1)<<(da.chunkShift-storage.SectorShift), da.logicalBlksz)
+	if err != nil {
+		return fmt.Errorf("allocate region for chunk #%d: %w", c.number, err)
+	}
+	c.region = r
+	return nil
 }
 
 // setChunkState moves c from one state to another and keeps the count of
@@ -566,11 +572,9 @@ func (da *DiffArea) free() {
 	clear(da.storeQueue)
 	da.storeQueue = nil
 	da.storeMu.Unlock()
-	da.mapMu.Lock()
-	for _, c := range da.chunkMap {
+	da.chunks.each(func(c *Chunk) bool {
 		da.dropBuffer(c)
-	}
-	da.chunkMap = nil
-	da.mapMu.Unlock()
+		return true
+	})
 	da.buffers.close()
 }

@@ -39,7 +39,8 @@
 //     releases it after the store. Image requests take it around each
 //     chunk's copy. It guards Chunk.buf, Chunk.region and every state
 //     change.
-//   - DiffArea.mapMu guards the chunk map (chunks are only added).
+//   - The chunk map needs no lock: a two-level table of atomic pointers,
+//     added to by compare-and-swap (chunks are only added).
 //   - DiffArea.storeMu guards the store queue and the worker flag.
 //   - DiffArea.opsMu guards the count of requests inside the area and the
 //     closed flag.
@@ -61,6 +62,17 @@
 // is released; only then, with all its chunks loaded, does the request
 // reach the original. The write waits for the read of the old data, never
 // for the store. Chunks already InMemory, Stored or Failed do not delay it.
+//
+// Where the original and the difference storage are regular files
+// (Params.ChunkCopyInKernel, on by default), a New chunk takes no buffer:
+// it gets its region at once and is copied there by the kernel
+// (storage.CopyRange, copy_file_range), a run of neighbouring chunks of
+// one request into neighbouring regions in one call, and goes straight
+// from New to Stored. The write then waits for the copy rather than for a
+// read, but nothing crosses into this process, no buffer is held and no
+// store follows; an image read over those chunks is one read of the
+// storage. The first copy the kernel refuses (files of two file systems)
+// turns it off for the area, and the chunks go through buffers as below.
 //
 // With nowait (the ublk queue goroutine), COW only looks: if a chunk of the
 // range is New it answers ErrWouldBlock (syscall.EAGAIN) having changed

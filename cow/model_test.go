@@ -153,17 +153,22 @@ func firstDiff(a, b []byte) int {
 }
 
 // TestModel runs the model with several seeds, on in-memory devices and on
-// files (the difference storage then being a growable unnamed file).
+// files (the difference storage then being a growable unnamed file), where
+// chunks are saved by an in-kernel copy ("file") or through buffers
+// ("file-buffers").
 func TestModel(t *testing.T) {
 	const (
 		size    = 32<<20 + 1536 // the last 4 KiB chunk has 3 sectors
 		workers = 8
 		ops     = 300
 	)
-	for _, backing := range []string{"mem", "file"} {
+	for _, backing := range []string{"mem", "file", "file-buffers"} {
 		for seed := uint64(1); seed <= 3; seed++ {
 			t.Run(fmt.Sprintf("%s/seed=%d", backing, seed), func(t *testing.T) {
 				p := testParams()
+				if backing == "file-buffers" {
+					p.ChunkCopyInKernel = 0
+				}
 				var dev storage.Device
 				var ds *storage.DiffStorage
 				if backing == "mem" {
@@ -239,9 +244,12 @@ func TestModel(t *testing.T) {
 				if st.BuffersPeak > st.BuffersLimit {
 					t.Errorf("buffers peaked at %d, above the bound %d", st.BuffersPeak, st.BuffersLimit)
 				}
-				t.Logf("chunks %d (new %d, in memory %d, stored %d, failed %d), buffers peak %d/%d, storage %+v",
+				t.Logf("chunks %d (new %d, in memory %d, stored %d, failed %d), %d copied in the kernel, buffers peak %d/%d, storage %+v",
 					st.Chunks, st.ChunksInState[ChunkNew], st.ChunksInState[ChunkInMemory], st.ChunksInState[ChunkStored],
-					st.ChunksInState[ChunkFailed], st.BuffersPeak, st.BuffersLimit, ds.Stats())
+					st.ChunksInState[ChunkFailed], st.KernelCopied, st.BuffersPeak, st.BuffersLimit, ds.Stats())
+				if (st.KernelCopied > 0) != (backing == "file") {
+					t.Errorf("%d chunks copied in the kernel with a %s backing", st.KernelCopied, backing)
+				}
 				if st.Chunks < 2000 {
 					t.Errorf("only %d chunks touched; the test is too weak", st.Chunks)
 				}

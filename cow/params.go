@@ -49,6 +49,13 @@ type Params struct {
 	// for the store workers, so memory does not grow with the load or the
 	// number of devices.
 	DiffBufferMemoryLimit int64
+	// ChunkCopyInKernel (ublksnap's own) is 1 to preserve a chunk with
+	// an in-kernel copy (copy_file_range) from the original into the
+	// difference storage where both are regular files (the default), so
+	// that its data never enters this process and takes no chunk buffer;
+	// 0 to read it into a buffer and store it from there, as blksnap
+	// does. Either way the write waits until the old data is safe.
+	ChunkCopyInKernel int
 }
 
 // DefaultParams returns blksnap's defaults.
@@ -64,6 +71,7 @@ func DefaultParams() Params {
 		FreeDiffBufferPoolSize:    128,
 		DiffStorageMinimum:        storage.DefaultMinimumSectors,
 		DiffBufferMemoryLimit:     64 << 20,
+		ChunkCopyInKernel:         1,
 	}
 }
 
@@ -83,6 +91,7 @@ func (p *Params) paramFields() map[string]any {
 		"free_diff_buffer_pool_size":   &p.FreeDiffBufferPoolSize,
 		"diff_storage_minimum":         &p.DiffStorageMinimum,
 		"diff_buffer_memory_limit":     &p.DiffBufferMemoryLimit,
+		"chunk_copy_in_kernel":         &p.ChunkCopyInKernel,
 	}
 }
 
@@ -198,6 +207,9 @@ func (p Params) Check() []*ParamError {
 		if p.DiffStorageMinimum < 2*minChunk || p.DiffStorageMinimum%minChunk != 0 {
 			bad("diff_storage_minimum", "(%d sectors) must be a multiple of the minimum chunk (%d sectors), at least two of them", p.DiffStorageMinimum, minChunk)
 		}
+	}
+	if p.ChunkCopyInKernel > 1 {
+		bad("chunk_copy_in_kernel", "(%d) must be 0 or 1", p.ChunkCopyInKernel)
 	}
 	if p.DiffBufferMemoryLimit < 1 {
 		bad("diff_buffer_memory_limit", "(%d) must be >= 1", p.DiffBufferMemoryLimit)

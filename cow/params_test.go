@@ -9,8 +9,8 @@ import (
 func TestParamsGetAndUnits(t *testing.T) {
 	p := DefaultParams()
 	names := ParamNames()
-	if len(names) != 10 {
-		t.Fatalf("ParamNames = %v, want blksnap's 9 and diff_buffer_memory_limit", names)
+	if len(names) != 11 {
+		t.Fatalf("ParamNames = %v, want blksnap's 9, diff_buffer_memory_limit and chunk_copy_in_kernel", names)
 	}
 	for i, name := range names {
 		v, ok := p.Get(name)

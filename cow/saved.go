@@ -49,23 +49,29 @@ func (da *DiffArea) Saved() ([]SavedChunk, error) {
 	if corrupted, errno := da.Corrupted(); corrupted {
 		return nil, fmt.Errorf("save difference area of %s: corrupted: %w", da.name, errno)
 	}
-	da.mapMu.RLock()
-	defer da.mapMu.RUnlock()
-	out := make([]SavedChunk, 0, len(da.chunkMap))
-	for nr, c := range da.chunkMap {
+	out := []SavedChunk{}
+	var err error
+	da.chunks.each(func(c *Chunk) bool {
+		nr := c.number
 		switch c.State() {
 		case ChunkNew:
-			continue
+			return true
 		case ChunkStored:
 		default:
-			return nil, fmt.Errorf("save difference area of %s: chunk #%d is %v: %w", da.name, nr, c.State(), ErrNotDrained)
+			err = fmt.Errorf("save difference area of %s: chunk #%d is %v: %w", da.name, nr, c.State(), ErrNotDrained)
+			return false
 		}
 		r := c.region
 		dev := da.diffStorage.DeviceIndex(r.Dev)
 		if dev < 0 {
-			return nil, fmt.Errorf("save difference area of %s: chunk #%d is on a device the storage does not list: %w", da.name, nr, syscall.EFAULT)
+			err = fmt.Errorf("save difference area of %s: chunk #%d is on a device the storage does not list: %w", da.name, nr, syscall.EFAULT)
+			return false
 		}
 		out = append(out, SavedChunk{Number: nr, Dev: dev, Sector: r.Sector, Sectors: r.Count})
+		return true
+	})
+	if err != nil {
+		return nil, err
 	}
 	return out, nil
 }
@@ -89,7 +95,7 @@ func RestoreDiffArea(orig storage.Device, ds *storage.DiffStorage, params Params
 	}
 	full := int64(1) << (shift - storage.SectorShift)
 	for _, sc := range chunks {
-		if sc.Number >= da.chunkCount || sc.Sectors != full || da.chunkMap[sc.Number] != nil {
+		if sc.Number >= da.chunkCount || sc.Sectors != full || da.lookup(sc.Number) != nil {
 			return fail(fmt.Errorf("restore difference area of %s: saved chunk #%d (%d sectors) does not fit: %w", da.name, sc.Number, sc.Sectors, syscall.EINVAL))
 		}
 		r, err := ds.Region(sc.Dev, sc.Sector, sc.Sectors)
@@ -99,7 +105,7 @@ func RestoreDiffArea(orig storage.Device, ds *storage.DiffStorage, params Params
 		c := newChunk(sc.Number, da.chunkSectors(sc.Number))
 		c.region = r
 		c.state.Store(uint32(ChunkStored))
-		da.chunkMap[sc.Number] = c
+		da.chunks.getOrAdd(sc.Number, c)
 	}
 	return da, nil
 }

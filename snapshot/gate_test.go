@@ -107,3 +107,50 @@ func TestGateNoRequestInFlightWhilePaused(t *testing.T) {
 	close(stop)
 	wg.Wait()
 }
+
+// Many goroutines enter and leave while pauses come and go: no request is
+// ever inside while a Pause has returned, and every pause ends.
+func TestGateConcurrentPauses(t *testing.T) {
+	g := newGate()
+	var inside, paused atomic.Int64
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	for w := range 4 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if (i+w)%3 == 0 {
+					if err := g.Enter(context.Background()); err != nil {
+						t.Error(err)
+						return
+					}
+				} else if !g.TryEnter() {
+					continue
+				}
+				inside.Add(1)
+				if paused.Load() != 0 {
+					t.Error("a request is inside while the gate is paused")
+				}
+				inside.Add(-1)
+				g.Leave()
+			}
+		})
+	}
+	for range 2000 {
+		if err := g.Pause(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		paused.Store(1)
+		if n := inside.Load(); n != 0 || g.inFlight() != 0 {
+			t.Fatalf("%d requests inside (%d admitted) after Pause returned", n, g.inFlight())
+		}
+		paused.Store(0)
+		g.Resume()
+	}
+	close(stop)
+	wg.Wait()
+}

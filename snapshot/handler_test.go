@@ -186,8 +186,8 @@ func TestHandlerPanicCorruptsOnlyTheSnapshot(t *testing.T) {
 	if err := h.Handle(req(ublk.OpWrite, ublk.FlagFUA, 0, make([]byte, 4096), false)); !errors.Is(err, syscall.EIO) {
 		t.Fatalf("a panicking FUA write: %v, want EIO", err)
 	}
-	if g.inflight != 0 {
-		t.Fatalf("after the panics the gate counts %d requests in flight, want 0", g.inflight)
+	if n := g.inFlight(); n != 0 {
+		t.Fatalf("after the panics the gate counts %d requests in flight, want 0", n)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()

@@ -153,6 +153,7 @@ type MemberInfo struct {
 	ImageIOMode  string        // how the image's data moves, once taken
 	ChunkSize    int64         // bytes, once taken
 	ChunksCopied int64         // chunks no longer New
+	KernelCopied int64         // of those, chunks saved by an in-kernel copy (Params.ChunkCopyInKernel)
 	Errno        syscall.Errno // what corrupted the member, or 0
 }
 

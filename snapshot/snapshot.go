@@ -643,6 +643,7 @@ func (mb *member) info() MemberInfo {
 		st := mb.area.Stats()
 		out.ChunkSize = st.ChunkSize
 		out.ChunksCopied = int64(st.Chunks - st.ChunksInState[cow.ChunkNew])
+		out.KernelCopied = int64(st.KernelCopied)
 		if corrupted, errno := mb.area.Corrupted(); corrupted {
 			out.Errno = errno
 		}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -182,12 +183,18 @@ type File struct {
 	dfd       int
 	dioMask   int64
 	directErr error
-	block     bool       // a block device rather than a regular file; immutable
-	temp      bool       // an unnamed file (OpenTemp) that vanishes on close; immutable
-	mapped    []byte     // MAP_SHARED view of the file with OpenOptions.Mmap; immutable
-	memory    bool       // a regular file of tmpfs or ramfs; immutable
-	mu        sync.Mutex // guards geo.Size and serialises Grow
-	geo       Geometry   // the geometry; only Size changes, by Grow, under mu
+	block     bool   // a block device rather than a regular file; immutable
+	temp      bool   // an unnamed file (OpenTemp) that vanishes on close; immutable
+	mapped    []byte // MAP_SHARED view of the file with OpenOptions.Mmap; immutable
+	memory    bool   // a regular file of tmpfs or ramfs; immutable
+	// geo is the geometry at open; its Size is not kept up to date.
+	// size is the current size in bytes, read without a lock (an
+	// allocation of the difference storage never waits for a growth) and
+	// raised by Grow once fallocate has made the room. growMu serialises
+	// Grow.
+	geo    Geometry
+	size   atomic.Int64
+	growMu sync.Mutex
 }
 
 var (
@@ -311,6 +318,7 @@ func newFile(f *os.File, block bool) (*File, error) {
 		f.Close()
 		return nil, fmt.Errorf("probe geometry of %s: %w", f.Name(), err)
 	}
+	d.size.Store(d.geo.Size)
 	return d, nil
 }
 
@@ -370,9 +378,9 @@ func (d *File) Name() string { return d.f.Name() }
 
 // Geometry returns the file's geometry.
 func (d *File) Geometry() Geometry {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.geo
+	geo := d.geo
+	geo.Size = d.size.Load()
+	return geo
 }
 
 // ReadAt reads len(p) bytes at off.
@@ -585,15 +593,15 @@ func (d *File) Grow(size int64) error {
 	if d.block || d.mapped != nil {
 		return fmt.Errorf("grow %s: a block device or a mapped file cannot grow: %w", d.Name(), unix.EINVAL)
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if size <= d.geo.Size {
+	d.growMu.Lock()
+	defer d.growMu.Unlock()
+	if size <= d.size.Load() {
 		return nil
 	}
-	if err := unix.Fallocate(int(d.f.Fd()), 0, 0, size); err != nil {
+	if err := unix.Fallocate(d.fd, 0, 0, size); err != nil {
 		return fmt.Errorf("grow %s to %d bytes: %w", d.Name(), size, err)
 	}
-	d.geo.Size = size
+	d.size.Store(size)
 	return nil
 }
 

@@ -278,3 +278,61 @@ func TestFileDevice(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestAllocDuringGrowth holds a storage file in the middle of a growth (its
+// fallocate lock taken, as while fallocate runs) and allocates every
+// sector planned meanwhile: allocation takes what is there and never waits
+// for the growth.
+func TestAllocDuringGrowth(t *testing.T) {
+	const minimum = 2048 // 1 MiB steps
+	path := filepath.Join(t.TempDir(), "diff")
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ds, err := NewFileDevice(f, 8*minimum, Options{MinimumSectors: minimum})
+	if err != nil {
+		f.Close()
+		t.Fatal(err)
+	}
+	defer ds.Close()
+	f.growMu.Lock() // a fallocate that does not end until the test says so
+	growing := true
+	defer func() {
+		if growing {
+			f.growMu.Unlock()
+		}
+	}()
+	done := make(chan error, 1)
+	go func() {
+		// Past the low-water mark a growth starts (and blocks), planning
+		// one more step, which is allocated as well.
+		for range 2 * minimum / 128 {
+			r, err := ds.Alloc(128, 512)
+			if err == nil {
+				err = r.WriteAt(make([]byte, 512), 0)
+			}
+			if err != nil {
+				done <- err
+				return
+			}
+		}
+		done <- nil
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("allocation waited for the growth of the storage file")
+	}
+	f.growMu.Unlock()
+	growing = false
+	if st := ds.Stats(); st.Filled != 2*minimum || st.Overflow {
+		t.Errorf("stats %+v, want %d sectors filled and no overflow", st, 2*minimum)
+	}
+}

@@ -27,7 +27,9 @@ func fakeBlockDevice(t *testing.T, sectors int64) *File {
 	if err := f.Truncate(sectors << SectorShift); err != nil {
 		t.Fatal(err)
 	}
-	return &File{f: f, fd: int(f.Fd()), block: true, geo: Geometry{Size: sectors << SectorShift, LogicalBlockSize: SectorSize, PhysicalBlockSize: 4096, MinIOSize: 4096}}
+	d := &File{f: f, fd: int(f.Fd()), dfd: -1, block: true, geo: Geometry{Size: sectors << SectorShift, LogicalBlockSize: SectorSize, PhysicalBlockSize: 4096, MinIOSize: 4096}}
+	d.size.Store(d.geo.Size)
+	return d
 }
 
 // fixedDevice hides the Grower of a MemDevice: a device of fixed size.

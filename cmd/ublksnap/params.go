@@ -69,6 +69,9 @@ func flagName(param string) string { return strings.ReplaceAll(param, "_", "-") 
 
 // paramUsage is the help line of a parameter's flag.
 func paramUsage(name string) string {
+	if name == "chunk_copy_in_kernel" {
+		return "1: save a chunk with copy_file_range where the original and the difference storage are regular files of one file system; 0: through a chunk buffer, as blksnap"
+	}
 	switch cow.ParamUnit(name) {
 	case cow.UnitSectors, cow.UnitBytes:
 		return "blksnap's " + name + ", a size such as 64MiB"

@@ -105,7 +105,10 @@ type SnapshotMember struct {
 	ImageIOMode  string `json:"image_io_mode,omitempty"` // how the image's data moves: "copy", "user-copy" or "zero-copy"
 	ChunkSize    uint64 `json:"chunk_size,omitempty"`
 	ChunksCopied uint64 `json:"chunks_copied"`
-	ErrorCode    int    `json:"error_code"` // negative errno once corrupted, else 0
+	// ChunksCopiedInKernel counts the copied chunks saved by an in-kernel
+	// copy (copy_file_range), never in the daemon's memory.
+	ChunksCopiedInKernel uint64 `json:"chunks_copied_in_kernel"`
+	ErrorCode            int    `json:"error_code"` // negative errno once corrupted, else 0
 }
 
 // StorageInfo is a difference storage's accounting, in bytes.

@@ -22,7 +22,8 @@ func snapshotToWire(s snapshot.SnapshotInfo, err error) (api.Snapshot, error) {
 		Storage: api.StorageInfo{Capacity: uint64(s.Storage.Capacity), Used: uint64(s.Storage.Used), Limit: uint64(s.Storage.Limit)}}
 	for _, m := range s.Members {
 		out.Devices = append(out.Devices, api.SnapshotMember{Device: m.Device, Image: m.Image, ImageIOMode: m.ImageIOMode,
-			ChunkSize: uint64(m.ChunkSize), ChunksCopied: uint64(m.ChunksCopied), ErrorCode: -int(m.Errno)})
+			ChunkSize: uint64(m.ChunkSize), ChunksCopied: uint64(m.ChunksCopied),
+			ChunksCopiedInKernel: uint64(m.KernelCopied), ErrorCode: -int(m.Errno)})
 	}
 	return out, err
 }
