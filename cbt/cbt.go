@@ -27,8 +27,14 @@
 //
 // # Locks
 //
-// Map.mu guards everything but the immutable block geometry. Mark holds it
-// for a byte per block of the request: for a 4 KiB write one store.
+// Mark takes no lock: the write map's bytes are raised atomically (packed
+// four to an atomic word) to the active number, itself an atomic read, and
+// a mark out of range sets an atomic flag; for a 4 KiB write that is one
+// compare-and-swap, or a load when the block is already marked. Map.mu
+// guards everything else but the immutable block geometry, and serialises
+// the writers of the active number and of the read map. A Switch must not
+// run while Marks do (the daemon switches only while the device's changes
+// are paused), or a change may count in either interval.
 //
 // # Persistence
 //
@@ -42,6 +48,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/google/uuid"
 )
@@ -87,13 +94,18 @@ type Map struct {
 	shift    uint  // log2 of the block size; immutable
 	capacity int64 // device size in bytes; immutable
 
+	// write is the interval of each block's last write, raised without
+	// a lock; active is the interval being written, read without a lock
+	// and stored under mu; corrupted is set when a mark fell outside the
+	// map, and cleared under mu.
+	write     atomicBytes
+	active    atomic.Uint32
+	corrupted atomic.Bool
+
 	mu         sync.Mutex
-	write      []byte    // interval of each block's last write; guarded by mu
 	read       []byte    // the write map at the last take, plus dirty marks; guarded by mu
-	active     uint8     // the interval being written; guarded by mu
 	previous   uint8     // the interval of the last take (changes number); guarded by mu
 	generation uuid.UUID // guarded by mu
-	corrupted  bool      // a mark fell outside the map; guarded by mu
 }
 
 // New returns a fresh map of a device of capacity bytes: a new
@@ -101,18 +113,19 @@ type Map struct {
 func New(capacity int64, p Params) *Map {
 	shift := p.BlockShift(capacity)
 	n := blocks(capacity, shift)
-	m := &Map{shift: shift, capacity: capacity, write: make([]byte, n), read: make([]byte, n)}
+	m := &Map{shift: shift, capacity: capacity, write: newAtomicBytes(n), read: make([]byte, n)}
 	m.resetLocked()
 	return m
 }
 
 // resetLocked starts a new generation with cleared maps.
 func (m *Map) resetLocked() {
-	clear(m.write)
+	m.write.set(make([]byte, m.write.n))
 	clear(m.read)
-	m.active, m.previous = 1, 0
+	m.active.Store(1)
+	m.previous = 0
 	m.generation = uuid.New()
-	m.corrupted = false
+	m.corrupted.Store(false)
 }
 
 // Info returns the map's geometry, generation and changes number.
@@ -123,7 +136,7 @@ func (m *Map) Info() Info {
 }
 
 func (m *Map) infoLocked() Info {
-	return Info{BlockSize: 1 << m.shift, BlockCount: int64(len(m.write)), Capacity: m.capacity,
+	return Info{BlockSize: 1 << m.shift, BlockCount: m.write.n, Capacity: m.capacity,
 		Generation: m.generation, Changes: m.previous}
 }
 
@@ -131,7 +144,7 @@ func (m *Map) infoLocked() Info {
 // past the end marks the map corrupted: its next Switch starts a new
 // generation.
 func (m *Map) Mark(off, length int64) {
-	m.mark(off, length, false)
+	_ = m.mark(off, length, false)
 }
 
 // MarkBoth records a change of length bytes at off in both maps: the
@@ -145,19 +158,20 @@ func (m *Map) mark(off, length int64, both bool) error {
 		return nil
 	}
 	first, last, ok := m.span(off, length)
-	m.mu.Lock()
-	defer m.mu.Unlock()
 	if !ok {
-		m.corrupted = true
+		m.corrupted.Store(true)
 		return fmt.Errorf("%w: %d bytes at %d, device of %d bytes", ErrRange, length, off, m.capacity)
 	}
+	if both {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		for i := first; i <= last; i++ {
+			m.read[i] = max(m.read[i], m.previous)
+		}
+	}
+	active := byte(m.active.Load())
 	for i := first; i <= last; i++ {
-		if m.write[i] < m.active {
-			m.write[i] = m.active
-		}
-		if both && m.read[i] < m.previous {
-			m.read[i] = m.previous
-		}
+		m.write.raise(i, active)
 	}
 	return nil
 }
@@ -177,12 +191,12 @@ func (m *Map) span(off, length int64) (first, last int64, ok bool) {
 func (m *Map) Switch() Info {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.active == 255 || m.corrupted {
+	if m.active.Load() == 255 || m.corrupted.Load() {
 		m.resetLocked()
 	}
-	m.previous = m.active
-	m.active++
-	copy(m.read, m.write)
+	m.previous = byte(m.active.Load())
+	m.active.Add(1)
+	m.write.copyTo(m.read)
 	return m.infoLocked()
 }
 

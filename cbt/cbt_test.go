@@ -154,7 +154,7 @@ func TestSaveLoad(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if l.Info() != m.Info() || !reflect.DeepEqual(l.write, m.write) || !reflect.DeepEqual(l.read, m.read) || l.active != m.active {
+	if l.Info() != m.Info() || !reflect.DeepEqual(l.write.bytes(), m.write.bytes()) || !reflect.DeepEqual(l.read, m.read) || l.active.Load() != m.active.Load() {
 		t.Fatalf("loaded %+v, saved %+v", l.Info(), m.Info())
 	}
 	if _, err := Load(b, capacity+4096, defaults); err == nil {
@@ -286,5 +286,29 @@ func TestRunsMatchChanged(t *testing.T) {
 	}
 	if _, err := m.Runs(Point{info.Generation, 0}, capacity, 1, 1); !errors.Is(err, ErrRange) {
 		t.Errorf("Runs past the end: %v", err)
+	}
+}
+
+// Marks from many goroutines at once, over overlapping ranges, take no
+// lock and lose none; the next switch sees them all.
+func TestMarkConcurrent(t *testing.T) {
+	const blocks = 1000
+	m := New(blocks<<16, Params{MinShift: 16, MaxShift: 16, MaxCount: blocks})
+	m.Switch() // marks now carry 2
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			for i := g; i < blocks; i += 3 {
+				m.Mark(int64(i)<<16, int64(min(2, blocks-i))<<16) // this block and the next
+			}
+		})
+	}
+	wg.Wait()
+	m.Switch()
+	read, info := m.ReadMap()
+	for i, v := range read {
+		if v != 2 {
+			t.Fatalf("block %d of %d carries %d after concurrent marks, want 2 (changes %d)", i, len(read), v, info.Changes)
+		}
 	}
 }

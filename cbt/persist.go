@@ -35,15 +35,15 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 func (m *Map) MarshalBinary() ([]byte, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.corrupted {
+	if m.corrupted.Load() {
 		return nil, errors.New("save change tracking map: it is corrupted")
 	}
-	b := make([]byte, headerSize, headerSize+2*len(m.write)+trailerSize)
+	b := make([]byte, headerSize, headerSize+2*m.write.n+trailerSize)
 	copy(b, savedMagic)
-	b[8], b[9], b[10] = byte(m.shift), m.active, m.previous
+	b[8], b[9], b[10] = byte(m.shift), byte(m.active.Load()), m.previous
 	binary.LittleEndian.PutUint64(b[16:], uint64(m.capacity))
 	copy(b[24:40], m.generation[:])
-	b = append(b, m.write...)
+	b = append(b, m.write.bytes()...)
 	b = append(b, m.read...)
 	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli)), nil
 }
@@ -59,8 +59,8 @@ func Load(b []byte, capacity int64, p Params) (*Map, error) {
 	if crc32.Checksum(body, castagnoli) != binary.LittleEndian.Uint32(b[len(body):]) {
 		return nil, fmt.Errorf("%w: checksum mismatch", ErrBadSave)
 	}
-	m := &Map{shift: uint(b[8]), active: b[9], previous: b[10],
-		capacity: int64(binary.LittleEndian.Uint64(b[16:]))}
+	m := &Map{shift: uint(b[8]), previous: b[10], capacity: int64(binary.LittleEndian.Uint64(b[16:]))}
+	m.active.Store(uint32(b[9]))
 	copy(m.generation[:], b[24:40])
 	if m.capacity != capacity {
 		return nil, fmt.Errorf("%w: saved for %d bytes, the device has %d", ErrBadSave, m.capacity, capacity)
@@ -69,11 +69,12 @@ func Load(b []byte, capacity int64, p Params) (*Map, error) {
 		return nil, fmt.Errorf("%w: blocks of 2^%d bytes, the parameters give 2^%d", ErrBadSave, m.shift, want)
 	}
 	n := blocks(capacity, m.shift)
-	if int64(len(body)-headerSize) != 2*n || m.active == 0 || m.previous >= m.active {
+	if int64(len(body)-headerSize) != 2*n || b[9] == 0 || m.previous >= b[9] {
 		return nil, fmt.Errorf("%w: inconsistent", ErrBadSave)
 	}
 	maps := body[headerSize:]
-	m.write = append([]byte(nil), maps[:n]...)
+	m.write = newAtomicBytes(n)
+	m.write.set(maps[:n])
 	m.read = append([]byte(nil), maps[n:]...)
 	return m, nil
 }

@@ -65,16 +65,24 @@ type Chunk struct {
 	state atomic.Uint32
 	// buf holds the snapshot's data while InMemory; guarded by lock.
 	buf *DiffBuffer
-	// region is where the data is stored, allocated on the first store and
-	// kept for later stores; guarded by lock.
-	region *storage.DiffRegion
+	// region is where the data is stored (none while it has no Dev),
+	// allocated on the first store and kept for later stores; guarded by
+	// lock.
+	region storage.DiffRegion
 	// queued is set while the chunk is in the store queue; guarded by
 	// DiffArea.storeMu.
 	queued bool
 }
 
-func newChunk(number uint64, sectors int64) *Chunk {
-	return &Chunk{number: number, sectorCount: sectors, lock: newSemaphore()}
+// chunkSlabSize is how many chunks a chunkSlab holds.
+const chunkSlabSize = 32
+
+// chunkSlab is a block of chunks a difference area hands out one by one,
+// in the order they are first touched, so that touching a chunk allocates
+// one slab per chunkSlabSize chunks rather than a chunk each time.
+type chunkSlab struct {
+	chunks [chunkSlabSize]Chunk
+	next   atomic.Int32 // the first chunk not handed out
 }
 
 // State returns the chunk's state.

@@ -16,7 +16,7 @@ func TestChunkTable(t *testing.T) {
 		got[g] = make([]*Chunk, count)
 		wg.Go(func() {
 			for nr := range uint64(count) {
-				got[g][nr] = tab.getOrAdd(nr, newChunk(nr, 8))
+				got[g][nr] = tab.getOrAdd(nr, &Chunk{number: nr})
 			}
 		})
 	}
@@ -40,7 +40,7 @@ func TestChunkTable(t *testing.T) {
 		t.Error("a lookup out of range found a chunk")
 	}
 	huge := newChunkTable(1 << 40)
-	c := newChunk(1<<40-1, 8)
+	c := &Chunk{number: 1<<40 - 1}
 	if huge.getOrAdd(1<<40-1, c) != c || huge.lookup(1<<40-1) != c {
 		t.Error("the last chunk of a huge device is not kept")
 	}

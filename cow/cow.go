@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 
 	"github.com/ublksnap/ublksnap/storage"
 )
@@ -40,6 +41,8 @@ func (da *DiffArea) cow(ctx context.Context, off, n int64) error {
 
 // cowBatch is what one pass of cow holds: locked New chunks not copied
 // yet, loads with a buffer each and copies in the kernel without one.
+// Batches are kept for reuse (DiffArea.batches), so that a pass allocates
+// nothing.
 type cowBatch struct {
 	loads  []*Chunk
 	copies []*Chunk
@@ -51,20 +54,60 @@ type cowBatch struct {
 func (da *DiffArea) flush(b *cowBatch) (again bool) {
 	b.loads = da.loadPending(b.loads)
 	again = da.copyPending(b.copies)
-	clear(b.copies)
-	b.copies = b.copies[:0]
+	b.reset()
 	return again
+}
+
+// batchCacheSize is how many spare batches a batchCache keeps: more than
+// a device has passes at once in the common case.
+const batchCacheSize = 64
+
+// batchCache keeps spare batches in slots taken and filled by atomic
+// swaps: no lock, and, unlike a sync.Pool, nothing dropped behind the
+// caller's back, so a pass allocates nothing once enough batches exist.
+type batchCache [batchCacheSize]atomic.Pointer[cowBatch]
+
+// get returns a spare batch, or a new one if there is none.
+func (bc *batchCache) get() *cowBatch {
+	for i := range bc {
+		if b := bc[i].Swap(nil); b != nil {
+			return b
+		}
+	}
+	return new(cowBatch)
+}
+
+// put keeps an empty batch for later, if a slot is free.
+func (bc *batchCache) put(b *cowBatch) {
+	for i := range bc {
+		if bc[i].CompareAndSwap(nil, b) {
+			return
+		}
+	}
+}
+
+// reset empties the batch, keeping its arrays for the next pass.
+func (b *cowBatch) reset() {
+	clear(b.loads)
+	clear(b.copies)
+	b.loads, b.copies = b.loads[:0], b.copies[:0]
 }
 
 // cowPass is one pass of cow over the range; again reports that the
 // kernel refused a copy and the range must be gone over once more.
 func (da *DiffArea) cowPass(ctx context.Context, off, n int64) (again bool, err error) {
 	first, last := da.chunkSpan(off, n)
-	var b cowBatch
+	b := da.batches.get()
+	defer func() {
+		if len(b.loads)+len(b.copies) == 0 { // not after a panic midway
+			da.batches.put(b)
+		}
+	}()
 	for nr := first; nr <= last; nr++ {
 		if da.corrupted.Load() {
 			da.abandon(b.loads)
 			da.abandon(b.copies)
+			b.reset()
 			return false, nil
 		}
 		c := da.lookup(nr)
@@ -75,7 +118,7 @@ func (da *DiffArea) cowPass(ctx context.Context, off, n int64) (again bool, err 
 			c = da.chunkGet(nr)
 		}
 		if !c.lock.tryAcquire() {
-			if da.flush(&b) {
+			if da.flush(b) {
 				return true, nil
 			}
 			if err := c.lock.acquire(ctx, da.stop); err != nil {
@@ -92,7 +135,7 @@ func (da *DiffArea) cowPass(ctx context.Context, off, n int64) (again bool, err 
 		}
 		buf := da.buffers.tryTake()
 		if buf == nil {
-			if da.flush(&b) {
+			if da.flush(b) {
 				c.lock.release()
 				return true, nil
 			}
@@ -105,7 +148,7 @@ func (da *DiffArea) cowPass(ctx context.Context, off, n int64) (again bool, err 
 		c.buf = buf
 		b.loads = append(b.loads, c)
 	}
-	return da.flush(&b), nil
+	return da.flush(b), nil
 }
 
 // copyPending copies the pending chunks from the original into regions of
@@ -127,7 +170,7 @@ func (da *DiffArea) copyPending(pending []*Chunk) (refused bool) {
 			da.abandon(pending[i:])
 			return false
 		}
-		run := *pending[i].region
+		run := pending[i].region
 		bytes := pending[i].bytes()
 		j := i + 1
 		for ; j < len(pending) && pending[j].number == pending[j-1].number+1; j++ {

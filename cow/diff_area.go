@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ublksnap/ublksnap/internal/admit"
 	"github.com/ublksnap/ublksnap/internal/broadcast"
 	"github.com/ublksnap/ublksnap/storage"
 )
@@ -37,6 +38,12 @@ var (
 	ErrCloseTimeout = errors.New("cow: requests still in I/O when the close timed out")
 )
 
+// maxStoreWorkers is how many chunks of one area are stored at once, each
+// by a worker of its own: a storage that takes several writes in flight
+// (any disk, and io_uring's workers on a file) stores that much faster,
+// and the writers that wait for buffers wait that much less.
+const maxStoreWorkers = 4
+
 // storeRetryDelay is how long the store worker pauses when every queued
 // chunk is locked by someone else.
 const storeRetryDelay = 50 * time.Microsecond
@@ -60,15 +67,27 @@ type DiffArea struct {
 	// chunks is the sparse map of the chunks touched so far, read and
 	// added to without a lock. Chunks are only added, never removed.
 	chunks *chunkTable
+	// jobs hands requests whose COW must wait to an idle worker
+	// (runAsync); unbuffered, so that a job goes only to a worker ready
+	// for it.
+	jobs chan asyncJob
+	// batches keeps the spare batches of cow passes.
+	batches batchCache
+	// slab is where new chunks come from (newChunk).
+	slab atomic.Pointer[chunkSlab]
 
 	// storeMu guards the store queue: the InMemory chunks waiting to be
 	// written to the difference storage, in the order they were loaded;
-	// storeProcessing, set while the store worker runs; and storeIdle,
-	// broadcast when the worker stops.
-	storeMu         sync.Mutex
-	storeQueue      []*Chunk
-	storeProcessing bool
-	storeIdle       broadcast.Signal
+	// storeWorkers, the store workers started (at most maxStoreWorkers;
+	// each waits on storeWake when out of work, until Close) and
+	// storeBusy, those storing; and storeIdle, broadcast when storeBusy
+	// drops to 0.
+	storeMu      sync.Mutex
+	storeQueue   []*Chunk
+	storeWorkers int
+	storeBusy    int
+	storeIdle    broadcast.Signal
+	storeWake    chan struct{} // wakes a waiting store worker; maxStoreWorkers slots; immutable
 	// draining makes the store worker store every queued chunk (Drain);
 	// set once, under storeMu.
 	draining bool
@@ -98,13 +117,10 @@ type DiffArea struct {
 	cancel context.CancelFunc
 	stop   <-chan struct{}
 
-	// opsMu guards closed, set by Close; ops, the number of requests
-	// inside the area; and opsIdle, broadcast when ops drops to 0. Close
-	// waits for no request and no store worker.
-	opsMu   sync.Mutex
-	closed  bool
-	ops     int
-	opsIdle broadcast.Signal
+	// door counts the requests inside the area, each admitted and let
+	// out by one atomic operation; Close closes it for good and waits for
+	// it to drain (and for no store worker).
+	door admit.Door
 }
 
 // Option configures a DiffArea at creation.
@@ -170,11 +186,38 @@ func NewDiffArea(orig storage.Device, ds *storage.DiffStorage, params Params, lo
 		ctx:           ctx,
 		cancel:        cancel,
 		stop:          ctx.Done(),
+		jobs:          make(chan asyncJob),
+		storeWake:     make(chan struct{}, maxStoreWorkers),
 	}
 	da.kernelCopy.Store(params.ChunkCopyInKernel == 1 && storage.KernelCopyable(orig))
 	da.buffers = newDiffBufferPool(chunkBytes, params.FreeDiffBufferPoolSize, o.budget, da.kick)
 	da.log.Debug("difference area created", "chunk_bytes", chunkBytes, "chunks", da.chunkCount)
 	return da, nil
+}
+
+// runAsync runs j on an idle worker of the area, or on a new one if all
+// are busy. A worker waits for the next job once done, until Close, so
+// that in a steady stream of first writes no request starts a goroutine
+// (or allocates): the workers are as many as the most jobs ever at once,
+// at most the requests the device has in flight.
+func (da *DiffArea) runAsync(j asyncJob) {
+	select {
+	case da.jobs <- j:
+	default:
+		go da.asyncWorker(j)
+	}
+}
+
+// asyncWorker runs j, then the jobs it is handed, until the area closes.
+func (da *DiffArea) asyncWorker(j asyncJob) {
+	for {
+		j.run()
+		select {
+		case j = <-da.jobs:
+		case <-da.stop:
+			return
+		}
+	}
 }
 
 // Original returns the original device of the area.
@@ -238,24 +281,10 @@ func (da *DiffArea) Stats() Stats {
 func (da *DiffArea) BufferBudget() *BufferBudget { return da.buffers.budget }
 
 // enter registers a request; it fails once Close has started.
-func (da *DiffArea) enter() bool {
-	da.opsMu.Lock()
-	defer da.opsMu.Unlock()
-	if da.closed {
-		return false
-	}
-	da.ops++
-	return true
-}
+func (da *DiffArea) enter() bool { return da.door.TryEnter() }
 
 // leave ends a request registered by enter.
-func (da *DiffArea) leave() {
-	da.opsMu.Lock()
-	defer da.opsMu.Unlock()
-	if da.ops--; da.ops == 0 {
-		da.opsIdle.Broadcast()
-	}
-}
+func (da *DiffArea) leave() { da.door.Leave() }
 
 // chunkSpan returns the numbers of the first and last chunks of n > 0
 // bytes at off.
@@ -277,7 +306,23 @@ func (da *DiffArea) chunkGet(nr uint64) *Chunk {
 	if c := da.lookup(nr); c != nil {
 		return c
 	}
-	return da.chunks.getOrAdd(nr, newChunk(nr, da.chunkSectors(nr)))
+	return da.chunks.getOrAdd(nr, da.newChunk(nr))
+}
+
+// newChunk returns a New chunk nr, not in the map yet, from the current
+// slab (a chunk that loses the race to enter the map stays unused there).
+func (da *DiffArea) newChunk(nr uint64) *Chunk {
+	for {
+		s := da.slab.Load()
+		if s != nil {
+			if i := s.next.Add(1) - 1; i < chunkSlabSize {
+				c := &s.chunks[i]
+				c.number, c.sectorCount = nr, da.chunkSectors(nr)
+				return c
+			}
+		}
+		da.slab.CompareAndSwap(s, new(chunkSlab))
+	}
 }
 
 // checkRange validates an I/O range against the device.
@@ -318,13 +363,19 @@ func (da *DiffArea) kick() {
 	da.kickLocked()
 }
 
-// kickLocked is kick; da.storeMu must be held.
+// kickLocked is kick: it sets store workers to work, up to
+// maxStoreWorkers and no more than chunks wait, waking those that wait
+// before starting new ones; da.storeMu must be held.
 func (da *DiffArea) kickLocked() {
-	if da.storeProcessing || !da.storeNeededLocked() {
-		return
+	for da.storeBusy < min(maxStoreWorkers, len(da.storeQueue)) && da.storeNeededLocked() {
+		da.storeBusy++
+		if da.storeBusy <= da.storeWorkers {
+			da.storeWake <- struct{}{} // a slot per worker: never blocks
+			continue
+		}
+		da.storeWorkers++
+		go da.storeWorker()
 	}
-	da.storeProcessing = true
-	go da.storeWorker()
 }
 
 // storeNeededLocked reports whether the store worker should run: queued
@@ -340,15 +391,25 @@ func (da *DiffArea) storeNeededLocked() bool {
 }
 
 // storeWorker stores queued chunks while storeNeededLocked holds (blksnap's
-// store_queue_work).
+// store_queue_work), beside the area's other workers, each taking the
+// first chunk free.
+// Out of work, it waits to be woken by kickLocked (which counted it busy
+// again), or leaves once the area closes.
 func (da *DiffArea) storeWorker() {
 	for {
 		da.storeMu.Lock()
 		if !da.storeNeededLocked() {
-			da.storeProcessing = false
-			da.storeIdle.Broadcast()
+			if da.storeBusy--; da.storeBusy == 0 {
+				da.storeIdle.Broadcast()
+			}
 			da.storeMu.Unlock()
-			return // touching nothing more: Close may free the area now
+			select {
+			case <-da.storeWake:
+				continue
+			case <-da.stop:
+				da.storeStopped()
+				return // touching nothing more: Close may free the area now
+			}
 		}
 		c := da.storeTakeLocked()
 		da.storeMu.Unlock()
@@ -360,6 +421,22 @@ func (da *DiffArea) storeWorker() {
 		}
 		da.storeChunk(c) // survives a panic, keeping c.lock
 		c.lock.release() // exactly once, whatever happened
+	}
+}
+
+// storeStopped is the end of a store worker that left on Close: a wake
+// token sent to the waiting workers just before Close (kickLocked sends
+// none after) counted one of them busy; whoever leaves takes the tokens
+// back, so that the count of busy workers Close waits for drops to 0.
+func (da *DiffArea) storeStopped() {
+	da.storeMu.Lock()
+	defer da.storeMu.Unlock()
+	for len(da.storeWake) > 0 {
+		<-da.storeWake
+		da.storeBusy--
+	}
+	if da.storeBusy == 0 {
+		da.storeIdle.Broadcast()
 	}
 }
 
@@ -418,7 +495,7 @@ func (da *DiffArea) storeChunk(c *Chunk) {
 // allocRegion gives c a region of the difference storage, unless it has
 // one; c.lock must be held.
 func (da *DiffArea) allocRegion(c *Chunk) error {
-	if c.region != nil {
+	if c.region.Dev != nil {
 		return nil
 	}
 	r, err := da.diffStorage.Alloc(int64(1)<<(da.chunkShift-storage.SectorShift), da.logicalBlksz)
@@ -512,13 +589,9 @@ func (da *DiffArea) setCorrupted(err error) {
 // returns an error wrapping ErrCloseTimeout; the chunks are freed in the
 // background once the stuck goroutines come back, never under them.
 func (da *DiffArea) Close(ctx context.Context) error {
-	da.opsMu.Lock()
-	if da.closed {
-		da.opsMu.Unlock()
+	if !da.door.Close() {
 		return ErrClosed
 	}
-	da.closed = true
-	da.opsMu.Unlock()
 	da.cancel()
 	if err := da.waitIdle(ctx); err == nil {
 		da.free()
@@ -536,10 +609,10 @@ func (da *DiffArea) Close(ctx context.Context) error {
 // has stopped, or ctx ends (ctx.Err()). After Close's cancel neither can
 // start again. An idle area is seen as idle whatever the state of ctx.
 func (da *DiffArea) waitIdle(ctx context.Context) error {
-	if err := waitUntil(ctx, &da.opsMu, &da.opsIdle, func() bool { return da.ops == 0 }); err != nil {
+	if err := da.door.Drain(ctx); err != nil {
 		return err
 	}
-	return waitUntil(ctx, &da.storeMu, &da.storeIdle, func() bool { return !da.storeProcessing })
+	return waitUntil(ctx, &da.storeMu, &da.storeIdle, func() bool { return da.storeBusy == 0 })
 }
 
 // waitUntil waits until cond, which mu guards, holds; sig is broadcast

@@ -41,9 +41,9 @@
 //     change.
 //   - The chunk map needs no lock: a two-level table of atomic pointers,
 //     added to by compare-and-swap (chunks are only added).
-//   - DiffArea.storeMu guards the store queue and the worker flag.
-//   - DiffArea.opsMu guards the count of requests inside the area and the
-//     closed flag.
+//   - DiffArea.storeMu guards the store queue and the workers' counts.
+//   - DiffArea.door (admit.Door) counts the requests inside the area, with
+//     its closed bit, in one atomic word: no lock for a request.
 //   - diffBufferPool.mu guards an area's free buffers and counts.
 //   - BufferBudget.mu guards the budget's bytes, its queue of waiters and
 //     its member pools; the budget calls nothing while holding it.
@@ -78,15 +78,21 @@
 // range is New it answers ErrWouldBlock (syscall.EAGAIN) having changed
 // nothing, and the request is retried where blocking is allowed.
 // Original.WriteAsync packages both: it writes at once when it can and
-// otherwise returns ErrPending and finishes on a goroutine.
+// otherwise returns ErrPending and finishes on a worker of the area: an
+// idle one if there is one (they wait for the next job until Close), a new
+// one otherwise, so that a stream of first writes starts no goroutine and
+// allocates nothing per request. Chunks come from slabs, the passes'
+// batches are kept for reuse, and the chunk map is read and added to
+// without a lock.
 //
 // # Store queue and memory bound
 //
-// Loaded chunks wait in the store queue. The store worker runs when more
-// than chunk_maximum_in_queue chunks wait, when a writer starves for a
-// buffer, or when the area is corrupted (to free the buffers); it allocates
-// a region on a chunk's first store, writes the buffer there, marks the
-// chunk Stored and returns the buffer to the pool.
+// Loaded chunks wait in the store queue. The store worker (up to four per
+// area, each storing one chunk at a time, so that several stores are in
+// flight) runs when more than chunk_maximum_in_queue chunks wait, when a
+// writer starves for a buffer, or when the area is corrupted (to free the
+// buffers); it allocates a region on a chunk's first store, writes the
+// buffer there, marks the chunk Stored and returns the buffer to the pool.
 //
 // Every live buffer, in use or kept free, holds its size in bytes of a
 // BufferBudget. An area given none (NewDiffArea without

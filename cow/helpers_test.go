@@ -105,11 +105,11 @@ func (l *rangeLocks) unlock(off, n int64) {
 	}
 }
 
-// waitStoreIdle waits until the store worker is not running.
+// waitStoreIdle waits until no store worker is running.
 func waitStoreIdle(da *DiffArea) {
 	for {
 		da.storeMu.Lock()
-		busy := da.storeProcessing
+		busy := da.storeBusy > 0
 		da.storeMu.Unlock()
 		if !busy {
 			return

@@ -285,7 +285,7 @@ func fill(dst, src []byte) {
 }
 
 // writeRegion writes l bytes of src (zeros if nil) at off of a region.
-func writeRegion(r *storage.DiffRegion, src []byte, off, l int64) error {
+func writeRegion(r storage.DiffRegion, src []byte, off, l int64) error {
 	if src != nil {
 		return r.WriteAt(src, off)
 	}

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"testing"
 
@@ -155,13 +156,21 @@ func firstDiff(a, b []byte) int {
 // TestModel runs the model with several seeds, on in-memory devices and on
 // files (the difference storage then being a growable unnamed file), where
 // chunks are saved by an in-kernel copy ("file") or through buffers
-// ("file-buffers").
+// ("file-buffers"). UBLKSNAP_MODEL_OPS sets the requests per worker (300;
+// 125000 makes the 10^6 requests of a long run).
 func TestModel(t *testing.T) {
 	const (
 		size    = 32<<20 + 1536 // the last 4 KiB chunk has 3 sectors
 		workers = 8
-		ops     = 300
 	)
+	ops := 300
+	if v := os.Getenv("UBLKSNAP_MODEL_OPS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			t.Fatalf("UBLKSNAP_MODEL_OPS=%q: want a positive count", v)
+		}
+		ops = n
+	}
 	for _, backing := range []string{"mem", "file", "file-buffers"} {
 		for seed := uint64(1); seed <= 3; seed++ {
 			t.Run(fmt.Sprintf("%s/seed=%d", backing, seed), func(t *testing.T) {

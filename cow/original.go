@@ -112,7 +112,7 @@ func (o *Original) WriteZeroes(ctx context.Context, off, n int64, nowait bool) e
 // WriteAsync is Write for a caller that must not block, such as the ublk
 // queue goroutine. When no chunk needs loading it writes at once and
 // returns the result (nil or an error), and done is not called. Otherwise
-// it returns ErrPending at once and a new goroutine does the COW (loading
+// it returns ErrPending at once and a worker goroutine does the COW (loading
 // the chunks, postponing the write until all are in memory) and the write,
 // then calls done with the result. p must stay valid until then.
 func (o *Original) WriteAsync(off int64, p []byte, done func(error)) error {
@@ -129,31 +129,56 @@ func (o *Original) WriteZeroesAsync(off, n int64, done func(error)) error {
 	return o.async(opWriteZeroes, off, n, nil, done)
 }
 
-// async tries the request without blocking and hands it to a goroutine if
-// that would block.
+// async tries the request without blocking and hands it to a worker of
+// the diff area if that would block.
 func (o *Original) async(op writeOp, off, n int64, p []byte, done func(error)) error {
 	err := o.submit(context.Background(), op, off, n, p, true)
 	if !errors.Is(err, ErrWouldBlock) {
 		return err
 	}
-	go o.finish(op, off, n, p, done)
+	o.handOff(asyncJob{o: o, op: op, off: off, n: n, p: p, change: true, done: done})
 	return ErrPending
 }
 
-// finish does a request handed off by async and calls done. A panic fails
-// only this request (EIO) and corrupts the snapshot, if there is one: the
-// process and every other device go on.
-func (o *Original) finish(op writeOp, off, n int64, p []byte, done func(error)) {
+// asyncJob is a data-changing request whose COW must wait, handed from
+// the caller that must not block to a worker (DiffArea.runAsync).
+type asyncJob struct {
+	o      *Original
+	op     writeOp
+	off, n int64
+	p      []byte      // the data of a write
+	change bool        // make the change after the COW (WriteAsync), not only the COW (PrepareAsync)
+	done   func(error) // called with the result
+}
+
+// run does the job and calls done. A panic fails only this request (EIO)
+// and corrupts the snapshot, if there is one: the process and every other
+// device go on.
+func (j asyncJob) run() {
 	defer func() {
 		if r := recover(); r != nil {
-			err := fmt.Errorf("%v %s [%d+%d]: panic: %v: %w", op, o.dev.Name(), off, n, r, syscall.EIO)
-			if da := o.area.Load(); da != nil {
+			err := fmt.Errorf("%v %s [%d+%d]: panic: %v: %w", j.op, j.o.dev.Name(), j.off, j.n, r, syscall.EIO)
+			if da := j.o.area.Load(); da != nil {
 				da.Corrupt(err)
 			}
-			done(err)
+			j.done(err)
 		}
 	}()
-	done(o.submit(context.Background(), op, off, n, p, false))
+	if j.change {
+		j.done(j.o.submit(context.Background(), j.op, j.off, j.n, j.p, false))
+	} else {
+		j.done(j.o.prepare(context.Background(), j.op, j.off, j.n, false))
+	}
+}
+
+// handOff runs j on a worker of the current diff area (a goroutine of its
+// own if there is none).
+func (o *Original) handOff(j asyncJob) {
+	if da := o.area.Load(); da != nil {
+		da.runAsync(j)
+		return
+	}
+	go j.run()
 }
 
 // Prepare does the copy-on-write for a change of n bytes at off that the
@@ -172,25 +197,14 @@ func (o *Original) Prepare(ctx context.Context, off, n int64, nowait bool) error
 }
 
 // PrepareAsync is Prepare for a caller that must not block: it returns nil
-// when nothing needs copying, or ErrPending at once and copies on a new
+// when nothing needs copying, or ErrPending at once and copies on a worker
 // goroutine, which then calls done (with nil: the change may be made).
 func (o *Original) PrepareAsync(off, n int64, done func(error)) error {
 	err := o.prepare(context.Background(), opWrite, off, n, true)
 	if !errors.Is(err, ErrWouldBlock) {
 		return err
 	}
-	go func() {
-		defer func() {
-			if r := recover(); r != nil {
-				err := fmt.Errorf("copy-on-write %s [%d+%d]: panic: %v: %w", o.dev.Name(), off, n, r, syscall.EIO)
-				if da := o.area.Load(); da != nil {
-					da.Corrupt(err)
-				}
-				done(err)
-			}
-		}()
-		done(o.prepare(context.Background(), opWrite, off, n, false))
-	}()
+	o.handOff(asyncJob{o: o, op: opWrite, off: off, n: n, done: done})
 	return ErrPending
 }
 

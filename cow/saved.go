@@ -37,7 +37,7 @@ func (da *DiffArea) Drain(ctx context.Context) error {
 	da.draining = true
 	da.kickLocked()
 	da.storeMu.Unlock()
-	return waitUntil(ctx, &da.storeMu, &da.storeIdle, func() bool { return len(da.storeQueue) == 0 && !da.storeProcessing })
+	return waitUntil(ctx, &da.storeMu, &da.storeIdle, func() bool { return len(da.storeQueue) == 0 && da.storeBusy == 0 })
 }
 
 // ChunkShift is log2 of the chunk size in bytes.
@@ -102,7 +102,7 @@ func RestoreDiffArea(orig storage.Device, ds *storage.DiffStorage, params Params
 		if err != nil {
 			return fail(fmt.Errorf("restore difference area of %s: chunk #%d: %w", da.name, sc.Number, err))
 		}
-		c := newChunk(sc.Number, da.chunkSectors(sc.Number))
+		c := da.newChunk(sc.Number)
 		c.region = r
 		c.state.Store(uint32(ChunkStored))
 		da.chunks.getOrAdd(sc.Number, c)

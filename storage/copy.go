@@ -35,13 +35,13 @@ func CopyRange(dst Device, dstOff int64, src Device, srcOff, n int64) error {
 		return ErrNoKernelCopy
 	}
 	d, s := dst.(*File), src.(*File)
-	sfd := s.fd
-	if s.dfd >= 0 && (srcOff|n)&s.dioMask == 0 {
-		sfd = s.dfd
-	}
 	done := int64(0)
 	for done < n {
 		in, out := srcOff+done, dstOff+done
+		sfd := s.fd
+		if s.dfd >= 0 && (in|(n-done))&s.dioMask == 0 {
+			sfd = s.dfd // aligned for O_DIRECT: nothing of it cached
+		}
 		c, err := unix.CopyFileRange(sfd, &in, d.fd, &out, int(n-done), 0)
 		switch {
 		case err == unix.EINTR:
@@ -53,6 +53,8 @@ func CopyRange(dst Device, dstOff int64, src Device, srcOff, n int64) error {
 			return ErrNoKernelCopy
 		case err != nil:
 			return fmt.Errorf("copy %s@%d+%d to %s@%d: %w", s.Name(), in, n-done, d.Name(), out, err)
+		case c == 0 && done == 0:
+			return ErrNoKernelCopy // as os.File.ReadFrom reads it: no copy here
 		case c == 0:
 			return fmt.Errorf("copy %s@%d+%d to %s@%d: end of file: %w", s.Name(), in, n-done, d.Name(), out, unix.EIO)
 		}

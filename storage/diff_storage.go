@@ -39,7 +39,8 @@ type Range struct {
 }
 
 // DiffRegion is where the data of one chunk lives in the difference storage
-// (blksnap's struct diff_region). It is immutable.
+// (blksnap's struct diff_region), a value: the zero DiffRegion (no Dev) is
+// no region.
 type DiffRegion struct {
 	Dev    Device // the backing device
 	Sector int64  // first sector of the region on Dev
@@ -429,27 +430,27 @@ func overlap(a, n, b, m int64) bool { return a < b+m && b < a+n }
 // device whose logical block is logicalBlockSize bytes. It fails with
 // ErrNoSpace (and sets the overflow flag) when no empty block has room, and
 // with ErrBlockSize when the next block's device has larger logical blocks.
-func (ds *DiffStorage) Alloc(count int64, logicalBlockSize int) (*DiffRegion, error) {
+func (ds *DiffStorage) Alloc(count int64, logicalBlockSize int) (DiffRegion, error) {
 	ds.mu.Lock()
 	defer ds.mu.Unlock()
 	if ds.closed {
-		return nil, ErrClosed
+		return DiffRegion{}, ErrClosed
 	}
 	if ds.overflow {
-		return nil, ErrNoSpace
+		return DiffRegion{}, ErrNoSpace
 	}
 	for {
 		if len(ds.emptyBlocks) == 0 {
 			ds.overflow = true
 			ds.log.Error("difference storage overflow", "capacity", ds.capacity, "filled", ds.filled, "requested", count)
-			return nil, ErrNoSpace
+			return DiffRegion{}, ErrNoSpace
 		}
 		b := ds.emptyBlocks[0]
 		if lbs := b.dev.Geometry().LogicalBlockSize; lbs > logicalBlockSize {
-			return nil, fmt.Errorf("allocate on %s (%d-byte blocks) for a device with %d-byte blocks: %w", b.dev.Name(), lbs, logicalBlockSize, ErrBlockSize)
+			return DiffRegion{}, fmt.Errorf("allocate on %s (%d-byte blocks) for a device with %d-byte blocks: %w", b.dev.Name(), lbs, logicalBlockSize, ErrBlockSize)
 		}
 		if avail := b.count - b.used; avail >= count {
-			r := &DiffRegion{Dev: b.dev, Sector: b.sector + b.used, Count: count}
+			r := DiffRegion{Dev: b.dev, Sector: b.sector + b.used, Count: count}
 			b.used += count
 			ds.filled += count
 			ds.checkLowSpaceLocked()

@@ -161,13 +161,13 @@ func Restore(l Layout, paths []string, opts Options) (*DiffStorage, error) {
 
 // Region returns the region of count sectors at sector of Devices[dev], as
 // a restored chunk map names it.
-func (ds *DiffStorage) Region(dev int, sector, count int64) (*DiffRegion, error) {
+func (ds *DiffStorage) Region(dev int, sector, count int64) (DiffRegion, error) {
 	ds.mu.Lock()
 	defer ds.mu.Unlock()
 	if dev < 0 || dev >= len(ds.devs) || sector < 0 || count <= 0 || sector+count > ds.devs[dev].Geometry().Sectors()+ds.growthLocked(dev) {
-		return nil, fmt.Errorf("region %d:%d+%d outside the difference storage: %w", dev, sector, count, syscall.EINVAL)
+		return DiffRegion{}, fmt.Errorf("region %d:%d+%d outside the difference storage: %w", dev, sector, count, syscall.EINVAL)
 	}
-	return &DiffRegion{Dev: ds.devs[dev], Sector: sector, Count: count}, nil
+	return DiffRegion{Dev: ds.devs[dev], Sector: sector, Count: count}, nil
 }
 
 // growthLocked is how far the growable file may have regions beyond its
