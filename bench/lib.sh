@@ -23,12 +23,13 @@ loopdev() {
 	echo "$l"
 }
 
-# fiojob DIR FIO-ARGS...: one fio job; prints "iops mib_s clat_p50_us" of
-# its DIR (read or write) side.
+# fiojob DIR FIO-ARGS...: one fio job (of several processes if FIO-ARGS
+# set --numjobs, reported as one); prints "iops mib_s clat_p50_us" of its
+# DIR (read or write) side.
 fiojob() {
 	local dir=$1
 	shift
-	fio --name=job --numjobs=1 "$@" --output-format=json |
+	fio --name=job --numjobs=1 --group_reporting "$@" --output-format=json |
 		jq -r --arg d "$dir" '.jobs[0][$d] | "\(.iops) \(.bw / 1024) \((.clat_ns.percentile["50.000000"] // 0) / 1000)"'
 }
 
@@ -41,6 +42,8 @@ fiorun() {
 	firstlat4k) # the same at QD1, for the latency of one first write
 		args=(--rw=write:$((chunk - 4096)) --bs=4k --iodepth=1 --number_ios=$((SIZE_MB * 1048576 / chunk))) ;;
 	randw4k) args=(--rw=randwrite --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
+	randw4k4j) # four processes, which the kernel spreads over the device's queues
+		args=(--rw=randwrite --bs=4k --iodepth=32 --numjobs=4 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
 	first1m | write1m) args=(--rw=write --bs=1M --iodepth=8 --size="${SIZE_MB}M") ;;
 	randr4k) dir=read args=(--rw=randread --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;
 	read1m) dir=read args=(--rw=read --bs=1M --iodepth=8 --time_based --runtime="$RUNTIME" --ramp_time=1) ;;

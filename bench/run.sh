@@ -18,6 +18,7 @@
 #   first4k   4 KiB writes, one per chunk (rw=write:CHUNK-4k), QD32
 #   firstlat4k the same at QD1, p50 completion latency
 #   randw4k   4 KiB random overwrites, QD32
+#   randw4k4j the same from 4 jobs at once (spread over the device's queues)
 #   first1m   1 MiB sequential writes over a fresh snapshot, QD8
 #   write1m   1 MiB sequential overwrites, QD8
 #   randr4k   4 KiB random reads of the image (of the device without one), QD32
@@ -105,7 +106,7 @@ trap 'exit 130' INT TERM
 
 metric() { echo "$1,$2" >>"$meta"; }
 
-# rows CONTENDER RUN ORIGIN FRESH IMAGE-OF: the seven rows. FRESH is a
+# rows CONTENDER RUN ORIGIN FRESH IMAGE-OF: the eight rows. FRESH is a
 # command that (re)creates a freshly taken snapshot, or ":" for a device
 # without one; IMAGE-OF prints the device the read rows use.
 rows() {
@@ -118,6 +119,7 @@ rows() {
 	record first1m "$c" "$r" "$dev"
 	record write1m "$c" "$r" "$dev"
 	record randw4k "$c" "$r" "$dev"
+	record randw4k4j "$c" "$r" "$dev"
 	record randr4k "$c" "$r" "$($imageof "$dev")"
 	record read1m "$c" "$r" "$($imageof "$dev")"
 }

@@ -50,6 +50,7 @@ type row struct {
 var rows = []row{
 	{"first4k", "4 KiB write, one per chunk, QD32 (first writes)", iops},
 	{"randw4k", "4 KiB randwrite QD32 (overwrites)", iops},
+	{"randw4k4j", "4 KiB randwrite, 4 jobs × QD32 (overwrites)", iops},
 	{"first1m", "1 MiB sequential write QD8 (first writes)", mibs},
 	{"write1m", "1 MiB sequential write QD8 (overwrites)", mibs},
 	{"randr4k", "4 KiB randread QD32 (image)", iops},
@@ -261,6 +262,8 @@ func (r *results) targets(g goals) []target {
 		switch {
 		case rw.id == "firstlat4k":
 			// A first-write row: see cowTargets.
+		case rw.id == "randw4k4j":
+			// Judged under a snapshot only, below.
 		case rw.metric == latency:
 			ts = append(ts, target{"QD1 p50 latency, ublksnap without snapshot / loop, " + rw.id,
 				r.ratio(rw.id, "ublksnap", "loop"), g.latency, true})
@@ -274,7 +277,7 @@ func (r *results) targets(g goals) []target {
 	for _, id := range []string{"randr4k", "read1m"} {
 		ts = append(ts, target{"image reads / no snapshot, " + id, r.ratio(id, "ublksnap+s", "ublksnap"), g.image, false})
 	}
-	for _, id := range []string{"randw4k", "write1m"} {
+	for _, id := range []string{"randw4k", "randw4k4j", "write1m"} {
 		ts = append(ts, target{"overwrites under a snapshot / no snapshot, " + id, r.ratio(id, "ublksnap+s", "ublksnap"), g.overwrite, false})
 	}
 	return append(ts, target{"daemon peak RSS (VmHWM), MiB", r.metaFloat("daemon_vmhwm_kib") / 1024, g.rssMiB, true})
