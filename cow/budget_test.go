@@ -8,6 +8,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/ublksnap/ublksnap/internal/testwait"
 	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/storage/storagetest"
 )
@@ -315,7 +316,7 @@ func TestSharedBudgetWaitsForTheOtherArea(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() { done <- envs[1].orig.Write(context.Background(), 0, make([]byte, 4096), false) }()
-	waitFor(t, "area 1's writer to wait for the budget", func() bool { return budget.Stats().Waiting == 1 })
+	testwait.For(t, "area 1's writer to wait for the budget", func() bool { return budget.Stats().Waiting == 1 })
 	release()
 	if err := <-done; err != nil {
 		t.Fatal(err)

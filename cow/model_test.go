@@ -17,7 +17,9 @@ import (
 // modelRun drives concurrent random requests on the original and the image
 // of one snapshot and checks them against a model: the image must always
 // show the data at the time of the snapshot plus the image's own writes,
-// and the original must always show its newest data.
+// and the original must always show its newest data. Requests that share
+// a sector are serialised (their order would otherwise be undefined);
+// requests to different sectors of one chunk run at once.
 type modelRun struct {
 	t       *testing.T
 	e       *testEnv
@@ -32,12 +34,18 @@ type modelRun struct {
 
 // randRange picks a request: sizes from 512 B to 1 MiB (log-uniform), at
 // random sector offsets or on the edges that matter: the first sector, the
-// last sector and the short last chunk, chunk boundaries, straddles.
+// last sector and the short last chunk, chunk boundaries, straddles; and
+// one in five a sector or two in one of the first hotChunks chunks, so
+// that several workers meet in one chunk, at different sectors of it.
 func (m *modelRun) randRange(r *rand.Rand) (off, n int64) {
+	const hotChunks = 4
 	sectors := m.size / storage.SectorSize
 	n = int64(1) << r.IntN(12) // 1..2048 sectors
 	n = min(n+r.Int64N(n), 2048, sectors)
-	switch r.IntN(8) {
+	switch r.IntN(10) {
+	case 8, 9: // in a hot chunk
+		n = 1 + r.Int64N(2)
+		off = r.Int64N(hotChunks*m.chunk/storage.SectorSize - n)
 	case 0: // first sector
 		off = 0
 	case 1: // ends on the last sector
@@ -208,8 +216,8 @@ func TestModel(t *testing.T) {
 				m := &modelRun{
 					t: t, e: e, size: size, chunk: e.da.ChunkSize(),
 					src:     make([]byte, 4<<20),
-					origMu:  newRangeLocks(size, 4096),
-					imgMu:   newRangeLocks(size, 4096),
+					origMu:  newRangeLocks(size, storage.SectorSize),
+					imgMu:   newRangeLocks(size, storage.SectorSize),
 					origMod: initial,
 					imgMod:  bytes.Clone(initial),
 				}
@@ -258,6 +266,9 @@ func TestModel(t *testing.T) {
 					st.ChunksInState[ChunkFailed], st.KernelCopied, st.BuffersPeak, st.BuffersLimit, ds.Stats())
 				if (st.KernelCopied > 0) != (backing == "file") {
 					t.Errorf("%d chunks copied in the kernel with a %s backing", st.KernelCopied, backing)
+				}
+				if backing != "mem" && ds.Stats().Capacity <= int64(p.DiffStorageMinimum) {
+					t.Errorf("the storage never grew (capacity %d sectors): the run did not allocate during growth", ds.Stats().Capacity)
 				}
 				if st.Chunks < 2000 {
 					t.Errorf("only %d chunks touched; the test is too weak", st.Chunks)

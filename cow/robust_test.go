@@ -8,19 +8,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ublksnap/ublksnap/internal/testwait"
 	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/storage/storagetest"
 )
-
-// waitFor polls cond until it holds or 5 s pass.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-	}
-}
 
 // A panic in the store worker corrupts the snapshot, not the process, and
 // never the original.
@@ -80,7 +71,7 @@ func TestCloseWithHungStorage(t *testing.T) {
 	if err := orig.Write(context.Background(), 0, make([]byte, 4096), false); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the store to hang", func() bool { return diff.Hanging(storagetest.OpWrite) == 1 })
+	testwait.For(t, "the store to hang", func() bool { return diff.Hanging(storagetest.OpWrite) == 1 })
 	// An image reader waits for the chunk the stuck store holds.
 	read := make(chan error, 1)
 	go func() { read <- da.ReadImage(context.Background(), make([]byte, 4096), 0, false) }()
@@ -119,7 +110,7 @@ func TestCloseWithHungStorage(t *testing.T) {
 		t.Error(err)
 	}
 	release() // the disk comes back; the area frees itself
-	waitFor(t, "the buffers to be freed", func() bool { n, _ := da.buffers.stats(); return n == 0 })
+	testwait.For(t, "the buffers to be freed", func() bool { n, _ := da.buffers.stats(); return n == 0 })
 	ds.Close()
 }
 

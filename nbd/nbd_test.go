@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ublksnap/ublksnap/internal/testwait"
 )
 
 // testClient speaks the client side of the protocol, byte by byte as the
@@ -496,9 +498,13 @@ func TestStuckClientDoesNotBlockOthers(t *testing.T) {
 		t.Error(err)
 	}
 	// The stuck client never took its replies for longer than the write
-	// timeout: the server has dropped it, so reading what the socket
-	// still holds ends with EOF.
-	time.Sleep(time.Second)
+	// timeout: the server drops it (and the others, which hung up), so
+	// reading what the socket still holds ends with EOF.
+	testwait.For(t, "the server to drop the stuck client", func() bool {
+		f.srv.mu.Lock()
+		defer f.srv.mu.Unlock()
+		return len(f.srv.conns) == 0
+	})
 	stuck.c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	n, err := io.Copy(io.Discard, stuck.c)
 	if err != nil && !errors.Is(err, syscall.ECONNRESET) { // reset: requests were left unread

@@ -154,6 +154,7 @@ type MemberInfo struct {
 	ChunkSize    int64         // bytes, once taken
 	ChunksCopied int64         // chunks no longer New
 	KernelCopied int64         // of those, chunks saved by an in-kernel copy (Params.ChunkCopyInKernel)
+	InMemory     int64         // of those, chunks held in the daemon's memory, not yet in the storage
 	Errno        syscall.Errno // what corrupted the member, or 0
 }
 

@@ -456,3 +456,17 @@ func TestPathsResolveUnderCallerRoot(t *testing.T) {
 		t.Errorf("attach of a missing file: %v (errno %d), want ENOENT", err, Errno(err))
 	}
 }
+
+// A difference storage on a file system that cannot hold one (procfs) is a
+// bad request, and nothing is left behind.
+func TestCreateSnapshotStorageUnfit(t *testing.T) {
+	e := newEnv(t, Config{})
+	a := e.attach("a.img", 0xaa)
+	_, err := e.m.CreateSnapshot(bg, CreateOptions{Devices: []string{a}, Storage: "/proc", Limit: 8 << 20})
+	if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "cannot hold") {
+		t.Fatalf("CreateSnapshot on /proc: %v, want ErrInvalid saying it cannot hold one", err)
+	}
+	if snaps := e.m.Snapshots(bg); len(snaps) != 0 {
+		t.Errorf("snapshots after the refusal: %+v", snaps)
+	}
+}

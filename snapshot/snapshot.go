@@ -7,6 +7,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/google/uuid"
@@ -106,6 +107,10 @@ func (m *Manager) CreateSnapshot(ctx context.Context, opt CreateOptions) (Snapsh
 	if err != nil {
 		if s.created != nil {
 			s.created.remove()
+		}
+		if errors.Is(err, syscall.EOPNOTSUPP) { // procfs, sysfs: the path given cannot hold one
+			return SnapshotInfo{}, fmt.Errorf("%w: difference storage %s: its file system cannot hold one (%v); give a directory or a file on a disk or tmpfs",
+				ErrInvalid, p.name, err)
 		}
 		return SnapshotInfo{}, fmt.Errorf("difference storage %s: %w", p.name, err)
 	}
@@ -644,6 +649,7 @@ func (mb *member) info() MemberInfo {
 		out.ChunkSize = st.ChunkSize
 		out.ChunksCopied = int64(st.Chunks - st.ChunksInState[cow.ChunkNew])
 		out.KernelCopied = int64(st.KernelCopied)
+		out.InMemory = int64(st.ChunksInState[cow.ChunkInMemory])
 		if corrupted, errno := mb.area.Corrupted(); corrupted {
 			out.Errno = errno
 		}
