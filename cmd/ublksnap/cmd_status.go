@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 
@@ -51,8 +52,12 @@ func statusText(w io.Writer, s api.Status) error {
 			if i > 0 {
 				id, state, storage = "", "", ""
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\n", id, state, storage, m.Device, orDash(m.Image),
-				bytesText(m.ChunkSize), m.ChunksCopied, m.ErrorCode)
+			copied := strconv.FormatUint(m.ChunksCopied, 10)
+			if m.ChunksInMemory > 0 { // copied, not yet counted in the storage's used bytes
+				copied += fmt.Sprintf(" (%d in memory)", m.ChunksInMemory)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\n", id, state, storage, m.Device, orDash(m.Image),
+				bytesText(m.ChunkSize), copied, m.ErrorCode)
 		}
 	}
 	if len(s.Unrecovered) > 0 {

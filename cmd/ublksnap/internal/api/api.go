@@ -108,7 +108,11 @@ type SnapshotMember struct {
 	// ChunksCopiedInKernel counts the copied chunks saved by an in-kernel
 	// copy (copy_file_range), never in the daemon's memory.
 	ChunksCopiedInKernel uint64 `json:"chunks_copied_in_kernel"`
-	ErrorCode            int    `json:"error_code"` // negative errno once corrupted, else 0
+	// ChunksInMemory counts the copied chunks held in the daemon's memory
+	// and not yet in the difference storage (whose used bytes do not
+	// count them yet).
+	ChunksInMemory uint64 `json:"chunks_in_memory"`
+	ErrorCode      int    `json:"error_code"` // negative errno once corrupted, else 0
 }
 
 // StorageInfo is a difference storage's accounting, in bytes.

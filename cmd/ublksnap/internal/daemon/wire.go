@@ -23,7 +23,7 @@ func snapshotToWire(s snapshot.SnapshotInfo, err error) (api.Snapshot, error) {
 	for _, m := range s.Members {
 		out.Devices = append(out.Devices, api.SnapshotMember{Device: m.Device, Image: m.Image, ImageIOMode: m.ImageIOMode,
 			ChunkSize: uint64(m.ChunkSize), ChunksCopied: uint64(m.ChunksCopied),
-			ChunksCopiedInKernel: uint64(m.KernelCopied), ErrorCode: -int(m.Errno)})
+			ChunksCopiedInKernel: uint64(m.KernelCopied), ChunksInMemory: uint64(m.InMemory), ErrorCode: -int(m.Errno)})
 	}
 	return out, err
 }
