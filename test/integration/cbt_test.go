@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -81,7 +80,7 @@ func TestCBTReportsExactlyTheChangedBlocks(t *testing.T) {
 		t.Fatalf("cbt info of a %d-byte device: %+v", int64(size), info)
 	}
 	store := t.TempDir()
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 11))
+	rng := testRand(t, 11)
 	id, _ := d.snapshot(store, "64MiB", dev)
 	p1 := d.cbtInfo(dev)
 	d.cli("snapshot", "destroy", "--id", id)
@@ -200,7 +199,7 @@ func TestBackupChainRestoresEveryCycle(t *testing.T) {
 	run(t, "mount", dev, dir)
 	t.Cleanup(func() { runErr("umount", dir) })
 	bs := d.cbtInfo(dev).BlockSize
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 25))
+	rng := testRand(t, 25)
 	root, store := t.TempDir(), t.TempDir()
 	prev, prevPoint := "", ""
 	var fullBytes, incBytes int64

@@ -97,10 +97,11 @@ func TestCLIWatchSkipsTakenNames(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() { done <- watch.Wait() }()
-	// Steps smaller than one growth step (8 MiB), with time to answer.
+	// Steps smaller than one growth step (8 MiB), each once the storage
+	// has room for it.
 	for off := int64(0); off < 64<<20; off += 2 << 20 {
+		d.waitStorageRoom(t, id, 4<<20) // the step and room to spare
 		fillRandom(t, dev, off, 2<<20)
-		time.Sleep(200 * time.Millisecond)
 	}
 	if got, err := deviceMD5Err(images[0]); err != nil || got != before {
 		t.Fatalf("image md5 %s, %v; want %s; watch printed:\n%s", got, err, before, out.String())

@@ -253,8 +253,8 @@ func TestWatchGrowDirTwice(t *testing.T) {
 			t.Fatal(err)
 		}
 		for off := int64(0); off < 64<<20; off += 2 << 20 {
+			d.waitStorageRoom(t, id, 4<<20) // the step and room to spare
 			fillRandom(t, dev, off, 2<<20)
-			time.Sleep(200 * time.Millisecond)
 		}
 		if got, err := deviceMD5Err(images[0]); err != nil || got != before {
 			t.Fatalf("round %d: image md5 %s, %v; want %s; watch printed:\n%s", round, got, err, before, out.String())

@@ -220,33 +220,24 @@ func checkSumsFile(t testing.TB, dir string) {
 	checkTree(t, dir, string(sums))
 }
 
-// churn overwrites listed files and adds new ones under dir until stop is
-// closed, and returns what it wrote: path relative to dir → content.
-func churn(dir string, stop <-chan struct{}) <-chan churnResult {
-	done := make(chan churnResult, 1)
-	go func() {
-		res := churnResult{wrote: map[string][]byte{}}
-		for i := 0; ; i++ {
-			select {
-			case <-stop:
-				done <- res
-				return
-			default:
-			}
-			rel := filepath.Join(fmt.Sprintf("d%02d", i%7), fmt.Sprintf("f%04d", i%40))
-			if i%3 == 0 {
-				rel = fmt.Sprintf("new%05d", i)
-			}
-			data := bytes.Repeat([]byte{byte(i)}, 4096*(1+i%50))
-			if err := os.WriteFile(filepath.Join(dir, rel), data, 0o644); err != nil {
-				res.err = err
-				done <- res
-				return
-			}
-			res.wrote[rel] = data
+// churn makes n writes under dir, two in three overwriting a listed file
+// and one in three adding a new one, and returns what it wrote: path
+// relative to dir → content.
+func churn(dir string, n int) churnResult {
+	res := churnResult{wrote: map[string][]byte{}}
+	for i := range n {
+		rel := filepath.Join(fmt.Sprintf("d%02d", i%7), fmt.Sprintf("f%04d", i%40))
+		if i%3 == 0 {
+			rel = fmt.Sprintf("new%05d", i)
 		}
-	}()
-	return done
+		data := bytes.Repeat([]byte{byte(i)}, 4096*(1+i%50))
+		if err := os.WriteFile(filepath.Join(dir, rel), data, 0o644); err != nil {
+			res.err = err
+			return res
+		}
+		res.wrote[rel] = data
+	}
+	return res
 }
 
 // churnResult is what churn wrote, or the error that stopped it.
@@ -285,16 +276,9 @@ func TestSnapshotPointInTimeExt4(t *testing.T) {
 	writeSums(t, dir, sums)
 
 	_, images := d.snapshot(t.TempDir(), "256MiB", dev)
-	stop := make(chan struct{})
-	done := churn(dir, stop)
-	time.Sleep(2 * time.Second)
-	close(stop)
-	res := <-done
+	res := churn(dir, 120)
 	if res.err != nil {
 		t.Fatalf("writes to the original after the take: %v", res.err)
-	}
-	if len(res.wrote) < 40 {
-		t.Fatalf("churn wrote only %d files; the test needs it to overwrite listed ones", len(res.wrote))
 	}
 	run(t, "sync")
 

@@ -11,9 +11,11 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -157,4 +159,21 @@ func TestHarnessFio(t *testing.T) {
 	if !strings.Contains(out, "harness") {
 		t.Fatalf("fio printed no result line:\n%s", out)
 	}
+}
+
+// testRand returns a random source for the choices of a test, seeded from
+// UBLKSNAP_SEED or else the clock, and logs the seed so that a failure can
+// be replayed with UBLKSNAP_SEED=seed.
+func testRand(t testing.TB, stream uint64) *rand.Rand {
+	t.Helper()
+	seed := uint64(time.Now().UnixNano())
+	if s := os.Getenv("UBLKSNAP_SEED"); s != "" {
+		v, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			t.Fatalf("UBLKSNAP_SEED=%q: want an unsigned integer", s)
+		}
+		seed = v
+	}
+	t.Logf("random seed %d (replay with UBLKSNAP_SEED=%d)", seed, seed)
+	return rand.New(rand.NewPCG(seed, stream))
 }

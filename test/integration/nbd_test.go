@@ -5,7 +5,6 @@ package integration
 import (
 	"encoding/json"
 	"fmt"
-	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -215,7 +214,7 @@ func TestNBDDirtyBitmapIncrementalBackup(t *testing.T) {
 	d.cli("snapshot", "destroy", "--id", id)
 
 	bs := p1.BlockSize
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 5))
+	rng := testRand(t, 5)
 	written := map[int64]bool{0: true}
 	fillRandom(t, dev, 0, 4096)
 	for range 20 {

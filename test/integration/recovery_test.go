@@ -8,7 +8,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,6 +18,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ublksnap/ublksnap/internal/testwait"
 )
 
 // crash kills the daemon's serving process (the re-executed child that
@@ -123,12 +124,15 @@ func TestDaemonCrashRecovery(t *testing.T) {
 	}
 	fioDone := make(chan error, 1)
 	go func() { fioDone <- fioCmd.Wait() }()
-	time.Sleep(4 * time.Second)
-	select {
-	case err := <-fioDone:
-		t.Fatalf("fio ended (%v) before the crash; make it longer:\n%s", err, fioOut)
-	default:
-	}
+	// The crash comes once fio has written 16 MiB of its 192, mid-run.
+	testwait.For(t, "fio to write 16 MiB", func() bool {
+		select {
+		case err := <-fioDone:
+			t.Fatalf("fio ended (%v) before the crash; make it longer:\n%s", err, fioOut)
+		default:
+		}
+		return bytesWritten(t, dev) >= 16<<20
+	})
 
 	killed := time.Now()
 	d.crash()
@@ -321,9 +325,7 @@ func TestDaemonCrashLoop(t *testing.T) {
 	// START_DEV, read from a server that had died, and nothing failed
 	// that read. Images are now created without a partition scan
 	// (ublk.Config.NoPartitionScan).
-	seed := time.Now().UnixNano()
-	rng := rand.New(rand.NewPCG(uint64(seed), 9))
-	t.Logf("seed %d", seed)
+	rng := testRand(t, 9)
 	d := startDaemon(t)
 	_, dev := d.attach(256 << 20)
 	dir := mkfsMount(t, dev)
@@ -481,4 +483,23 @@ func checkNotFrozen(t *testing.T, dir string, timeout time.Duration) {
 	case <-time.After(timeout):
 		t.Fatalf("a synced write to %s hangs after %v: the filesystem was left frozen", dir, timeout)
 	}
+}
+
+// bytesWritten returns the bytes written to the block device dev since it
+// appeared, from its /sys/class/block/NAME/stat.
+func bytesWritten(t testing.TB, dev string) int64 {
+	t.Helper()
+	b, err := os.ReadFile("/sys/class/block/" + filepath.Base(dev) + "/stat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 7 {
+		t.Fatalf("%s stat %q: too few fields", dev, b)
+	}
+	sectors, err := strconv.ParseInt(f[6], 10, 64) // the 7th field: sectors written
+	if err != nil {
+		t.Fatalf("%s stat %q: %v", dev, b, err)
+	}
+	return sectors << 9
 }

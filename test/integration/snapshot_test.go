@@ -405,6 +405,7 @@ func TestSnapshotBadInput(t *testing.T) {
 		{[]string{"snapshot", "create", "--device", "/dev/ublkb99", "--storage", "/tmp", "--limit", "64MiB"}, 1, "unknown device"},
 		{[]string{"snapshot", "create", "--device", dev2, "--storage", "/no/such/dir/file", "--limit", "64MiB"}, 1, "/no/such/dir"},
 		{[]string{"snapshot", "create", "--device", dev2, "--storage", "/tmp", "--limit", "1KiB"}, 1, "limit"},
+		{[]string{"snapshot", "create", "--device", dev2, "--storage", "/proc", "--limit", "64MiB"}, 1, "cannot hold"},
 		{[]string{"snapshot", "add", "--id", id, "--device", dev}, 1, "already"},
 		{[]string{"snapshot", "create", "--device", dev, "--storage", "/tmp", "--limit", "64MiB"}, 1, "in snapshot"},
 		{[]string{"snapshot", "append-storage", "--id", id, "--storage", storageDev, "--ranges", "131072:8"}, 1, "outside"},
