@@ -6,6 +6,7 @@ GO         ?= go
 VERSION    ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 VM         := test/vm/run
 VM_TIMEOUT ?= 2700
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # KERNELS are the kernel lines the VM suite runs on, one boot each.
 KERNELS    ?= 6.12 7
 export PATH := $(PATH):/usr/local/go/bin
@@ -80,11 +81,13 @@ bench-backup: build
 demo: build
 	test/demo/run
 
-## lint: gofmt clean and go vet clean, with and without the vmtest tag
+## lint: gofmt clean, go vet and staticcheck clean, with and without the vmtest tag
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.cache/*')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) vet -tags vmtest ./...
+	$(GO) run $(STATICCHECK) ./...
+	$(GO) run $(STATICCHECK) -tags vmtest ./...
 
 clean:
 	rm -rf bin bench/out

@@ -10,7 +10,7 @@ import (
 
 func TestGatePauseDrainsAndBlocks(t *testing.T) {
 	g := newGate()
-	if !g.TryEnter() || !g.TryEnter() {
+	if first, second := g.TryEnter(), g.TryEnter(); !first || !second {
 		t.Fatal("an open gate refused TryEnter")
 	}
 	paused := make(chan error)

@@ -89,6 +89,7 @@ func TestQueueRingIO(t *testing.T) {
 		h := &splitHandler{}
 		_, k := newFakeQueueWith(t, 4, 128<<10, h, o, int32(f.Fd()))
 		reqs := 0
+		rnd := rand.New(rand.NewSource(int64(short)))
 		for i := 0; i < 40; i++ {
 			off := int64(i*7919*512) % (1<<20 - 128<<10)
 			n := 512 * (1 + i*13%256)
@@ -100,7 +101,7 @@ func TestQueueRingIO(t *testing.T) {
 				}
 			} else {
 				p := make([]byte, n)
-				rand.Read(p)
+				rnd.Read(p)
 				k.inject <- fakeReq{tag: uint16(i % 4), desc: desc(descOpWrite, descFlagFUA, off, n), data: p}
 				if c := k.waitCommit(t); c.result != int32(n) {
 					t.Fatalf("short %d: write %d at %d: result %d", short, n, off, c.result)

@@ -107,8 +107,8 @@ func (f *fakeDaemon) AppendStorage(_ context.Context, _ string, req api.AppendSt
 var low = fakeEvent{e: api.Event{Code: api.EventLowFreeSpace, RequestedSectors: 4096}}
 
 // runWatch runs a watch of a fake snapshot with a 64 MiB --grow-dir of its
-// own and returns its error, what it printed and the directory.
-func runWatch(t *testing.T, f *fakeDaemon) (error, string, string) {
+// own and returns what it printed, the directory and its error.
+func runWatch(t *testing.T, f *fakeDaemon) (string, string, error) {
 	t.Helper()
 	f.t = t
 	dir := t.TempDir()
@@ -116,7 +116,7 @@ func runWatch(t *testing.T, f *fakeDaemon) (error, string, string) {
 	const id = "0b0c3f53-5a47-4a50-8e0e-3e6bd0e3bd1a"
 	w := &watch{daemon: f, id: id, grow: &stretcher{id: id, dir: dir, limit: 64 << 20}, out: &out, errOut: &out}
 	err := w.run(context.Background())
-	return err, out.String(), dir
+	return out.String(), dir, err
 }
 
 // filesIn lists the names in dir.
@@ -137,7 +137,7 @@ func filesIn(t *testing.T, dir string) []string {
 // files when the daemon says the snapshot is gone.
 func TestWatchGrowsAndRemovesItsFiles(t *testing.T) {
 	f := &fakeDaemon{events: []fakeEvent{low, {e: api.Event{Code: api.EventTimeout}}, low}}
-	err, out, dir := runWatch(t, f)
+	out, dir, err := runWatch(t, f)
 	if err != nil {
 		t.Fatalf("watch: %v\n%s", err, out)
 	}
@@ -156,7 +156,7 @@ func TestWatchGrowsAndRemovesItsFiles(t *testing.T) {
 // answers it: that ends the watch as well, not as a failure.
 func TestWatchEndsWhenTheSnapshotGoesDuringAnAppend(t *testing.T) {
 	f := &fakeDaemon{events: []fakeEvent{low, low}, appendErr: errGone}
-	err, out, dir := runWatch(t, f)
+	out, dir, err := runWatch(t, f)
 	if err != nil || len(f.appended) != 1 {
 		t.Fatalf("watch: %v after %d appends; want it to end quietly after the first\n%s", err, len(f.appended), out)
 	}
@@ -175,7 +175,7 @@ func TestWatchFailsOnOtherErrorsAndCleansUp(t *testing.T) {
 		errors.New("connection reset"),
 	} {
 		f := &fakeDaemon{events: []fakeEvent{low, {err: fail}}}
-		err, out, dir := runWatch(t, f)
+		out, dir, err := runWatch(t, f)
 		if !errors.Is(err, fail) {
 			t.Errorf("wait-event failing with %q: watch returned %v; want that error\n%s", fail, err, out)
 		}

@@ -11,7 +11,7 @@ import (
 // after Reopen, waking a request waiting in Enter.
 func TestDoor(t *testing.T) {
 	var d Door
-	if !d.TryEnter() || !d.TryEnter() || d.Inside() != 2 {
+	if first, second := d.TryEnter(), d.TryEnter(); !first || !second || d.Inside() != 2 {
 		t.Fatalf("an open door admitted %d of 2", d.Inside())
 	}
 	if !d.Close() || d.Close() {
