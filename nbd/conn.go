@@ -40,7 +40,7 @@ type conn struct {
 	noZeroes   bool
 	structured bool
 	export     *Export
-	metaFor    string     // export name the selection was made for
+	metaFor    *Export    // export the selection was made for (under any of its names)
 	contexts   []selected // current selection
 
 	wmu sync.Mutex // serializes replies: each is written whole
@@ -256,7 +256,7 @@ func (c *conn) infoGo(opt uint32, data []byte) (bool, error) {
 // export does not apply.
 func (c *conn) start(e *Export) {
 	c.export = e
-	if c.metaFor != e.Name {
+	if c.metaFor != e {
 		c.contexts = nil
 	}
 }
@@ -320,7 +320,7 @@ func (c *conn) metaContext(opt uint32, data []byte) error {
 		}
 	}
 	if opt == optSetMetaContext {
-		c.metaFor, c.contexts = name, nil
+		c.metaFor, c.contexts = e, nil
 	}
 	for i, n := range names {
 		id := uint32(0)

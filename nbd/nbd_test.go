@@ -326,12 +326,6 @@ func TestOptions(t *testing.T) {
 	if r := tc.option(optInfo, goData("")); r[len(r)-1].typ != repErrUnknown {
 		t.Fatalf("INFO of the default export of a server with two: %v", r)
 	}
-	names := func(r []optReply) (out []string) {
-		for _, rep := range r[:len(r)-1] {
-			out = append(out, fmt.Sprintf("%d:%s", binary.BigEndian.Uint32(rep.data), rep.data[4:]))
-		}
-		return out
-	}
 	for _, c := range []struct {
 		queries []string
 		want    string
@@ -340,12 +334,12 @@ func TestOptions(t *testing.T) {
 		{[]string{"test:"}, "[0:test:odd]"},
 		{[]string{"test:hidden", "nope:x", "base:"}, "[0:test:hidden 0:base:allocation]"},
 	} {
-		if got := fmt.Sprint(names(tc.option(optListMetaContext, metaData("img", c.queries...)))); got != c.want {
+		if got := fmt.Sprint(contextNames(tc.option(optListMetaContext, metaData("img", c.queries...)))); got != c.want {
 			t.Errorf("LIST_META_CONTEXT %q: %s, want %s", c.queries, got, c.want)
 		}
 	}
 	tc.option(optStructuredReply, nil)
-	if got := fmt.Sprint(names(tc.option(optSetMetaContext, metaData("img", "test:odd", "base:", "nope", BaseAllocation)))); got != "[1:test:odd 2:base:allocation]" {
+	if got := fmt.Sprint(contextNames(tc.option(optSetMetaContext, metaData("img", "test:odd", "base:", "nope", BaseAllocation)))); got != "[1:test:odd 2:base:allocation]" {
 		t.Errorf("SET_META_CONTEXT: %s", got)
 	}
 	if r := tc.option(optAbort, nil); r[0].typ != repAck || !tc.closed() {
@@ -577,4 +571,39 @@ func TestDefaultExport(t *testing.T) {
 	if r[len(r)-1].typ != repAck || binary.BigEndian.Uint64(r[0].data[2:]) != 4096 {
 		t.Fatalf("GO of the default export: %v", r)
 	}
+}
+
+// A selection of metadata contexts made under the empty name, the default
+// export's other name (as nbdcopy makes it with nbd+unix:///?socket=),
+// applies when GO names the export in either way.
+func TestBlockStatusDefaultExport(t *testing.T) {
+	for _, goName := range []string{"", "only"} {
+		e := &Export{Name: "only", Size: 8192, Data: bytes.NewReader(make([]byte, 8192)), Contexts: []string{BaseAllocation},
+			Context: func(name string) MetaContext {
+				if name != BaseAllocation {
+					return nil
+				}
+				return func(off, length int64) ([]Extent, error) { return []Extent{{Length: length}}, nil }
+			}}
+		_, addr := serveExports(t, []*Export{e}, Options{})
+		tc := dial(t, addr)
+		tc.option(optStructuredReply, nil)
+		if got := fmt.Sprint(contextNames(tc.option(optSetMetaContext, metaData("", BaseAllocation)))); got != "[1:base:allocation]" {
+			t.Fatalf("SET_META_CONTEXT under the empty name: %s", got)
+		}
+		tc.option(optGo, goData(goName))
+		tc.request(0, cmdBlockStatus, 1, 0, 8192)
+		if ch := tc.chunk(); ch.typ != chunkBlockStatus || binary.BigEndian.Uint32(ch.payload) != 1 {
+			t.Errorf("GO %q: BLOCK_STATUS answered chunk type %d, payload %x; want the status of context 1", goName, ch.typ, ch.payload)
+		}
+	}
+}
+
+// contextNames returns the "id:name" of the META_CONTEXT replies of r, an
+// option's replies ending in its ACK.
+func contextNames(r []optReply) (out []string) {
+	for _, rep := range r[:len(r)-1] {
+		out = append(out, fmt.Sprintf("%d:%s", binary.BigEndian.Uint32(rep.data), rep.data[4:]))
+	}
+	return out
 }

@@ -79,7 +79,15 @@ func TestNBDExportIsTheImage(t *testing.T) {
 	dir := t.TempDir()
 	run(t, "nbdcopy", uri, filepath.Join(dir, "nbdcopy.img"))
 	run(t, "qemu-img", "convert", "-f", "raw", "-O", "raw", uri, filepath.Join(dir, "qemu.img"))
-	for _, f := range []string{"nbdcopy.img", "qemu.img"} {
+	// The same through the default export's URI (the empty name), whose
+	// block status the stock clients ask for under that name.
+	defaultURI := strings.Replace(uri, "/"+e.Exports[0].Name+"?", "/?", 1)
+	run(t, "nbdcopy", defaultURI, filepath.Join(dir, "nbdcopy-default.img"))
+	run(t, "qemu-img", "convert", "-f", "raw", "-O", "raw", defaultURI, filepath.Join(dir, "qemu-default.img"))
+	if m := nbdMap(t, defaultURI, "base:allocation"); len(m) == 0 {
+		t.Errorf("nbdinfo --map of the default export: no extents")
+	}
+	for _, f := range []string{"nbdcopy.img", "qemu.img", "nbdcopy-default.img", "qemu-default.img"} {
 		if got := fileMD5(t, filepath.Join(dir, f)); got != want {
 			t.Fatalf("%s: md5 %s, the image device reads %s", f, got, want)
 		}
