@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"slices"
 )
 
 // A saved map is a header, the write map, the read map and a CRC-32C of
@@ -14,7 +15,7 @@ import (
 //	shift      1 byte
 //	active     1 byte
 //	previous   1 byte
-//	pad        5 bytes
+//	pad        5 bytes, zero
 //	capacity   8 bytes, little endian
 //	generation 16 bytes
 //	write map, read map: blocks(capacity, shift) bytes each
@@ -69,12 +70,20 @@ func Load(b []byte, capacity int64, p Params) (*Map, error) {
 		return nil, fmt.Errorf("%w: blocks of 2^%d bytes, the parameters give 2^%d", ErrBadSave, m.shift, want)
 	}
 	n := blocks(capacity, m.shift)
-	if int64(len(body)-headerSize) != 2*n || b[9] == 0 || m.previous >= b[9] {
+	if int64(len(body)-headerSize) != 2*n || b[9] == 0 || m.previous >= b[9] || slices.ContainsFunc(b[11:16], nonZero) {
 		return nil, fmt.Errorf("%w: inconsistent", ErrBadSave)
 	}
 	maps := body[headerSize:]
+	// No block was written in an interval after the active one, nor read
+	// in one after the last take's.
+	if slices.ContainsFunc(maps[:n], func(v byte) bool { return v > b[9] }) ||
+		slices.ContainsFunc(maps[n:], func(v byte) bool { return v > m.previous }) {
+		return nil, fmt.Errorf("%w: a block changed in an interval that has not begun", ErrBadSave)
+	}
 	m.write = newAtomicBytes(n)
 	m.write.set(maps[:n])
 	m.read = append([]byte(nil), maps[n:]...)
 	return m, nil
 }
+
+func nonZero(v byte) bool { return v != 0 }
