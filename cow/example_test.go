@@ -16,7 +16,7 @@ import (
 func Example() {
 	ctx := context.Background()
 	params := cow.DefaultParams()
-	params.ChunkMinimumShift = 12 // 4 KiB chunks
+	params.ChunkMinimumShift = 12  // 4 KiB chunks
 	params.DiffStorageMinimum = 64 // sectors: 32 KiB
 
 	orig := storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})
