@@ -10,11 +10,9 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/google/uuid"
 	"github.com/spf13/cobra"
 
 	"github.com/ublksnap/ublksnap/backup"
-	"github.com/ublksnap/ublksnap/cbt"
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
 )
 
@@ -138,12 +136,16 @@ func (b *backupRun) run(ctx context.Context) (_ backupResult, err error) {
 	if err != nil {
 		return backupResult{}, err
 	}
-	ranges, prev, reason, err := b.plan(m)
+	info, err := cbtInfoOf(m)
+	if err != nil {
+		return backupResult{}, err
+	}
+	plan, err := backup.PlanFrom(b.prev, m.Map, info)
 	if err != nil {
 		return backupResult{}, err
 	}
 	var total int64
-	for _, r := range ranges {
+	for _, r := range plan.Ranges {
 		total += r.Length
 	}
 	src, err := os.Open(image)
@@ -153,49 +155,13 @@ func (b *backupRun) run(ctx context.Context) (_ backupResult, err error) {
 	defer src.Close()
 	p := newProgress(b.cmd.OutOrStdout(), b.cmd.ErrOrStderr(), b.g.json, "backup", total)
 	man, err := backup.Write(ctx, src, backup.Options{Dir: b.dir, Device: dev.Name, DeviceSize: int64(dev.Size),
-		BlockSize: m.BlockSize, Generation: m.Generation, Changes: m.Changes, Previous: prev, Ranges: ranges, Progress: p.Set})
+		BlockSize: m.BlockSize, Generation: m.Generation, Changes: m.Changes, Previous: plan.Previous, Ranges: plan.Ranges, Progress: p.Set})
 	p.Finish()
 	if err != nil {
 		return backupResult{}, err
 	}
-	return backupResult{Manifest: man.Path(), Full: man.Full, Reason: reason, Bytes: man.Bytes(), DeviceSize: man.DeviceSize,
+	return backupResult{Manifest: man.Path(), Full: man.Full, Reason: plan.Reason, Bytes: man.Bytes(), DeviceSize: man.DeviceSize,
 		Generation: man.Generation, Changes: man.Changes, Seconds: time.Since(start).Seconds()}, nil
-}
-
-// plan returns the ranges to copy from map m, and the previous backup
-// when they are an incremental one; reason says why --since could not be
-// followed.
-func (b *backupRun) plan(m api.CBTMap) (ranges []backup.Range, prev *backup.Manifest, reason string, err error) {
-	since := cbt.Point{}
-	switch {
-	case b.prev == nil:
-	case b.prev.DeviceSize != m.Capacity:
-		reason = fmt.Sprintf("the device has %d bytes, the previous backup %d", m.Capacity, b.prev.DeviceSize)
-	case b.prev.BlockSize != m.BlockSize:
-		reason = fmt.Sprintf("the tracking block is %d bytes, in the previous backup %d", m.BlockSize, b.prev.BlockSize)
-	case b.prev.Generation != m.Generation:
-		reason = "change tracking started a new generation since the previous backup"
-	case b.prev.Changes >= m.Changes:
-		reason = fmt.Sprintf("the previous backup is of take %d, this snapshot of take %d", b.prev.Changes, m.Changes)
-	default:
-		prev = b.prev
-		gen, perr := uuid.Parse(b.prev.Generation)
-		if perr != nil {
-			return nil, nil, "", fmt.Errorf("%s: generation %q: %w", b.prev.Path(), b.prev.Generation, perr)
-		}
-		since = cbt.Point{Generation: gen, Changes: b.prev.Changes}
-	}
-	if prev == nil {
-		return []backup.Range{{Offset: 0, Length: m.Capacity}}, nil, reason, nil
-	}
-	ext, full, err := changedExtents(m, since)
-	if err != nil || full {
-		return nil, nil, "", errors.Join(err, errors.New("change tracking answered a full backup for the same generation"))
-	}
-	for _, e := range ext {
-		ranges = append(ranges, backup.Range(e))
-	}
-	return ranges, prev, "", nil
 }
 
 // snapshotImage returns the image of dev: that of the taken snapshot it is

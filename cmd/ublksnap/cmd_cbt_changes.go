@@ -65,15 +65,23 @@ one range covering the device.`,
 
 // changedExtents returns the extents of map m changed since p.
 func changedExtents(m api.CBTMap, p cbt.Point) ([]api.Extent, bool, error) {
-	gen, err := uuid.Parse(m.Generation)
+	info, err := cbtInfoOf(m)
 	if err != nil {
-		return nil, false, fmt.Errorf("the daemon sent generation %q: %w", m.Generation, err)
+		return nil, false, err
 	}
-	info := cbt.Info{BlockSize: m.BlockSize, BlockCount: m.BlockCount, Capacity: m.Capacity, Generation: gen, Changes: m.Changes}
 	ext, full := cbt.Changed(m.Map, info, p)
 	out := make([]api.Extent, len(ext))
 	for i, e := range ext {
 		out[i] = api.Extent(e)
 	}
 	return out, full, nil
+}
+
+// cbtInfoOf returns the description of the change-tracking map m.
+func cbtInfoOf(m api.CBTMap) (cbt.Info, error) {
+	gen, err := uuid.Parse(m.Generation)
+	if err != nil {
+		return cbt.Info{}, fmt.Errorf("the daemon sent generation %q: %w", m.Generation, err)
+	}
+	return cbt.Info{BlockSize: m.BlockSize, BlockCount: m.BlockCount, Capacity: m.Capacity, Generation: gen, Changes: m.Changes}, nil
 }
