@@ -26,6 +26,9 @@ test: test-unit test-vm
 test-unit:
 	$(GO) test -race -count=1 -timeout 20m ./...
 	$(GO) test -run '^$$' -fuzz FuzzConnection -fuzztime 30s ./nbd
+	$(GO) test -run '^$$' -fuzz FuzzLoad -fuzztime 10s ./cbt
+	$(GO) test -run '^$$' -fuzz FuzzManifest -fuzztime 10s ./backup
+	$(GO) test -run '^$$' -fuzz FuzzStateFile -fuzztime 10s ./snapshot
 
 ## test-vm: the harness's own tests on the host, then the integration suite in one VM boot per kernel line
 test-vm: build
