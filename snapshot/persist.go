@@ -20,9 +20,12 @@ import (
 // member's copied chunks. The next daemon reopens the storage, rebuilds
 // the difference areas and attaches them to the members before it serves
 // the members again, so no write reaches a member without COW; then it
-// serves new images. A snapshot whose storage cannot outlive the process
-// (an unnamed file in a directory), that is not taken, or whose save
-// fails is released and reported lost instead.
+// serves new images. An unnamed file in a directory (the storage of
+// `snapshot create --storage DIR`) is given a hidden name in that
+// directory for the handover, .ublksnap-ID-N.diff, which the next daemon
+// takes away again once it has the file open. A snapshot whose storage
+// cannot outlive the process (a device that is not a file), that is not
+// taken, or whose save fails is released and reported lost instead.
 
 // savedSnapshot is what the state file keeps of a taken snapshot across a
 // planned restart.
@@ -59,6 +62,9 @@ func (m *Manager) saveSnapshotLocked(s *snapshot) (snapshotEntry, error) {
 		for _, mb := range paused {
 			mb.dev.gate.Resume()
 		}
+		if uerr := s.storage.Unname(); uerr != nil {
+			m.log.Error("remove the names given to the unnamed storage files", "id", s.id, "err", uerr)
+		}
 		return e, fmt.Errorf("save snapshot %s: %w", s.id, err)
 	}
 	for _, mb := range s.members {
@@ -85,6 +91,9 @@ func (m *Manager) saveSnapshotLocked(s *snapshot) (snapshotEntry, error) {
 			return fail(err)
 		}
 		saved.Members = append(saved.Members, savedMember{UblkID: mb.dev.blk.ID(), Device: mb.dev.path(), ChunkShift: mb.area.ChunkShift(), Chunks: chunks})
+	}
+	if err := s.storage.NameUnnamed(func(i int) string { return fmt.Sprintf(".ublksnap-%s-%d.diff", s.id, i) }); err != nil {
+		return fail(err)
 	}
 	layout, err := s.storage.Layout()
 	if err != nil {

@@ -324,6 +324,11 @@ func (m *Manager) loseSnapshot(e snapshotEntry) {
 	if !e.Lost {
 		m.log.Error("snapshot lost: the daemon that held it ended without saving it", "id", e.ID, "devices", e.Devices)
 	}
+	if e.Saved != nil {
+		if err := e.Saved.Storage.RemoveUnnamed(); err != nil {
+			m.log.Error("remove the names given to the unnamed storage files of a lost snapshot", "id", e.ID, "err", err)
+		}
+	}
 	if e.CreatedStorage != "" {
 		id, err := identify(e.CreatedStorage)
 		switch {

@@ -5,10 +5,12 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -292,12 +294,16 @@ func TestShutdownRefusesWhileHeld(t *testing.T) {
 }
 
 // Leave (SIGTERM) keeps the filtered devices for the next daemon and
-// reports the snapshots lost.
+// reports a snapshot that was not taken lost.
 func TestLeaveKeepsDevicesAndLosesSnapshots(t *testing.T) {
 	statePath := filepath.Join(t.TempDir(), "d.state.json")
 	e := newEnv(t, Config{StatePath: statePath})
 	a := e.attach("a.img", 1)
-	id := e.takeSnapshot(a)
+	s, err := e.m.CreateSnapshot(bg, CreateOptions{Devices: []string{a}, Storage: e.dir, Limit: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := s.ID
 	dev := e.m.devices[a].blk.(*fakeBlock)
 	if err := e.m.Leave(); err != nil {
 		t.Fatal(err)
@@ -306,7 +312,7 @@ func TestLeaveKeepsDevicesAndLosesSnapshots(t *testing.T) {
 		t.Fatal("Leave stopped the filtered device")
 	}
 	if n := len(e.srv.kernel); n != 1 {
-		t.Errorf("%d devices left in the kernel, want the filtered one only (the image stopped)", n)
+		t.Errorf("%d devices left in the kernel, want the filtered one only", n)
 	}
 	st := readState(t, statePath)
 	if len(st.Devices) != 1 || len(st.Snapshots) != 1 || st.Snapshots[0].ID != id || !st.Snapshots[0].Lost {
@@ -314,14 +320,25 @@ func TestLeaveKeepsDevicesAndLosesSnapshots(t *testing.T) {
 	}
 }
 
-// A taken snapshot whose storage is a named file survives a planned
-// restart: the image shows the same data, later writes to the original
-// keep it so, and destroy works.
+// A taken snapshot whose storage is a named file, or an unnamed one in a
+// directory, survives a planned restart: the image shows the same data,
+// later writes to the original keep it so, and destroy works. The name an
+// unnamed file gets for the handover is gone once the next daemon has it.
 func TestSnapshotSurvivesPlannedRestart(t *testing.T) {
+	for _, named := range []bool{true, false} {
+		t.Run(fmt.Sprintf("named=%v", named), func(t *testing.T) { testSnapshotSurvivesPlannedRestart(t, named) })
+	}
+}
+
+func testSnapshotSurvivesPlannedRestart(t *testing.T, named bool) {
 	statePath := filepath.Join(t.TempDir(), "d.state.json")
 	e := newEnv(t, Config{StatePath: statePath})
 	a := e.attach("a.img", 1)
-	store := filepath.Join(e.dir, "store")
+	storeDir := t.TempDir()
+	store := storeDir
+	if named {
+		store = filepath.Join(storeDir, "store")
+	}
 	s, err := e.m.CreateSnapshot(bg, CreateOptions{Devices: []string{a}, Storage: store, Limit: 8 << 20})
 	if err != nil {
 		t.Fatal(err)
@@ -355,6 +372,11 @@ func TestSnapshotSurvivesPlannedRestart(t *testing.T) {
 	if err := e.m.Leave(); err != nil {
 		t.Fatal(err)
 	}
+	if !named {
+		if names := dirNames(t, storeDir); len(names) != 1 || !strings.HasPrefix(names[0], ".ublksnap-"+s.ID) {
+			t.Fatalf("after Leave the storage directory holds %v, want the unnamed file's handover name", names)
+		}
+	}
 	e.crashAndRestart(statePath) // the process exits after Leave
 	rep, err := e.m.Recover(bg)
 	if err != nil {
@@ -362,6 +384,9 @@ func TestSnapshotSurvivesPlannedRestart(t *testing.T) {
 	}
 	if len(rep.Recovered) != 1 {
 		t.Fatalf("recovered %+v", rep)
+	}
+	if names := dirNames(t, storeDir); !named && len(names) != 0 {
+		t.Errorf("after the restart the storage directory holds %v, want nothing", names)
 	}
 	info, err := e.m.Snapshot(bg, s.ID)
 	if err != nil || info.State != StateTaken || info.Members[0].Image == "" {
@@ -381,7 +406,21 @@ func TestSnapshotSurvivesPlannedRestart(t *testing.T) {
 	if err := e.m.Destroy(bg, s.ID, false); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(store); !os.IsNotExist(err) {
-		t.Errorf("destroy left the storage file it created: %v", err)
+	if names := dirNames(t, storeDir); len(names) != 0 {
+		t.Errorf("destroy left %v in the storage directory", names)
 	}
+}
+
+// dirNames lists the names in dir.
+func dirNames(t *testing.T, dir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	return names
 }

@@ -183,10 +183,16 @@ type File struct {
 	dfd       int
 	dioMask   int64
 	directErr error
-	block     bool   // a block device rather than a regular file; immutable
-	temp      bool   // an unnamed file (OpenTemp) that vanishes on close; immutable
-	mapped    []byte // MAP_SHARED view of the file with OpenOptions.Mmap; immutable
-	memory    bool   // a regular file of tmpfs or ramfs; immutable
+	block     bool // a block device rather than a regular file; immutable
+	// tempDir is, for an unnamed file (OpenTemp) that vanishes on close,
+	// its directory, else ""; linked is the name it was given for a
+	// successor (DiffStorage.NameUnnamed), or "". Both are guarded by the
+	// mutex of the difference storage that holds the file (immutable
+	// otherwise).
+	tempDir string
+	linked  string
+	mapped  []byte // MAP_SHARED view of the file with OpenOptions.Mmap; immutable
+	memory  bool   // a regular file of tmpfs or ramfs; immutable
 	// geo is the geometry at open; its Size is not kept up to date.
 	// size is the current size in bytes, read without a lock (an
 	// allocation of the difference storage never waits for a growth) and
@@ -283,16 +289,18 @@ func OpenWith(path string, opts OpenOptions) (*File, error) {
 	return d, nil
 }
 
-// OpenTemp creates an unnamed regular file (O_TMPFILE) in dir. It has no
-// name in the file system and disappears when it is closed.
+// OpenTemp creates an unnamed regular file (O_TMPFILE) in dir, readable
+// by its owner only. It has no name in the file system and disappears
+// when it is closed, unless it was given one (DiffStorage.NameUnnamed:
+// without O_EXCL, so that it can be linked).
 func OpenTemp(dir string) (*File, error) {
-	f, err := os.OpenFile(dir, os.O_RDWR|unix.O_TMPFILE|unix.O_EXCL|unix.O_CLOEXEC, 0o600)
+	f, err := os.OpenFile(dir, os.O_RDWR|unix.O_TMPFILE|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("create unnamed file in %s: %w", dir, err)
 	}
 	d, err := newFile(f, false)
 	if d != nil {
-		d.temp = true
+		d.tempDir = dir
 	}
 	return d, err
 }

@@ -3,14 +3,16 @@ package storage
 import (
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"syscall"
 
 	"golang.org/x/sys/unix"
 )
 
 // ErrNotPersistent is returned by Layout for a storage that cannot be
-// opened again by another process: an unnamed file, or a device that is
-// not a File.
+// opened again by another process: an unnamed file that was given no name
+// (NameUnnamed), or a device that is not a File.
 var ErrNotPersistent = errors.New("storage: the difference storage cannot outlive this process")
 
 // Layout describes a DiffStorage so that a successor process can open the
@@ -31,9 +33,12 @@ type Layout struct {
 type LayoutDevice struct {
 	Path  string `json:"path"`  // as this process opened it
 	Block bool   `json:"block"` // a block device (Rdev) rather than a file (Dev, Ino)
-	Dev   uint64 `json:"dev"`
-	Ino   uint64 `json:"ino"`
-	Rdev  uint64 `json:"rdev"`
+	// Unnamed marks an unnamed file that Path names only until a
+	// successor has opened it again (NameUnnamed, Restore).
+	Unnamed bool   `json:"unnamed,omitempty"`
+	Dev     uint64 `json:"dev"`
+	Ino     uint64 `json:"ino"`
+	Rdev    uint64 `json:"rdev"`
 }
 
 // LayoutBlock is one storage block: sectors of Devices[Dev].
@@ -54,7 +59,7 @@ type LayoutGrow struct {
 
 // Layout describes the storage for Restore. The caller makes sure that
 // nothing allocates meanwhile. It fails with ErrNotPersistent for an
-// unnamed file or a device that is not a File.
+// unnamed file without a name (NameUnnamed) or a device that is not a File.
 func (ds *DiffStorage) Layout() (Layout, error) {
 	ds.mu.Lock()
 	defer ds.mu.Unlock()
@@ -64,14 +69,18 @@ func (ds *DiffStorage) Layout() (Layout, error) {
 	l := Layout{Capacity: ds.capacity, BlockSectors: ds.blockSectors, Filled: ds.filled, Requested: ds.requested, Overflow: ds.overflow}
 	for _, d := range ds.devs {
 		f, ok := d.(*File)
-		if !ok || f.temp {
+		if !ok || (f.tempDir != "" && f.linked == "") {
 			return Layout{}, fmt.Errorf("%s: %w", d.Name(), ErrNotPersistent)
 		}
 		var st unix.Stat_t
 		if err := unix.Fstat(f.fd, &st); err != nil {
 			return Layout{}, fmt.Errorf("stat %s: %w", f.Name(), err)
 		}
-		l.Devices = append(l.Devices, LayoutDevice{Path: f.Name(), Block: f.block, Dev: st.Dev, Ino: st.Ino, Rdev: st.Rdev})
+		ld := LayoutDevice{Path: f.Name(), Block: f.block, Dev: st.Dev, Ino: st.Ino, Rdev: st.Rdev}
+		if f.tempDir != "" {
+			ld.Path, ld.Unnamed = f.linked, true
+		}
+		l.Devices = append(l.Devices, ld)
 	}
 	for _, list := range []struct {
 		blocks []*storageBlock
@@ -86,6 +95,63 @@ func (ds *DiffStorage) Layout() (Layout, error) {
 		}
 	}
 	return l, nil
+}
+
+// NameUnnamed gives each unnamed file of the storage a name in its
+// directory, name(i) for the i-th, so that Layout describes it and a
+// successor process can open it; Restore takes the names away again, and
+// Unname does when no successor will come. A name that exists fails
+// with EEXIST.
+func (ds *DiffStorage) NameUnnamed(name func(i int) string) error {
+	ds.mu.Lock()
+	defer ds.mu.Unlock()
+	i := 0
+	for _, d := range ds.devs {
+		f, ok := d.(*File)
+		if !ok || f.tempDir == "" || f.linked != "" {
+			continue
+		}
+		p := filepath.Join(f.tempDir, name(i))
+		i++
+		if err := unix.Linkat(unix.AT_FDCWD, fmt.Sprintf("/proc/self/fd/%d", f.fd), unix.AT_FDCWD, p, unix.AT_SYMLINK_FOLLOW); err != nil {
+			return fmt.Errorf("name the unnamed file in %s: %w", f.Name(), err)
+		}
+		f.linked = p
+	}
+	return nil
+}
+
+// Unname takes away the names NameUnnamed gave.
+func (ds *DiffStorage) Unname() error {
+	ds.mu.Lock()
+	defer ds.mu.Unlock()
+	var errs []error
+	for _, d := range ds.devs {
+		if f, ok := d.(*File); ok && f.linked != "" {
+			if err := os.Remove(f.linked); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
+			f.linked = ""
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// RemoveUnnamed removes the names that l's unnamed files were given,
+// where they still name the same file: for a successor that will not
+// restore the storage.
+func (l Layout) RemoveUnnamed() error {
+	var errs []error
+	for _, ld := range l.Devices {
+		var st unix.Stat_t
+		if !ld.Unnamed || unix.Stat(ld.Path, &st) != nil || st.Dev != ld.Dev || st.Ino != ld.Ino {
+			continue
+		}
+		if err := os.Remove(ld.Path); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // DeviceIndex returns the index of dev in Layout().Devices, or -1.
@@ -151,6 +217,16 @@ func Restore(l Layout, paths []string, opts Options) (*DiffStorage, error) {
 	}
 	if l.Grow != nil && ds.grow == nil {
 		return fail(fmt.Errorf("the layout's growable file has no block: %w", syscall.EINVAL))
+	}
+	// Opened again: the unnamed files lose their names, and vanish once
+	// this storage closes, as they would have in the process that made them.
+	for i, ld := range l.Devices {
+		if f := ds.devs[i].(*File); ld.Unnamed {
+			if err := os.Remove(f.Name()); err != nil {
+				return fail(fmt.Errorf("take away the name of the unnamed file: %w", err))
+			}
+			f.tempDir = filepath.Dir(f.Name())
+		}
 	}
 	ds.capacity, ds.blockSectors, ds.filled, ds.requested, ds.overflow = l.Capacity, l.BlockSectors, l.Filled, l.Requested, l.Overflow
 	ds.mu.Lock()

@@ -41,8 +41,8 @@ func daemonCmd(g *globalFlags) *cobra.Command {
 			"snapshots together stay within --diff-buffer-memory-limit, and --memory-limit\n" +
 			"makes the Go runtime return freed memory before the daemon grows past it.\n\n" +
 			"Its filtered devices outlive it. SIGTERM or SIGINT ends the daemon but leaves\n" +
-			"them, their I/O waiting, with the taken snapshots kept in a named file or block\n" +
-			"device, to the next daemon on the same socket, which serves them again; after a\n" +
+			"them, their I/O waiting, with the taken snapshots, to the next daemon on the\n" +
+			"same socket, which serves them again; after a\n" +
 			"crash the same happens, but snapshots are lost. `ublksnap shutdown` stops\n" +
 			"everything for good.",
 		Args: noArgs,

@@ -206,15 +206,20 @@ func TestDaemonCrashRecovery(t *testing.T) {
 // socket is refused, a damaged state file stops a new daemon before it
 // touches anything, and the next daemon serves the devices again. A
 // snapshot kept in a named file goes on (its image reads the same before
-// and after, also after more writes to the original); one kept in an
-// unnamed file in a directory is reported lost. The NBD export of the
-// first comes back on its socket and name; the second's does not.
+// and after, also after more writes to the original), and so does one
+// kept in an unnamed file in a directory, whose handover name is gone
+// after the restart; one created but not taken is reported lost. The NBD
+// exports come back on their sockets and names.
 func TestDaemonPlannedRestart(t *testing.T) {
 	d := startDaemon(t)
 	_, dev := d.attach(128 << 20)
 	dir := mkfsMount(t, dev)
 	sums := writeTree(t, dir, 30)
-	id, _ := d.snapshot(t.TempDir(), "64MiB", dev)
+	unnamedDir := t.TempDir()
+	id, unnamedImages := d.snapshot(unnamedDir, "64MiB", dev)
+	unnamedBefore := deviceMD5(t, unnamedImages[0])
+	_, dev3 := d.attach(16 << 20)
+	idLost := d.cli("snapshot", "create", "--device", dev3, "--storage", t.TempDir(), "--limit", "64MiB")
 
 	_, dev2 := d.attach(64 << 20)
 	run(t, "dd", "if=/dev/urandom", "of="+dev2, "bs=1M", "count=64", "oflag=direct")
@@ -222,9 +227,9 @@ func TestDaemonPlannedRestart(t *testing.T) {
 	id2, images := d.snapshot(store, "64MiB", dev2)
 	run(t, "dd", "if=/dev/zero", "of="+dev2, "bs=1M", "count=8", "seek=4", "oflag=direct")
 	before := deviceMD5(t, images[0])
-	// NBD exports of both: the one of the snapshot that goes on comes back.
+	// NBD exports of both: they come back.
 	exp, uri := d.export(id2, "--name", "kept")
-	lostExp, _ := d.export(id)
+	unnamedExp, _ := d.export(id, "--name", "unnamed")
 
 	// A second daemon on the same socket: refused, nothing touched.
 	out, err := exec.Command(d.bin, "daemon", "--socket", d.socket).CombinedOutput()
@@ -288,26 +293,37 @@ func TestDaemonPlannedRestart(t *testing.T) {
 	}
 	var listed []exportInfo
 	d2.cliJSON(&listed, "export", "list")
-	if len(listed) != 1 || listed[0].Address != exp.Address || listed[0].Exports[0].Name != "kept" {
-		t.Fatalf("exports after the restart: %+v, want only %+v", listed, exp)
+	if len(listed) != 2 {
+		t.Fatalf("exports after the restart: %+v, want %+v and %+v", listed, exp, unnamedExp)
+	}
+	for _, l := range listed {
+		if (l.Address != exp.Address || l.Exports[0].Name != "kept") && (l.Address != unnamedExp.Address || l.Exports[0].Name != "unnamed") {
+			t.Errorf("export after the restart: %+v, want %+v or %+v", l, exp, unnamedExp)
+		}
 	}
 	copied := filepath.Join(t.TempDir(), "copy.img")
 	run(t, "nbdcopy", uri, copied)
 	if got := fileMD5(t, copied); got != before {
 		t.Fatalf("nbdcopy of the export after the restart: md5 %s, the image is %s", got, before)
 	}
-	if _, err := os.Stat(strings.TrimPrefix(lostExp.Address, "unix:")); !os.IsNotExist(err) {
-		t.Errorf("the socket of the lost snapshot's export is still there: %v", err)
+	// The snapshot in an unnamed file goes on, and its handover name is gone.
+	if names, _ := filepath.Glob(filepath.Join(unnamedDir, "*")); len(names) != 0 {
+		t.Errorf("after the restart %s holds %v, want nothing", unnamedDir, names)
+	}
+	if got := deviceMD5(t, d2.imageOf(id, dev)); got != unnamedBefore {
+		t.Errorf("the image of the snapshot in an unnamed file reads differently after the restart: md5 %s, was %s", got, unnamedBefore)
 	}
 	d2.cli("snapshot", "destroy", "--id", id2)
 	if _, err := os.Stat(store); !os.IsNotExist(err) {
 		t.Errorf("destroy left the storage file it created: %v", err)
 	}
 	d2.cli("detach", "--device", dev2)
-	info := d2.cli("snapshot", "info", "--device", dev)
-	if !strings.Contains(info, "snapshot="+id) || !strings.Contains(info, "state=lost") || !strings.Contains(info, "error_code=-131") {
-		t.Errorf("snapshot info after the restart:\n%s\nwant snapshot %s lost with error code -131 (ENOTRECOVERABLE)", info, id)
+	info := d2.cli("snapshot", "info", "--device", dev3)
+	if !strings.Contains(info, "snapshot="+idLost) || !strings.Contains(info, "state=lost") || !strings.Contains(info, "error_code=-131") {
+		t.Errorf("snapshot info after the restart:\n%s\nwant snapshot %s (not taken) lost with error code -131 (ENOTRECOVERABLE)", info, idLost)
 	}
+	d2.cli("snapshot", "destroy", "--id", idLost)
+	d2.cli("detach", "--device", dev3)
 	d2.cli("snapshot", "destroy", "--id", id)
 	writeTree(t, filepath.Join(dir, "after"), 5)
 	run(t, "umount", dir)
@@ -502,4 +518,25 @@ func bytesWritten(t testing.TB, dev string) int64 {
 		t.Fatalf("%s stat %q: %v", dev, b, err)
 	}
 	return sectors << 9
+}
+
+// imageOf returns the image of dev in snapshot id.
+func (d *daemon) imageOf(id, dev string) string {
+	d.t.Helper()
+	var st struct {
+		Snapshots []struct {
+			ID      string
+			Devices []struct{ Device, Image string }
+		}
+	}
+	d.cliJSON(&st, "status")
+	for _, s := range st.Snapshots {
+		for _, m := range s.Devices {
+			if s.ID == id && m.Device == dev && m.Image != "" {
+				return m.Image
+			}
+		}
+	}
+	d.t.Fatalf("snapshot %s shows no image of %s: %+v", id, dev, st)
+	return ""
 }
