@@ -21,6 +21,33 @@
 // only after the take has switched its original to COW, so it shows the
 // snapshot instant from the first byte anyone can read.
 //
+// # Ending things
+//
+// Each way an object ends has one verb; what it needs and leaves behind:
+//
+//	Destroy      a snapshot, asked for: out of the manager under the lock,
+//	             then teardown without it; storage it created is removed
+//	teardown     a snapshot already out of the manager: release, bounded
+//	             by the destroy timeout, then its members are free again
+//	release      undoes a take, fully or in part: areas closed, members
+//	             off COW, images stopped; waits for I/O (the caller
+//	             chooses whether under the lock)
+//	abandon      a snapshot that cannot go on or was saved for the next
+//	             daemon: areas and storage closed, its files left as they
+//	             are
+//	end          marks a snapshot ended (wakes its event waiters); no I/O
+//	closeDevice  a filtered device out of the manager (Detach, Close):
+//	             close, keeping the change map of a backing file
+//	close        stops the served device, flushes and closes its backing
+//	             (closeThen runs a last step between the two)
+//	Leave        the whole manager, for a successor: taken snapshots
+//	             saved, devices kept in the kernel, state written
+//	Close        the whole manager, for good: snapshots torn down, then
+//	             the devices closed
+//
+// (A request leaving a device's gate is gate.Leave, of package admit's
+// door: not an end.)
+//
 // # Locks
 //
 // Manager.mu guards the maps of devices and snapshots, device.snap and
