@@ -7,6 +7,7 @@ import (
 	"hash/fnv"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"github.com/ublksnap/ublksnap/cow"
@@ -151,7 +152,10 @@ func loadState(p string) (stateFile, error) {
 }
 
 // StatePathFor is where a daemon on socket keeps its state file.
-func StatePathFor(socket string) string {
-	ext := filepath.Ext(socket)
-	return socket[:len(socket)-len(ext)] + ".state.json"
+func StatePathFor(socket string) string { return BesideSocket(socket, "state") }
+
+// BesideSocket is where a daemon on socket keeps its file of kind (state,
+// exports): the socket's path with KIND.json for its extension.
+func BesideSocket(socket, kind string) string {
+	return strings.TrimSuffix(socket, filepath.Ext(socket)) + "." + kind + ".json"
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -123,7 +122,7 @@ func serveDaemon(ctx context.Context, socket string, params cow.Params, mode ubl
 	}
 	logRecovery(log, rep)
 	exports := export.New(log)
-	exportsPath := strings.TrimSuffix(statePath, ".state.json") + ".exports.json"
+	exportsPath := snapshot.BesideSocket(socket, "exports")
 	if saved, err := export.TakeSaved(exportsPath); err != nil {
 		log.Error("exports of the earlier daemon not started again", "err", err)
 	} else {
