@@ -25,6 +25,7 @@ test: test-unit test-vm
 ## test-unit: host tests, race detector on, then 30 s of fuzzing the NBD server's parser
 test-unit:
 	$(GO) test -race -count=1 -timeout 20m ./...
+	$(GO) -C bench/report test -count=1 ./...
 	$(GO) test -run '^$$' -fuzz FuzzConnection -fuzztime 30s ./nbd
 	$(GO) test -run '^$$' -fuzz FuzzLoad -fuzztime 10s ./cbt
 	$(GO) test -run '^$$' -fuzz FuzzManifest -fuzztime 10s ./backup
@@ -54,7 +55,7 @@ bench: build
 	@for k in $(KERNELS); do \
 		rm -rf bench/out/$$k; \
 		$(VM) --kernel $$k --mem 6144 --timeout 5400 --out bench/out/$$k -- env $$(env | grep '^BENCH_') bench/run.sh || exit 1; \
-		$(GO) run ./bench/report -in bench/out/$$k -out bench/results -name $$k || exit 1; \
+		$(GO) -C bench/report run . -in $(CURDIR)/bench/out/$$k -out $(CURDIR)/bench/results -name $$k || exit 1; \
 		for p in bench/out/$$k/profile-*.pb.gz; do \
 			[ -e "$$p" ] || continue; n=$${p##*/profile-}; \
 			$(GO) tool pprof -top -nodecount 30 "$$p" >bench/results/$$k-profile-$${n%.pb.gz}.txt 2>/dev/null; \
@@ -89,6 +90,7 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.cache/*')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) vet -tags vmtest ./...
+	$(GO) -C bench/report vet ./...
 	$(GO) run $(STATICCHECK) ./...
 	$(GO) run $(STATICCHECK) -tags vmtest ./...
 

@@ -38,7 +38,6 @@ for t in fio jq losetup dmsetup; do command -v $t >/dev/null || die "$t is not i
 
 work=$(mktemp -d /tmp/bench.XXXXXX)
 mount -t tmpfs -o size=90% bench "$work" || die "cannot mount a tmpfs on $work"
-loops=()
 pids=()
 mkdir -p "$OUT"
 raw=$OUT/raw.csv
@@ -52,7 +51,7 @@ cleanup() {
 	for d in bench-thinsnap bench-thin bench-pool bench-snap bench-origin; do
 		dmsetup remove "$d" 2>/dev/null
 	done
-	for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null; done
+	detach_loops
 	umount "$work"
 	rm -rf "$work"
 }

@@ -38,7 +38,6 @@ work=$(mktemp -d /tmp/bench.XXXXXX)
 mount -t tmpfs -o size=90% bench "$work" || die "cannot mount a tmpfs on $work"
 sock=$work/ublksnap.sock
 daemon_pid=
-loops=()
 mkdir -p "$OUT"
 raw=$OUT/raw.csv
 echo "row,contender,run,iops,mib_s,clat_p50_us" >"$raw"
@@ -49,7 +48,7 @@ cleanup() {
 		u shutdown --force
 		wait "$daemon_pid" 2>/dev/null
 	fi
-	for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null; done
+	detach_loops
 	umount "$work"
 	rm -rf "$work"
 }

@@ -1,7 +1,7 @@
 # bench/lib.sh: what the benchmark scripts in one VM boot share (sourced by
-# run.sh and direct.sh). The caller sets SIZE_MB (device size), RUNTIME
+# run.sh, cow.sh and direct.sh). The caller sets SIZE_MB (device size), RUNTIME
 # (seconds per time-based run), chunk (bytes), raw (the CSV that record
-# appends to) and an array loops (the loop devices to detach at the end).
+# appends to) and work (the directory whose loop devices detach_loops detaches).
 
 die() { echo "bench: $*" >&2; exit 1; }
 say() { echo "bench: $*" >&2; }
@@ -14,12 +14,20 @@ fill() {
 		--ioengine=psync --output-format=terse >/dev/null || die "filling $1 failed"
 }
 
+# detach_loops: detaches every loop device over a file under $work (the
+# devices loopdev made, also in subshells such as $(loopdev ...)).
+detach_loops() {
+	local l
+	for l in $(losetup --list --noheadings --output NAME,BACK-FILE | awk -v w="$work/" 'index($2, w) == 1 { print $1 }'); do
+		losetup -d "$l" 2>/dev/null
+	done
+}
+
 # loopdev FILE: a loop device over FILE, with direct I/O when possible.
 loopdev() {
 	local l
 	l=$(losetup --find --show --direct-io=on "$1" 2>/dev/null) || l=$(losetup --find --show "$1") ||
 		die "losetup $1 failed"
-	loops+=("$l")
 	echo "$l"
 }
 

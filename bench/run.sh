@@ -79,7 +79,6 @@ mount -t tmpfs -o size=90% bench "$work" || die "cannot mount a tmpfs on $work"
 sock=$work/ublksnap.sock
 daemon_pid=
 sampler_pid=
-loops=()
 mkdir -p "$OUT"
 raw=$OUT/raw.csv
 meta=$OUT/meta.csv
@@ -92,7 +91,7 @@ cleanup() {
 	for d in bench-thinsnap bench-thin bench-pool bench-snap bench-origin; do
 		dmsetup remove "$d" 2>/dev/null
 	done
-	for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null; done
+	detach_loops
 	[ -n "$sampler_pid" ] && kill "$sampler_pid" 2>/dev/null
 	if [ -n "$daemon_pid" ]; then
 		u shutdown --force
