@@ -102,6 +102,11 @@ func (m *Manager) saveSnapshotLocked(s *snapshot) (snapshotEntry, error) {
 	saved.Storage = layout
 	for _, d := range layout.Devices {
 		name, ok := s.storagePaths[d.Path]
+		if dir, dirOK := s.storagePaths[filepath.Dir(d.Path)]; !ok && d.Unnamed && dirOK {
+			// An unnamed file named for the handover: in the directory as
+			// the user gave it.
+			name, ok = filepath.Join(dir, filepath.Base(d.Path)), true
+		}
 		if !ok {
 			name = d.Path
 		}

@@ -240,7 +240,7 @@ func (m *Manager) loseSnapshot(e snapshotEntry) {
 		m.log.Error("snapshot lost: the daemon that held it ended without saving it", "id", e.ID, "devices", e.Devices)
 	}
 	if e.Saved != nil {
-		if err := e.Saved.Storage.RemoveUnnamed(); err != nil {
+		if err := e.Saved.Storage.RemoveUnnamed(e.Saved.StorageNames); err != nil {
 			m.log.Error("remove the names given to the unnamed storage files of a lost snapshot", "id", e.ID, "err", err)
 		}
 	}

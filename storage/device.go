@@ -185,11 +185,12 @@ type File struct {
 	directErr error
 	block     bool // a block device rather than a regular file; immutable
 	// tempDir is, for an unnamed file (OpenTemp) that vanishes on close,
-	// its directory, else ""; linked is the name it was given for a
-	// successor (DiffStorage.NameUnnamed), or "". Both are guarded by the
-	// mutex of the difference storage that holds the file (immutable
-	// otherwise).
-	tempDir string
+	// its directory (opened O_PATH: the path it was reached by may not
+	// outlive the request), else nil; linked is the name it was given in
+	// tempDir for a successor (DiffStorage.NameUnnamed), or "". Both are
+	// guarded by the mutex of the difference storage that holds the file
+	// (immutable otherwise).
+	tempDir *os.File
 	linked  string
 	mapped  []byte // MAP_SHARED view of the file with OpenOptions.Mmap; immutable
 	memory  bool   // a regular file of tmpfs or ramfs; immutable
@@ -299,10 +300,24 @@ func OpenTemp(dir string) (*File, error) {
 		return nil, fmt.Errorf("create unnamed file in %s: %w", dir, err)
 	}
 	d, err := newFile(f, false)
-	if d != nil {
-		d.tempDir = dir
+	if err != nil {
+		return nil, err
 	}
-	return d, err
+	if err := d.becomeUnnamed(dir); err != nil {
+		d.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+// becomeUnnamed records that d is an unnamed file in dir.
+func (d *File) becomeUnnamed(dir string) error {
+	t, err := os.OpenFile(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open the directory of an unnamed file: %w", err)
+	}
+	d.tempDir = t
+	return nil
 }
 
 // newFile probes the geometry of an open file; it closes f on failure.
@@ -622,6 +637,9 @@ func (d *File) Close() error {
 	}
 	if d.df != nil {
 		err = errors.Join(err, d.df.Close())
+	}
+	if d.tempDir != nil {
+		err = errors.Join(err, d.tempDir.Close())
 	}
 	return errors.Join(err, d.f.Close())
 }

@@ -69,7 +69,7 @@ func (ds *DiffStorage) Layout() (Layout, error) {
 	l := Layout{Capacity: ds.capacity, BlockSectors: ds.blockSectors, Filled: ds.filled, Requested: ds.requested, Overflow: ds.overflow}
 	for _, d := range ds.devs {
 		f, ok := d.(*File)
-		if !ok || (f.tempDir != "" && f.linked == "") {
+		if !ok || (f.tempDir != nil && f.linked == "") {
 			return Layout{}, fmt.Errorf("%s: %w", d.Name(), ErrNotPersistent)
 		}
 		var st unix.Stat_t
@@ -77,8 +77,8 @@ func (ds *DiffStorage) Layout() (Layout, error) {
 			return Layout{}, fmt.Errorf("stat %s: %w", f.Name(), err)
 		}
 		ld := LayoutDevice{Path: f.Name(), Block: f.block, Dev: st.Dev, Ino: st.Ino, Rdev: st.Rdev}
-		if f.tempDir != "" {
-			ld.Path, ld.Unnamed = f.linked, true
+		if f.tempDir != nil {
+			ld.Path, ld.Unnamed = filepath.Join(f.tempDir.Name(), f.linked), true
 		}
 		l.Devices = append(l.Devices, ld)
 	}
@@ -98,25 +98,25 @@ func (ds *DiffStorage) Layout() (Layout, error) {
 }
 
 // NameUnnamed gives each unnamed file of the storage a name in its
-// directory, name(i) for the i-th, so that Layout describes it and a
-// successor process can open it; Restore takes the names away again, and
-// Unname does when no successor will come. A name that exists fails
-// with EEXIST.
+// directory, name(i) for the i-th, so that Layout describes it (as that
+// directory, as it was opened, joined with the name) and a successor
+// process can open it; Restore takes the names away again, and Unname
+// does when no successor will come. A name that exists fails with EEXIST.
 func (ds *DiffStorage) NameUnnamed(name func(i int) string) error {
 	ds.mu.Lock()
 	defer ds.mu.Unlock()
 	i := 0
 	for _, d := range ds.devs {
 		f, ok := d.(*File)
-		if !ok || f.tempDir == "" || f.linked != "" {
+		if !ok || f.tempDir == nil || f.linked != "" {
 			continue
 		}
-		p := filepath.Join(f.tempDir, name(i))
+		n := name(i)
 		i++
-		if err := unix.Linkat(unix.AT_FDCWD, fmt.Sprintf("/proc/self/fd/%d", f.fd), unix.AT_FDCWD, p, unix.AT_SYMLINK_FOLLOW); err != nil {
+		if err := unix.Linkat(unix.AT_FDCWD, fmt.Sprintf("/proc/self/fd/%d", f.fd), int(f.tempDir.Fd()), n, unix.AT_SYMLINK_FOLLOW); err != nil {
 			return fmt.Errorf("name the unnamed file in %s: %w", f.Name(), err)
 		}
-		f.linked = p
+		f.linked = n
 	}
 	return nil
 }
@@ -128,8 +128,8 @@ func (ds *DiffStorage) Unname() error {
 	var errs []error
 	for _, d := range ds.devs {
 		if f, ok := d.(*File); ok && f.linked != "" {
-			if err := os.Remove(f.linked); err != nil && !errors.Is(err, os.ErrNotExist) {
-				errs = append(errs, err)
+			if err := unix.Unlinkat(int(f.tempDir.Fd()), f.linked, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+				errs = append(errs, fmt.Errorf("remove %s in %s: %w", f.linked, f.Name(), err))
 			}
 			f.linked = ""
 		}
@@ -139,15 +139,20 @@ func (ds *DiffStorage) Unname() error {
 
 // RemoveUnnamed removes the names that l's unnamed files were given,
 // where they still name the same file: for a successor that will not
-// restore the storage.
-func (l Layout) RemoveUnnamed() error {
+// restore the storage. paths[i], when given, is the path to remove for
+// l.Devices[i], as for Restore.
+func (l Layout) RemoveUnnamed(paths []string) error {
 	var errs []error
-	for _, ld := range l.Devices {
+	for i, ld := range l.Devices {
+		p := ld.Path
+		if i < len(paths) {
+			p = paths[i]
+		}
 		var st unix.Stat_t
-		if !ld.Unnamed || unix.Stat(ld.Path, &st) != nil || st.Dev != ld.Dev || st.Ino != ld.Ino {
+		if !ld.Unnamed || unix.Stat(p, &st) != nil || st.Dev != ld.Dev || st.Ino != ld.Ino {
 			continue
 		}
-		if err := os.Remove(ld.Path); err != nil {
+		if err := os.Remove(p); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -222,10 +227,12 @@ func Restore(l Layout, paths []string, opts Options) (*DiffStorage, error) {
 	// this storage closes, as they would have in the process that made them.
 	for i, ld := range l.Devices {
 		if f := ds.devs[i].(*File); ld.Unnamed {
+			if err := f.becomeUnnamed(filepath.Dir(f.Name())); err != nil {
+				return fail(err)
+			}
 			if err := os.Remove(f.Name()); err != nil {
 				return fail(fmt.Errorf("take away the name of the unnamed file: %w", err))
 			}
-			f.tempDir = filepath.Dir(f.Name())
 		}
 	}
 	ds.capacity, ds.blockSectors, ds.filled, ds.requested, ds.overflow = l.Capacity, l.BlockSectors, l.Filled, l.Requested, l.Overflow
