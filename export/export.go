@@ -40,12 +40,13 @@ import (
 
 	"github.com/ublksnap/ublksnap/cbt"
 	"github.com/ublksnap/ublksnap/internal/atomicfile"
+	"github.com/ublksnap/ublksnap/internal/caller"
 	"github.com/ublksnap/ublksnap/nbd"
-	"github.com/ublksnap/ublksnap/snapshot"
 	"github.com/ublksnap/ublksnap/storage"
 )
 
-// Image is what an export serves: snapshot.ImageReader.
+// Image is what an export serves: a snapshot image (the daemon gives
+// snapshot.ImageReader).
 type Image interface {
 	ReadAt(p []byte, off int64) (int, error)
 	Tracking() cbt.Info
@@ -53,8 +54,6 @@ type Image interface {
 	Allocation(off, length int64, maxSpans int) ([]storage.Span, error)
 	Ended() <-chan struct{}
 }
-
-var _ Image = (*snapshot.ImageReader)(nil)
 
 // Member describes one image to export.
 type Member struct {
@@ -321,7 +320,7 @@ func isLoopback(host string) bool {
 // removed then. It also returns unix:p when p names the same directory
 // in this process's own view, where a later daemon can bind it again.
 func listenUnix(ctx context.Context, p string) (net.Listener, func(), string, error) {
-	open, err := snapshot.CallerPath(ctx, p)
+	open, err := caller.Path(ctx, p)
 	if err != nil {
 		return nil, nil, "", err
 	}

@@ -16,8 +16,8 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/ublksnap/ublksnap/cbt"
+	"github.com/ublksnap/ublksnap/internal/caller"
 	"github.com/ublksnap/ublksnap/nbd"
-	"github.com/ublksnap/ublksnap/snapshot"
 	"github.com/ublksnap/ublksnap/storage"
 )
 
@@ -228,7 +228,7 @@ func TestSavedForTheNextDaemon(t *testing.T) {
 	// caller with another root or mount namespace): not saved.
 	e = New(quiet())
 	defer e.Close()
-	ctx := snapshot.WithCaller(context.Background(), snapshot.Caller{Root: t.TempDir()})
+	ctx := caller.With(context.Background(), caller.Caller{Root: t.TempDir()})
 	if _, err := e.Start(ctx, "c", members, Options{Listen: "unix:/nbd.sock"}); err != nil {
 		t.Fatal(err)
 	}

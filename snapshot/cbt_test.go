@@ -6,7 +6,6 @@ import (
 	"path/filepath"
 	"reflect"
 	"testing"
-	"time"
 
 	"github.com/ublksnap/ublksnap/cbt"
 	"github.com/ublksnap/ublksnap/ublk"
@@ -199,34 +198,4 @@ func TestCBTSurvivesDetachAttachOfAnUnchangedFile(t *testing.T) {
 	if info, _ := e.m.CBTInfo(d.Path); info.Generation == before.Generation {
 		t.Fatal("a file written while detached kept its generation")
 	}
-}
-
-// Leave pauses every device at once: a request that never leaves costs
-// the restart one pause timeout, not one per device.
-func TestLeavePausesDevicesTogether(t *testing.T) {
-	statePath := filepath.Join(t.TempDir(), "d.state.json")
-	// Paused one after the other the three would take 3 × timeout at
-	// least; together, one timeout and the work: the bound lies between
-	// with 1.5 timeouts of room for a slow machine.
-	const timeout = 2 * time.Second
-	e := newEnv(t, Config{StatePath: statePath, DestroyTimeout: timeout})
-	var stuck []*gate
-	for _, name := range []string{"a.img", "b.img", "c.img"} {
-		g := e.m.devices[e.attach(name, 1)].gate
-		if !g.TryEnter() { // a request in flight that does not leave
-			t.Fatal("an open gate refused TryEnter")
-		}
-		stuck = append(stuck, g)
-	}
-	start := time.Now()
-	if err := e.m.Leave(); err != nil {
-		t.Fatal(err)
-	}
-	if took := time.Since(start); took > 3*timeout-timeout/2 {
-		t.Fatalf("Leave with 3 devices each holding a request took %v; one pause timeout is %v", took, timeout)
-	}
-	for _, g := range stuck {
-		g.Leave()
-	}
-	e.crashAndRestart(statePath)
 }

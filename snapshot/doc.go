@@ -85,7 +85,7 @@
 // # Where paths are resolved
 //
 // Paths in requests are absolute and resolved in the caller's view of the
-// filesystem (WithCaller): the daemon runs in a private mount namespace
+// filesystem (package internal/caller): the daemon runs in a private mount namespace
 // and would not see filesystems mounted after it started. Difference
 // storage and backings are compared by device number and inode with every
 // device the manager serves, so that no storage is written through the COW
@@ -105,7 +105,7 @@
 // lost until destroyed. That is also why replaying the writes the dead
 // daemon had taken (REISSUE) is safe: no saved chunk remains for a
 // replayed write to overwrite. A planned restart (Leave) saves taken
-// snapshots instead (persist.go): their members' writes stay paused from
+// snapshots instead (leave.go): their members' writes stay paused from
 // the save until the next daemon has attached the restored areas, so a
 // replayed write meets the restored chunk map and is copied, or not, as
 // it would have been.
@@ -119,6 +119,7 @@
 // # Tests
 //
 // Host tests run the Manager over fakes of the BlockServer and the Host
-// (filesystem freezing, who holds a device) with real files for backings
-// and storage; test/integration runs it on ublk in a VM.
+// (filesystem freezing, who holds a device; package host has the real
+// ones) with real files for backings and storage; test/integration runs
+// it on ublk in a VM.
 package snapshot

@@ -10,11 +10,12 @@ import (
 	"sync/atomic"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/ublksnap/ublksnap/cbt"
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/ublk"
-	"golang.org/x/sys/unix"
 )
 
 // The handlers follow ublk's contract. A filtered device backed by a file

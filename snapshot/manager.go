@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"slices"
 	"sort"
 	"sync"
@@ -34,8 +33,8 @@ const minLimit = 1 << 20
 type Config struct {
 	Params         cow.Params    // blksnap's parameters for new snapshots
 	Logger         *slog.Logger  // nil: slog.Default()
-	Server         BlockServer   // nil: UblkServer
-	Host           Host          // nil: System
+	Server         BlockServer   // serves the block devices (host.UblkServer); required
+	Host           Host          // freezes and finds holders (host.System); required
 	TakeTimeout    time.Duration // 0: DefaultTakeTimeout
 	DestroyTimeout time.Duration // 0: DefaultDestroyTimeout
 	// IOMode is the I/O mode of filtered devices attached without one of
@@ -81,6 +80,9 @@ func New(cfg Config) (*Manager, error) {
 	if err := cfg.Params.Validate(); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
+	if cfg.Server == nil || cfg.Host == nil {
+		return nil, fmt.Errorf("%w: Config.Server and Config.Host are required", ErrInvalid)
+	}
 	m := &Manager{
 		params:         cfg.Params,
 		buffers:        cow.NewBufferBudget(cfg.Params.DiffBufferMemoryLimit),
@@ -99,12 +101,6 @@ func New(cfg Config) (*Manager, error) {
 	}
 	if m.log == nil {
 		m.log = slog.Default()
-	}
-	if m.server == nil {
-		m.server = UblkServer{}
-	}
-	if m.host == nil {
-		m.host = System{}
 	}
 	if m.takeTimeout <= 0 {
 		m.takeTimeout = DefaultTakeTimeout
@@ -294,73 +290,6 @@ func (m *Manager) Shutdown(ctx context.Context, force bool) error {
 
 // ShutdownRequested is closed once Shutdown accepted a stop for good.
 func (m *Manager) ShutdownRequested() <-chan struct{} { return m.shutdown }
-
-// Leave ends the manager for a successor daemon (a planned restart): taken
-// snapshots are saved for it (persist.go), the others released and
-// recorded lost, the backings flushed and the state saved; the filtered
-// devices are not stopped. The caller then exits: the kernel holds their I/O until
-// the next daemon's Recover serves them again.
-func (m *Manager) Leave() error {
-	m.mu.Lock()
-	var drop, saved []*snapshot
-	for _, s := range m.removeSnapshotsLocked() {
-		e, err := m.saveSnapshotLocked(s)
-		if err == nil {
-			m.leaving = append(m.leaving, e)
-			saved = append(saved, s)
-			m.log.Info("snapshot saved for the next daemon", "id", s.id)
-			continue
-		}
-		m.log.Warn("snapshot released for the restart; it will be reported lost", "id", s.id, "err", err)
-		m.lost[s.id] = &lostSnapshot{id: s.id, devices: s.memberPaths()}
-		drop = append(drop, s)
-	}
-	errs := []error{m.saveLocked()}
-	m.mu.Unlock()
-	for _, s := range drop {
-		errs = append(errs, m.teardown(s))
-	}
-	// The saved snapshots' files stay as they are for the next daemon;
-	// their members' writes wait in the paused gates until then.
-	for _, s := range saved {
-		m.abandon(s)
-	}
-	// Every device at once: each pause waits for that device's writes in
-	// flight, and the restart's pause is the longest of them, not the sum.
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	devs := slices.Collect(maps.Values(m.devices))
-	flushed := make([]error, len(devs))
-	var wg sync.WaitGroup
-	for i, d := range devs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := d.orig.Flush(); err != nil {
-				flushed[i] = fmt.Errorf("flush %s: %w", d.path(), err)
-			}
-			m.leaveCBT(d)
-		}()
-	}
-	wg.Wait()
-	return errors.Join(append(errs, flushed...)...)
-}
-
-// leaveCBT pauses the changes to d for good (the next daemon gets them
-// again) and saves its change tracking map, which then misses nothing.
-// A map that cannot be saved whole is not saved: the next daemon starts a
-// new generation.
-func (m *Manager) leaveCBT(d *device) {
-	ctx, cancel := context.WithTimeout(context.Background(), m.destroyTimeout)
-	defer cancel()
-	err := d.gate.Pause(ctx)
-	if err == nil {
-		err = m.saveCBT(d)
-	}
-	if err != nil {
-		m.log.Warn("change tracking of the device will start a new generation", "device", d.path(), "err", err)
-	}
-}
 
 // removeSnapshotsLocked takes every snapshot out of the manager and
 // returns them, for the caller to tear down without the lock.

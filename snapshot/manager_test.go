@@ -13,6 +13,7 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/ublksnap/ublksnap/internal/caller"
 	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/ublk"
 )
@@ -431,7 +432,7 @@ func TestExistingStorageFileNeedsForce(t *testing.T) {
 func TestPathsResolveUnderCallerRoot(t *testing.T) {
 	e := newEnv(t, Config{})
 	root := t.TempDir()
-	ctx := WithCaller(bg, Caller{Root: root})
+	ctx := caller.With(bg, caller.Caller{Root: root})
 	s, err := e.m.CreateSnapshot(ctx, CreateOptions{Storage: "/diff", Limit: 8 << 20})
 	if err != nil {
 		t.Fatal(err)
@@ -468,5 +469,57 @@ func TestCreateSnapshotStorageUnfit(t *testing.T) {
 	}
 	if snaps := e.m.Snapshots(bg); len(snaps) != 0 {
 		t.Errorf("snapshots after the refusal: %+v", snaps)
+	}
+}
+
+// A take whose freeze hangs fails within the take timeout, and the
+// filesystem is thawed once the freeze completes.
+func TestTakeAbandonsAHungFreeze(t *testing.T) {
+	e := newEnv(t, Config{TakeTimeout: 100 * time.Millisecond})
+	a := e.attach("a.img", 1)
+	e.host.hang = make(chan struct{})
+	s, err := e.m.CreateSnapshot(bg, CreateOptions{Devices: []string{a}, Storage: e.dir, Limit: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if _, err := e.m.Take(bg, s.ID); !errors.Is(err, ErrBusy) {
+		t.Fatalf("take with a hung freeze: %v, want ErrBusy", err)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("take with a hung freeze took %v", took)
+	}
+	close(e.host.hang)
+	dev := e.m.devices[a].blk.DevNum()
+	deadline := time.Now().Add(5 * time.Second)
+	for e.host.isFrozen(dev) || !e.host.wasFrozen(dev) {
+		if time.Now().After(deadline) {
+			t.Fatal("the filesystem stayed frozen after the abandoned freeze completed")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// Shutdown for good is refused while a device or an image is held, and
+// accepted with force.
+func TestShutdownRefusesWhileHeld(t *testing.T) {
+	e := newEnv(t, Config{})
+	a := e.attach("a.img", 1)
+	e.host.setHolders(e.m.devices[a].blk.DevNum(), "mounted on /mnt")
+	if err := e.m.Shutdown(bg, false); !errors.Is(err, ErrBusy) {
+		t.Fatalf("shutdown with a mounted device: %v, want ErrBusy", err)
+	}
+	select {
+	case <-e.m.ShutdownRequested():
+		t.Fatal("a refused shutdown was signalled")
+	default:
+	}
+	if err := e.m.Shutdown(bg, true); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-e.m.ShutdownRequested():
+	default:
+		t.Fatal("an accepted shutdown was not signalled")
 	}
 }

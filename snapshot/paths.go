@@ -9,45 +9,9 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ublksnap/ublksnap/internal/caller"
 )
-
-// callerKey is the context key of the Caller.
-type callerKey struct{}
-
-// Caller is the process a request comes from. The paths a request names
-// are resolved in its view of the filesystem, and its mount table is the
-// first one searched for a device's filesystems. The daemon lives in a
-// private mount namespace that does not see filesystems mounted after it
-// started; through the caller's root it sees what the caller sees.
-type Caller struct {
-	Root      string // its root directory, e.g. /proc/PID/root
-	MountInfo string // its mount table, e.g. /proc/PID/mountinfo
-}
-
-// CallerPID is the Caller of process pid, seen through /proc.
-func CallerPID(pid int) Caller {
-	return Caller{Root: fmt.Sprintf("/proc/%d/root", pid), MountInfo: fmt.Sprintf("/proc/%d/mountinfo", pid)}
-}
-
-// WithCaller returns a context whose requests come from c.
-func WithCaller(ctx context.Context, c Caller) context.Context {
-	return context.WithValue(ctx, callerKey{}, c)
-}
-
-// callerOf returns the Caller of ctx; the zero Caller is this process.
-func callerOf(ctx context.Context) Caller {
-	c, _ := ctx.Value(callerKey{}).(Caller)
-	return c
-}
-
-// CallerPath returns the absolute path p of the caller of ctx as this
-// process opens it.
-func CallerPath(ctx context.Context, p string) (string, error) {
-	if !filepath.IsAbs(p) {
-		return "", fmt.Errorf("%w: %q is not an absolute path", ErrInvalid, p)
-	}
-	return callerOf(ctx).Root + filepath.Clean(p), nil
-}
 
 // userPath is a path as the user named it and as the daemon opens it.
 type userPath struct {
@@ -65,7 +29,7 @@ func locate(ctx context.Context, what, p string, mayBeNew bool) (userPath, ident
 		return userPath{}, identity{}, fmt.Errorf("%w: %s %q is not an absolute path", ErrInvalid, what, p)
 	}
 	p = filepath.Clean(p)
-	up := userPath{name: p, open: callerOf(ctx).Root + p}
+	up := userPath{name: p, open: caller.Of(ctx).Root + p}
 	id, err := identify(up.open)
 	if err != nil {
 		return userPath{}, identity{}, fmt.Errorf("%s %s: %w", what, p, err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
 	"syscall"
 	"time"
@@ -12,12 +13,13 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ublksnap/ublksnap/cow"
+	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/ublk"
 )
 
 // This file is the restart's second half: Recover, run by the next daemon
-// before its first request (the first half, Leave, is in manager.go and
-// persist.go; the state file's format in state.go).
+// before its first request (the first half, Leave, is in leave.go;
+// the state file's format in state.go).
 
 // RecoveryReport says what Recover did with each device it found.
 type RecoveryReport struct {
@@ -320,4 +322,56 @@ func (m *Manager) resumeSnapshot(ctx context.Context, s *snapshot, served map[*d
 	m.snapshots[s.id] = s
 	m.log.Info("snapshot resumed from the earlier daemon", "id", s.id, "images", len(s.members))
 	return nil
+}
+
+// restoreSnapshot rebuilds a saved snapshot over members, the devices the
+// next daemon is about to serve again (by ublk id), and attaches its areas to
+// them. Images are served later (serveImages). Nothing is left attached
+// when it fails.
+func (m *Manager) restoreSnapshot(e snapshotEntry, members map[int]*device) (*snapshot, error) {
+	sv := e.Saved
+	names := sv.StorageNames
+	ds, err := storage.Restore(sv.Storage, names, storage.Options{MinimumSectors: m.params.DiffStorageMinimum, Logger: m.log})
+	if err != nil {
+		return nil, err
+	}
+	s := newSnapshot(e.ID, map[string]string{})
+	s.storage, s.storageName, s.limit, s.taken = ds, e.CreatedStorage, sv.Limit, true
+	for _, n := range names {
+		s.storagePaths[n] = n // the restored storage opened the user's paths
+	}
+	if len(names) > 0 {
+		if id, err := identify(names[0]); err == nil {
+			s.storageIdent = id
+		}
+	}
+	if e.CreatedStorage != "" {
+		if s.created, err = reopenCreated(e.CreatedStorage); err != nil {
+			m.log.Warn("the restored snapshot's storage file will not be removed at destroy", "file", e.CreatedStorage, "err", err)
+		}
+	}
+	for _, sm := range sv.Members {
+		d, ok := members[sm.UblkID]
+		if !ok {
+			m.abandon(s)
+			return nil, fmt.Errorf("member %s is not served again", sm.Device)
+		}
+		area, err := cow.RestoreDiffArea(d.file, ds, m.params, m.log, sm.ChunkShift, sm.Chunks, cow.WithBufferBudget(m.buffers))
+		if err != nil {
+			m.abandon(s)
+			return nil, err
+		}
+		d.orig.SetDiffArea(area)
+		s.members = append(s.members, &member{dev: d, area: area})
+	}
+	return s, nil
+}
+
+// reopenCreated is createFile's record of an existing file p.
+func reopenCreated(p string) (*createdFile, error) {
+	dir, err := os.OpenFile(filepath.Dir(p), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	return &createdFile{dir: dir, name: filepath.Base(p)}, nil
 }

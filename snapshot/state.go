@@ -12,6 +12,7 @@ import (
 
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/internal/atomicfile"
+	"github.com/ublksnap/ublksnap/storage"
 )
 
 // The state file records what a successor daemon needs to serve the
@@ -158,4 +159,21 @@ func StatePathFor(socket string) string { return BesideSocket(socket, "state") }
 // exports): the socket's path with KIND.json for its extension.
 func BesideSocket(socket, kind string) string {
 	return strings.TrimSuffix(socket, filepath.Ext(socket)) + "." + kind + ".json"
+}
+
+// savedSnapshot is what the state file keeps of a taken snapshot across a
+// planned restart.
+type savedSnapshot struct {
+	Limit        int64          `json:"limit"`
+	Storage      storage.Layout `json:"storage"`
+	StorageNames []string       `json:"storage_names"` // the user's path of each Storage.Devices entry
+	Members      []savedMember  `json:"members"`
+}
+
+// savedMember is one member's difference area.
+type savedMember struct {
+	UblkID     int              `json:"ublk_id"`
+	Device     string           `json:"device"`
+	ChunkShift uint             `json:"chunk_shift"`
+	Chunks     []cow.SavedChunk `json:"chunks"`
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/daemon"
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/export"
+	"github.com/ublksnap/ublksnap/host"
 	"github.com/ublksnap/ublksnap/snapshot"
 	"github.com/ublksnap/ublksnap/ublk"
 )
@@ -112,7 +113,7 @@ func serveDaemon(ctx context.Context, socket string, params cow.Params, mode ubl
 	}
 	statePath := snapshot.StatePathFor(socket)
 	mgr, err := snapshot.New(snapshot.Config{Params: params, Logger: log, StatePath: statePath, IOMode: mode,
-		Host: snapshot.System{FreezeHolder: []string{self, freezeHolderName}}})
+		Server: host.UblkServer{}, Host: host.System{FreezeHolder: []string{self, freezeHolderName}}})
 	if err != nil {
 		return err
 	}

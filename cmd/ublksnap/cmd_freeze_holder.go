@@ -3,11 +3,11 @@ package main
 import (
 	"github.com/spf13/cobra"
 
-	"github.com/ublksnap/ublksnap/snapshot"
+	"github.com/ublksnap/ublksnap/host"
 )
 
 // freezeHolderName is the hidden command the daemon runs to freeze
-// filesystems from a process of their own (snapshot.RunFreezeHolder).
+// filesystems from a process of their own (host.RunFreezeHolder).
 const freezeHolderName = "freeze-holder"
 
 func freezeHolderCmd() *cobra.Command {
@@ -17,7 +17,7 @@ func freezeHolderCmd() *cobra.Command {
 		Hidden: true,
 		Args:   cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return snapshot.RunFreezeHolder(args, cmd.InOrStdin(), cmd.OutOrStdout())
+			return host.RunFreezeHolder(args, cmd.InOrStdin(), cmd.OutOrStdout())
 		},
 	}
 }

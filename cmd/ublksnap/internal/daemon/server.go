@@ -31,6 +31,7 @@ import (
 	"github.com/ublksnap/ublksnap/cbt"
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
 	"github.com/ublksnap/ublksnap/export"
+	"github.com/ublksnap/ublksnap/internal/caller"
 	"github.com/ublksnap/ublksnap/snapshot"
 	"github.com/ublksnap/ublksnap/storage"
 )
@@ -67,7 +68,7 @@ var _ Service = (*snapshot.Manager)(nil)
 // NewServer returns the HTTP server of the protocol over svc, whose NBD
 // exports are run by exports. Requests
 // resolve the paths they name in their caller's view of the filesystem
-// (snapshot.WithCaller with the caller's /proc/PID, found with
+// (caller.With with the caller's /proc/PID, found with
 // SO_PEERCRED), and end when ctx ends.
 func NewServer(ctx context.Context, svc Service, exports *export.Exports, version string, log *slog.Logger) *http.Server {
 	return &http.Server{
@@ -99,7 +100,7 @@ func callerContext(ctx context.Context, c net.Conn) context.Context {
 	if cred.Pid <= 0 {
 		return ctx
 	}
-	return snapshot.WithCaller(ctx, snapshot.CallerPID(int(cred.Pid)))
+	return caller.With(ctx, caller.FromPID(int(cred.Pid)))
 }
 
 // peerUIDKey is the context key of the user id of a connection's peer.

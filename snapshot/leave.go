@@ -2,14 +2,12 @@ package snapshot
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"os"
+	"maps"
 	"path/filepath"
-
-	"golang.org/x/sys/unix"
-
-	"github.com/ublksnap/ublksnap/cow"
-	"github.com/ublksnap/ublksnap/storage"
+	"slices"
+	"sync"
 )
 
 // A taken snapshot survives a planned restart (Leave, then Recover in the
@@ -27,21 +25,71 @@ import (
 // cannot outlive the process (a device that is not a file), that is not
 // taken, or whose save fails is released and reported lost instead.
 
-// savedSnapshot is what the state file keeps of a taken snapshot across a
-// planned restart.
-type savedSnapshot struct {
-	Limit        int64          `json:"limit"`
-	Storage      storage.Layout `json:"storage"`
-	StorageNames []string       `json:"storage_names"` // the user's path of each Storage.Devices entry
-	Members      []savedMember  `json:"members"`
+// Leave ends the manager for a successor daemon (a planned restart): taken
+// snapshots are saved for it (saveSnapshotLocked), the others released and
+// recorded lost, the backings flushed and the state saved; the filtered
+// devices are not stopped. The caller then exits: the kernel holds their I/O until
+// the next daemon's Recover serves them again.
+func (m *Manager) Leave() error {
+	m.mu.Lock()
+	var drop, saved []*snapshot
+	for _, s := range m.removeSnapshotsLocked() {
+		e, err := m.saveSnapshotLocked(s)
+		if err == nil {
+			m.leaving = append(m.leaving, e)
+			saved = append(saved, s)
+			m.log.Info("snapshot saved for the next daemon", "id", s.id)
+			continue
+		}
+		m.log.Warn("snapshot released for the restart; it will be reported lost", "id", s.id, "err", err)
+		m.lost[s.id] = &lostSnapshot{id: s.id, devices: s.memberPaths()}
+		drop = append(drop, s)
+	}
+	errs := []error{m.saveLocked()}
+	m.mu.Unlock()
+	for _, s := range drop {
+		errs = append(errs, m.teardown(s))
+	}
+	// The saved snapshots' files stay as they are for the next daemon;
+	// their members' writes wait in the paused gates until then.
+	for _, s := range saved {
+		m.abandon(s)
+	}
+	// Every device at once: each pause waits for that device's writes in
+	// flight, and the restart's pause is the longest of them, not the sum.
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	devs := slices.Collect(maps.Values(m.devices))
+	flushed := make([]error, len(devs))
+	var wg sync.WaitGroup
+	for i, d := range devs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := d.orig.Flush(); err != nil {
+				flushed[i] = fmt.Errorf("flush %s: %w", d.path(), err)
+			}
+			m.leaveCBT(d)
+		}()
+	}
+	wg.Wait()
+	return errors.Join(append(errs, flushed...)...)
 }
 
-// savedMember is one member's difference area.
-type savedMember struct {
-	UblkID     int              `json:"ublk_id"`
-	Device     string           `json:"device"`
-	ChunkShift uint             `json:"chunk_shift"`
-	Chunks     []cow.SavedChunk `json:"chunks"`
+// leaveCBT pauses the changes to d for good (the next daemon gets them
+// again) and saves its change tracking map, which then misses nothing.
+// A map that cannot be saved whole is not saved: the next daemon starts a
+// new generation.
+func (m *Manager) leaveCBT(d *device) {
+	ctx, cancel := context.WithTimeout(context.Background(), m.destroyTimeout)
+	defer cancel()
+	err := d.gate.Pause(ctx)
+	if err == nil {
+		err = m.saveCBT(d)
+	}
+	if err != nil {
+		m.log.Warn("change tracking of the device will start a new generation", "device", d.path(), "err", err)
+	}
 }
 
 // saveSnapshotLocked stops s's images, pauses its members for good and
@@ -116,49 +164,6 @@ func (m *Manager) saveSnapshotLocked(s *snapshot) (snapshotEntry, error) {
 	return e, nil
 }
 
-// restoreSnapshot rebuilds a saved snapshot over members, the devices the
-// next daemon is about to serve again (by ublk id), and attaches its areas to
-// them. Images are served later (serveImages). Nothing is left attached
-// when it fails.
-func (m *Manager) restoreSnapshot(e snapshotEntry, members map[int]*device) (*snapshot, error) {
-	sv := e.Saved
-	names := sv.StorageNames
-	ds, err := storage.Restore(sv.Storage, names, storage.Options{MinimumSectors: m.params.DiffStorageMinimum, Logger: m.log})
-	if err != nil {
-		return nil, err
-	}
-	s := newSnapshot(e.ID, map[string]string{})
-	s.storage, s.storageName, s.limit, s.taken = ds, e.CreatedStorage, sv.Limit, true
-	for _, n := range names {
-		s.storagePaths[n] = n // the restored storage opened the user's paths
-	}
-	if len(names) > 0 {
-		if id, err := identify(names[0]); err == nil {
-			s.storageIdent = id
-		}
-	}
-	if e.CreatedStorage != "" {
-		if s.created, err = reopenCreated(e.CreatedStorage); err != nil {
-			m.log.Warn("the restored snapshot's storage file will not be removed at destroy", "file", e.CreatedStorage, "err", err)
-		}
-	}
-	for _, sm := range sv.Members {
-		d, ok := members[sm.UblkID]
-		if !ok {
-			m.abandon(s)
-			return nil, fmt.Errorf("member %s is not served again", sm.Device)
-		}
-		area, err := cow.RestoreDiffArea(d.file, ds, m.params, m.log, sm.ChunkShift, sm.Chunks, cow.WithBufferBudget(m.buffers))
-		if err != nil {
-			m.abandon(s)
-			return nil, err
-		}
-		d.orig.SetDiffArea(area)
-		s.members = append(s.members, &member{dev: d, area: area})
-	}
-	return s, nil
-}
-
 // abandon detaches and closes the areas of a snapshot, and closes its
 // storage, leaving its files as they are: for a snapshot that could not
 // be brought back, or one saved for the next daemon.
@@ -177,13 +182,4 @@ func (m *Manager) abandon(s *snapshot) {
 	if s.created != nil {
 		s.created.dir.Close()
 	}
-}
-
-// reopenCreated is createFile's record of an existing file p.
-func reopenCreated(p string) (*createdFile, error) {
-	dir, err := os.OpenFile(filepath.Dir(p), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, err
-	}
-	return &createdFile{dir: dir, name: filepath.Base(p)}, nil
 }

@@ -1,4 +1,4 @@
-package snapshot
+package host
 
 import (
 	"bufio"
@@ -68,12 +68,12 @@ func (s System) holdFreeze(mps []mount) (func() error, error) {
 	if strings.TrimSpace(line) != frozenMark {
 		in.Close()
 		err := cmd.Wait()
-		return nil, fmt.Errorf("freeze %s: %s (%v)", mps[0].path, strings.TrimSpace(stderr.String()), err)
+		return nil, fmt.Errorf("freeze %s: %s (%v)", mps[0], strings.TrimSpace(stderr.String()), err)
 	}
 	return func() error {
 		in.Close()
 		if err := cmd.Wait(); err != nil {
-			return fmt.Errorf("thaw %s: %s (%v)", mps[0].path, strings.TrimSpace(stderr.String()), err)
+			return fmt.Errorf("thaw %s: %s (%v)", mps[0], strings.TrimSpace(stderr.String()), err)
 		}
 		return nil
 	}, nil
@@ -134,7 +134,7 @@ func freezeMounts(mps []mount) (func() error, error) {
 		dir, err := os.Open(mp.open)
 		if err != nil {
 			thaw()
-			return nil, fmt.Errorf("freeze %s: %w", mp.path, err)
+			return nil, fmt.Errorf("freeze %s: %w", mp, err)
 		}
 		err = fsIoctl(dir, mp, "freeze", ioctlFIFREEZE)
 		switch {
@@ -164,7 +164,7 @@ func (System) Thaw(ctx context.Context, dev uint64) error {
 	for _, mp := range mps {
 		dir, err := os.Open(mp.open)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("thaw %s: %w", mp.path, err))
+			errs = append(errs, fmt.Errorf("thaw %s: %w", mp, err))
 			continue
 		}
 		if err := fsIoctl(dir, mp, "thaw", ioctlFITHAW); !errors.Is(err, unix.EINVAL) {
@@ -179,7 +179,7 @@ func (System) Thaw(ctx context.Context, dev uint64) error {
 // of dir, the open mount point mp.
 func fsIoctl(dir *os.File, mp mount, what string, req uint) error {
 	if err := unix.IoctlSetInt(int(dir.Fd()), req, 0); err != nil {
-		return fmt.Errorf("%s %s: %w", what, mp.path, err)
+		return fmt.Errorf("%s %s: %w", what, mp, err)
 	}
 	return nil
 }
