@@ -124,23 +124,29 @@ func (m *Manager) Attach(ctx context.Context, opt AttachOptions) (DeviceInfo, er
 }
 
 // Detach stops a filtered device that is in no snapshot. Without force it
-// refuses while the device is mounted or open.
+// refuses while the device is mounted or open; who holds it is found
+// without Manager.mu (it scans /proc), and the device is looked up again
+// after.
 func (m *Manager) Detach(ctx context.Context, ref string, force bool) error {
 	m.mu.Lock()
-	d, err := m.deviceLocked(ref)
+	d, err := m.detachableLocked(ref)
+	m.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if !force {
+		if err := m.checkUnused(ctx, d.blk); err != nil {
+			return fmt.Errorf("detach %s: %w", d.path(), err)
+		}
+	}
+	m.mu.Lock()
+	again, err := m.detachableLocked(ref)
+	if err == nil && again != d {
+		err = fmt.Errorf("%w: %s was detached meanwhile", ErrNotFound, ref)
+	}
 	if err != nil {
 		m.mu.Unlock()
 		return err
-	}
-	if d.snap != nil {
-		m.mu.Unlock()
-		return fmt.Errorf("%w: %s is in snapshot %s; destroy that first", ErrConflict, d.path(), d.snap.id)
-	}
-	if !force {
-		if err := m.checkUnusedLocked(ctx, d.blk); err != nil {
-			m.mu.Unlock()
-			return fmt.Errorf("detach %s: %w", d.path(), err)
-		}
 	}
 	delete(m.devices, d.path())
 	saveErr := m.saveLocked()
@@ -149,15 +155,31 @@ func (m *Manager) Detach(ctx context.Context, ref string, force bool) error {
 	return errors.Join(m.closeDevice(d), saveErr)
 }
 
-// checkUnusedLocked fails with ErrBusy, naming the holders, while blk is
-// mounted or open.
-func (m *Manager) checkUnusedLocked(ctx context.Context, blk BlockDevice) error {
-	holders, err := m.host.Holders(ctx, blk.DevNum(), blk.Path())
+// detachableLocked finds the device ref and checks that it is in no
+// snapshot.
+func (m *Manager) detachableLocked(ref string) (*device, error) {
+	d, err := m.deviceLocked(ref)
 	if err != nil {
-		return fmt.Errorf("find who holds %s: %w", blk.Path(), err)
+		return nil, err
 	}
-	if len(holders) > 0 {
-		return fmt.Errorf("%w: %s is open or mounted (%s); unmount or close it, or use --force", ErrBusy, blk.Path(), strings.Join(holders, ", "))
+	if d.snap != nil {
+		return nil, fmt.Errorf("%w: %s is in snapshot %s; destroy that first", ErrConflict, d.path(), d.snap.id)
+	}
+	return d, nil
+}
+
+// checkUnused fails with ErrBusy, naming the holders, while one of blks
+// is mounted or open. It reads the mount tables and /proc: call it
+// without Manager.mu.
+func (m *Manager) checkUnused(ctx context.Context, blks ...BlockDevice) error {
+	for _, blk := range blks {
+		holders, err := m.host.Holders(ctx, blk.DevNum(), blk.Path())
+		if err != nil {
+			return fmt.Errorf("find who holds %s: %w", blk.Path(), err)
+		}
+		if len(holders) > 0 {
+			return fmt.Errorf("%w: %s is open or mounted (%s); unmount or close it, or use --force", ErrBusy, blk.Path(), strings.Join(holders, ", "))
+		}
 	}
 	return nil
 }

@@ -51,13 +51,18 @@
 // # Locks
 //
 // Manager.mu guards the maps of devices and snapshots, device.snap and
-// every snapshot's members and taken flag. It is held for
-// the whole of Take (the switch to COW is one state change: freeze, pause,
-// switch, resume, thaw, then serving the images), and never while waiting
-// for a snapshot's teardown: Destroy removes the snapshot from the map
-// under the lock, then releases it without the lock, bounded by
-// Config.DestroyTimeout, and takes the lock again only to free the
-// members. WaitEvent waits without it.
+// every snapshot's members, taken flag and take in progress. It is not
+// held across a freeze or a wait for I/O: Take marks the snapshot as being
+// taken (snapshot.taking), works on copies of its members without the
+// lock (areas, freeze, pause, switch, resume, thaw, images), and publishes
+// them under it when it has succeeded; meanwhile no device is added to the
+// snapshot, and Destroy, Leave and Close wait for the take to end.
+// Destroy removes the snapshot from the map under the lock, then releases
+// it without the lock, bounded by Config.DestroyTimeout, and takes the
+// lock again only to free the members. Who holds a device (mount tables,
+// /proc) is found without the lock, and the device or snapshot looked up
+// again after. WaitEvent waits without it. The state file is still written
+// under it (a small file; its fsync orders the records).
 //
 // Each device's gate admits its data-changing requests: a take pauses the
 // gates of all members (new writes wait, admitted ones drain), switches

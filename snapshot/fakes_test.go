@@ -155,6 +155,7 @@ type fakeHost struct {
 	ever    map[uint64]bool     // devices frozen at some time; guarded by mu
 	holders map[uint64][]string // answers of Holders; guarded by mu
 	hang    chan struct{}       // if set, Freeze waits until it is closed
+	entered chan uint64         // if set, Freeze sends its device here first
 }
 
 func newFakeHost() *fakeHost {
@@ -162,6 +163,9 @@ func newFakeHost() *fakeHost {
 }
 
 func (h *fakeHost) Freeze(_ context.Context, dev uint64) (func() error, error) {
+	if h.entered != nil {
+		h.entered <- dev
+	}
 	if h.hang != nil {
 		<-h.hang
 	}

@@ -31,7 +31,7 @@ import (
 // devices are not stopped. The caller then exits: the kernel holds their I/O until
 // the next daemon's Recover serves them again.
 func (m *Manager) Leave() error {
-	m.mu.Lock()
+	m.lockNoTake()
 	var drop, saved []*snapshot
 	for _, s := range m.removeSnapshotsLocked() {
 		e, err := m.saveSnapshotLocked(s)

@@ -266,22 +266,18 @@ func (m *Manager) Status(context.Context) Status {
 // force; then ShutdownRequested is closed, and the daemon is expected to
 // stop answering and Close.
 func (m *Manager) Shutdown(ctx context.Context, force bool) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
 	if !force {
+		m.mu.Lock()
+		var blks []BlockDevice
 		for _, d := range m.devices {
-			if err := m.checkUnusedLocked(ctx, d.blk); err != nil {
-				return fmt.Errorf("shutdown: %w", err)
-			}
+			blks = append(blks, d.blk)
 		}
 		for _, s := range m.snapshots {
-			for _, mb := range s.members {
-				if mb.image != nil {
-					if err := m.checkUnusedLocked(ctx, mb.image); err != nil {
-						return fmt.Errorf("shutdown: image of %s: %w", mb.dev.path(), err)
-					}
-				}
-			}
+			blks = append(blks, s.imagesLocked()...)
+		}
+		m.mu.Unlock()
+		if err := m.checkUnused(ctx, blks...); err != nil {
+			return fmt.Errorf("shutdown: %w", err)
 		}
 	}
 	m.shutdownOnce.Do(func() { close(m.shutdown) })
@@ -290,6 +286,28 @@ func (m *Manager) Shutdown(ctx context.Context, force bool) error {
 
 // ShutdownRequested is closed once Shutdown accepted a stop for good.
 func (m *Manager) ShutdownRequested() <-chan struct{} { return m.shutdown }
+
+// lockNoTake locks m.mu at a moment no take runs (takes run without it),
+// for a step that ends every snapshot. It waits for running takes with
+// the lock released.
+func (m *Manager) lockNoTake() {
+	m.mu.Lock()
+	for {
+		var running chan struct{}
+		for _, s := range m.snapshots {
+			if s.taking != nil {
+				running = s.taking
+				break
+			}
+		}
+		if running == nil {
+			return
+		}
+		m.mu.Unlock()
+		<-running
+		m.mu.Lock()
+	}
+}
 
 // removeSnapshotsLocked takes every snapshot out of the manager and
 // returns them, for the caller to tear down without the lock.
@@ -305,7 +323,7 @@ func (m *Manager) removeSnapshotsLocked() []*snapshot {
 // Close stops everything: the snapshots first, then the filtered devices,
 // flushing every backing device.
 func (m *Manager) Close() error {
-	m.mu.Lock()
+	m.lockNoTake()
 	snaps := m.removeSnapshotsLocked()
 	m.mu.Unlock()
 	var errs []error

@@ -14,6 +14,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/ublksnap/ublksnap/internal/caller"
+	"github.com/ublksnap/ublksnap/internal/testwait"
 	"github.com/ublksnap/ublksnap/storage"
 	"github.com/ublksnap/ublksnap/ublk"
 )
@@ -491,12 +492,57 @@ func TestTakeAbandonsAHungFreeze(t *testing.T) {
 	}
 	close(e.host.hang)
 	dev := e.m.devices[a].blk.DevNum()
-	deadline := time.Now().Add(5 * time.Second)
-	for e.host.isFrozen(dev) || !e.host.wasFrozen(dev) {
-		if time.Now().After(deadline) {
-			t.Fatal("the filesystem stayed frozen after the abandoned freeze completed")
-		}
-		time.Sleep(5 * time.Millisecond)
+	testwait.For(t, "the filesystem thawed after the abandoned freeze completed", func() bool {
+		return !e.host.isFrozen(dev) && e.host.wasFrozen(dev)
+	})
+}
+
+// A take runs without the manager's lock: while its freeze hangs, status
+// answers, the snapshot cannot gain a device or a second take, a destroy
+// within a short context gives up, and one without waits for the take and
+// then destroys the snapshot.
+func TestTakeRunsWithoutTheManagerLock(t *testing.T) {
+	e := newEnv(t, Config{TakeTimeout: time.Hour})
+	a, b := e.attach("a.img", 1), e.attach("b.img", 1)
+	e.host.hang, e.host.entered = make(chan struct{}), make(chan uint64, 1)
+	s, err := e.m.CreateSnapshot(bg, CreateOptions{Devices: []string{a}, Storage: e.dir, Limit: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	took := make(chan error, 1)
+	go func() {
+		_, err := e.m.Take(bg, s.ID)
+		took <- err
+	}()
+	<-e.host.entered // the take is in its freeze
+	if st := e.m.Status(bg); len(st.Snapshots) != 1 || st.Snapshots[0].State != StateCreated {
+		t.Fatalf("status during the take: %+v, want the snapshot, not yet taken", st.Snapshots)
+	}
+	if _, err := e.m.Take(bg, s.ID); !errors.Is(err, ErrConflict) {
+		t.Fatalf("a second take during the take: %v, want ErrConflict", err)
+	}
+	if _, err := e.m.AddDevice(bg, s.ID, b); !errors.Is(err, ErrConflict) {
+		t.Fatalf("adding a device during the take: %v, want ErrConflict", err)
+	}
+	short, cancel := context.WithCancel(bg)
+	cancel()
+	if err := e.m.Destroy(short, s.ID, false); !errors.Is(err, context.Canceled) {
+		t.Fatalf("destroy within a cancelled context during the take: %v, want context.Canceled", err)
+	}
+	destroyed := make(chan error, 1)
+	go func() { destroyed <- e.m.Destroy(bg, s.ID, false) }()
+	close(e.host.hang)
+	if err := <-took; err != nil {
+		t.Fatalf("take: %v", err)
+	}
+	if err := <-destroyed; err != nil {
+		t.Fatalf("destroy after the take: %v", err)
+	}
+	if ids := e.m.Snapshots(bg); len(ids) != 0 {
+		t.Fatalf("snapshots after the destroy: %v", ids)
+	}
+	if _, err := e.m.AddDevice(bg, s.ID, b); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("the destroyed snapshot: %v, want ErrNotFound", err)
 	}
 }
 

@@ -311,11 +311,12 @@ func (m *Manager) resumeSnapshot(ctx context.Context, s *snapshot, served map[*d
 			return fmt.Errorf("member %s is not served again", mb.dev.backing.name)
 		}
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if err := m.serveImages(ctx, s); err != nil {
+	// s is not in the manager yet: its images are served without the lock.
+	if err := m.serveImages(ctx, s.members); err != nil {
 		return err
 	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	for _, mb := range s.members {
 		mb.dev.snap = s
 	}

@@ -31,6 +31,9 @@ type snapshot struct {
 	limit        int64     // bytes; immutable
 	taken        bool      // the members are in COW and have images; guarded by Manager.mu
 	members      []*member // in the order added; guarded by Manager.mu
+	// taking is closed when the take that runs ends; nil while none runs
+	// (Take). Guarded by Manager.mu.
+	taking chan struct{}
 	// ended is closed (once, by end) when the snapshot leaves the manager
 	// for good: its image readers stop.
 	ended   chan struct{}
@@ -48,8 +51,8 @@ func (s *snapshot) end() { s.endOnce.Do(func() { close(s.ended) }) }
 // (blksnap's snapimage).
 type member struct {
 	dev   *device       // immutable
-	area  *cow.DiffArea // set by take, before the switch to COW; guarded by Manager.mu
-	image BlockDevice   // set by take, after the switch to COW; guarded by Manager.mu
+	area  *cow.DiffArea // set by take, before the switch to COW; guarded by Manager.mu once the take is done
+	image BlockDevice   // set by take, after the switch to COW; guarded by Manager.mu once the take is done
 }
 
 // CreateOptions describe a new snapshot.
@@ -221,7 +224,7 @@ func (m *Manager) AddDevice(_ context.Context, id, ref string) (SnapshotInfo, er
 	if err := s.checkMember(d); err != nil {
 		return SnapshotInfo{}, err
 	}
-	if s.taken {
+	if s.taken || s.taking != nil {
 		return SnapshotInfo{}, fmt.Errorf("%w: snapshot %s is already taken; devices are added before", ErrConflict, id)
 	}
 	s.members = append(s.members, &member{dev: d})
@@ -269,48 +272,78 @@ func (m *Manager) AppendStorage(ctx context.Context, id, path string, ranges []R
 // only then creates the images, so that an image shows the snapshot
 // instant from the first byte anyone can read. Any failure undoes
 // everything and leaves the snapshot as it was.
+//
+// The take runs without Manager.mu (a freeze may take Config.TakeTimeout):
+// the snapshot is marked as being taken meanwhile, so that no device is
+// added to it, no second take starts, and Destroy, Leave and Close wait
+// for it. Its members get their areas and images when it has succeeded.
 func (m *Manager) Take(ctx context.Context, id string) (SnapshotInfo, error) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	s, err := m.snapshotLocked(id)
+	switch {
+	case err != nil:
+	case s.taken:
+		err = fmt.Errorf("%w: snapshot %s is already taken", ErrConflict, id)
+	case s.taking != nil:
+		err = fmt.Errorf("%w: snapshot %s is being taken", ErrConflict, id)
+	case len(s.members) == 0:
+		err = fmt.Errorf("%w: snapshot %s has no devices; add some with ublksnap snapshot add", ErrInvalid, id)
+	}
 	if err != nil {
+		m.mu.Unlock()
 		return SnapshotInfo{}, err
 	}
-	switch {
-	case s.taken:
-		return SnapshotInfo{}, fmt.Errorf("%w: snapshot %s is already taken", ErrConflict, id)
-	case len(s.members) == 0:
-		return SnapshotInfo{}, fmt.Errorf("%w: snapshot %s has no devices; add some with ublksnap snapshot add", ErrInvalid, id)
+	s.taking = make(chan struct{})
+	members := make([]*member, len(s.members))
+	nodes := make([]string, len(s.members))
+	for i, mb := range s.members {
+		members[i], nodes[i] = &member{dev: mb.dev}, mb.dev.path()
 	}
-	if err := m.take(ctx, s); err != nil {
-		if rerr := m.release(s); rerr != nil {
+	// Recorded first: if the daemon dies before the thaw, the next one
+	// thaws these devices' filesystems (Recover).
+	m.freezing = append(m.freezing, nodes...)
+	m.saveOrWarnLocked()
+	m.mu.Unlock()
+
+	err = m.take(ctx, s, members)
+	if err != nil {
+		if rerr := m.release(members); rerr != nil {
 			m.log.Error("undo failed take", "id", id, "err", rerr)
 		}
-		for _, mb := range s.members {
-			mb.area, mb.image = nil, nil
-		}
+	}
+
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.freezing = slices.DeleteFunc(m.freezing, func(n string) bool { return slices.Contains(nodes, n) })
+	m.saveOrWarnLocked()
+	close(s.taking)
+	s.taking = nil
+	if err != nil {
 		return SnapshotInfo{}, fmt.Errorf("take snapshot %s: %w", id, err)
 	}
-	s.taken = true
-	m.log.Info("snapshot taken", "id", id, "devices", len(s.members))
+	s.members, s.taken = members, true
+	m.log.Info("snapshot taken", "id", id, "devices", len(members))
 	return s.info(), nil
 }
 
-func (m *Manager) take(ctx context.Context, s *snapshot) error {
-	for _, mb := range s.members {
+// take gives each of members (copies of s's, owned by the take) its
+// difference area over s's storage, switches them to COW and serves their
+// images.
+func (m *Manager) take(ctx context.Context, s *snapshot, members []*member) error {
+	for _, mb := range members {
 		area, err := cow.NewDiffArea(mb.dev.file, s.storage, m.params, m.log, cow.WithBufferBudget(m.buffers))
 		if err != nil {
 			return fmt.Errorf("%w: %v", ErrInvalid, err)
 		}
 		mb.area = area
 	}
-	if err := m.switchToCOW(ctx, s); err != nil {
+	if err := m.switchToCOW(ctx, s.id, members); err != nil {
 		return err
 	}
-	if err := m.serveImages(ctx, s); err != nil {
+	if err := m.serveImages(ctx, members); err != nil {
 		return err
 	}
-	for _, mb := range s.members {
+	for _, mb := range members {
 		if corrupted, errno := mb.area.Corrupted(); corrupted {
 			return fmt.Errorf("%w: the difference area of %s failed: %w", ErrConflict, mb.dev.path(), errno)
 		}
@@ -320,45 +353,37 @@ func (m *Manager) take(ctx context.Context, s *snapshot) error {
 
 // switchToCOW freezes the members' filesystems, pauses their writes, gives
 // every member its difference area at once, resumes and thaws.
-func (m *Manager) switchToCOW(ctx context.Context, s *snapshot) error {
+func (m *Manager) switchToCOW(ctx context.Context, id string, members []*member) error {
 	pctx, cancel := context.WithTimeout(ctx, m.takeTimeout)
 	defer cancel()
-	// Recorded first: if the daemon dies before the thaw, the next one
-	// thaws these devices' filesystems (Recover).
-	for _, mb := range s.members {
-		m.freezing = append(m.freezing, mb.dev.path())
-	}
-	m.saveOrWarnLocked()
 	var thaws []func() error
 	defer func() {
 		for _, thaw := range thaws {
 			if err := thaw(); err != nil {
-				m.log.Error("thaw after take", "id", s.id, "err", err)
+				m.log.Error("thaw after take", "id", id, "err", err)
 			}
 		}
-		m.freezing = m.freezing[:0]
-		m.saveOrWarnLocked()
 	}()
-	for _, mb := range s.members {
+	for _, mb := range members {
 		thaw, err := m.freeze(pctx, mb.dev.blk.DevNum())
 		if err != nil {
 			return fmt.Errorf("freeze the filesystems of %s: %w", mb.dev.path(), err)
 		}
 		thaws = append(thaws, thaw)
 	}
-	paused := s.members[:0:0]
+	paused := members[:0:0]
 	defer func() {
 		for _, mb := range paused {
 			mb.dev.gate.Resume()
 		}
 	}()
-	for _, mb := range s.members {
+	for _, mb := range members {
 		if err := mb.dev.gate.Pause(pctx); err != nil {
 			return fmt.Errorf("pause writes to %s: %w", mb.dev.path(), err)
 		}
 		paused = append(paused, mb)
 	}
-	for _, mb := range s.members {
+	for _, mb := range members {
 		mb.dev.orig.SetDiffArea(mb.area)
 		mb.dev.track.Switch()
 	}
@@ -366,8 +391,8 @@ func (m *Manager) switchToCOW(ctx context.Context, s *snapshot) error {
 }
 
 // serveImages serves an image device for every member over its area.
-func (m *Manager) serveImages(ctx context.Context, s *snapshot) error {
-	for _, mb := range s.members {
+func (m *Manager) serveImages(ctx context.Context, members []*member) error {
+	for _, mb := range members {
 		logical, physical := mb.area.BlockSizes()
 		cfg := geometryConfig(storage.Geometry{Size: mb.area.Size(), LogicalBlockSize: logical, PhysicalBlockSize: physical}, m.log)
 		cfg.Owner = m.owner
@@ -423,18 +448,19 @@ func (m *Manager) freeze(ctx context.Context, dev uint64) (func() error, error) 
 // release undoes a take, fully or in part: it closes the difference
 // areas first (requests waiting in them give up, and after the area's
 // bound even those stuck in the difference storage are failed), switches
-// the members off COW and stops the images. It waits for I/O; the caller
-// decides whether to hold Manager.mu meanwhile.
-func (m *Manager) release(s *snapshot) error {
+// the members off COW and stops the images. It waits for I/O, so it runs
+// without Manager.mu, on members no one else changes: those of a failed
+// take, or of a snapshot that left the manager.
+func (m *Manager) release(members []*member) error {
 	var errs []error
 	ctx, cancel := context.WithTimeout(context.Background(), m.destroyTimeout)
 	defer cancel()
-	for _, mb := range s.members {
+	for _, mb := range members {
 		if mb.area != nil {
 			errs = append(errs, mb.area.Close(ctx))
 		}
 	}
-	for _, mb := range s.members {
+	for _, mb := range members {
 		if mb.area == nil {
 			continue
 		}
@@ -449,7 +475,7 @@ func (m *Manager) release(s *snapshot) error {
 			mb.dev.gate.Resume()
 		}
 	}
-	for _, mb := range s.members {
+	for _, mb := range members {
 		if mb.image != nil {
 			errs = append(errs, mb.image.Close())
 		}
@@ -491,43 +517,56 @@ func (m *Manager) WaitEvent(ctx context.Context, id string, timeout time.Duratio
 
 // Destroy removes a snapshot's images and releases its storage (blksnap's
 // snapshot_destroy). Without force it refuses while an image is mounted or
-// open. The snapshot leaves the manager at once; its teardown runs without
-// the manager's lock (the members keep their closed areas and images
-// for reports until they are free) and is waited for up to the destroy timeout: if the
-// difference storage hangs, the areas are corrupted (their requests fail
-// with EIO) and what still waits for the storage finishes in the
-// background.
+// open (found without the manager's lock); a take that runs is waited for,
+// within ctx. The snapshot then leaves the manager; its teardown runs
+// without the manager's lock (the members keep their closed areas and
+// images for reports until they are free) and is waited for up to the
+// destroy timeout: if the difference storage hangs, the areas are
+// corrupted (their requests fail with EIO) and what still waits for the
+// storage finishes in the background.
 func (m *Manager) Destroy(ctx context.Context, id string, force bool) error {
-	m.mu.Lock()
-	if _, ok := m.lost[id]; ok {
-		delete(m.lost, id)
-		m.saveOrWarnLocked()
-		m.mu.Unlock()
-		m.log.Info("lost snapshot forgotten", "id", id)
-		return nil
-	}
-	s, err := m.snapshotLocked(id)
-	if err != nil {
-		m.mu.Unlock()
-		return err
-	}
-	if !force {
-		for _, mb := range s.members {
-			if mb.image == nil {
+	for {
+		m.mu.Lock()
+		if _, ok := m.lost[id]; ok {
+			delete(m.lost, id)
+			m.saveOrWarnLocked()
+			m.mu.Unlock()
+			m.log.Info("lost snapshot forgotten", "id", id)
+			return nil
+		}
+		s, err := m.snapshotLocked(id)
+		if err != nil {
+			m.mu.Unlock()
+			return err
+		}
+		if running := s.taking; running != nil {
+			m.mu.Unlock()
+			select {
+			case <-running:
 				continue
-			}
-			if err := m.checkUnusedLocked(ctx, mb.image); err != nil {
-				m.mu.Unlock()
-				return fmt.Errorf("image of %s: %w", mb.dev.path(), err)
+			case <-ctx.Done():
+				return fmt.Errorf("destroy snapshot %s: its take still runs: %w", id, ctx.Err())
 			}
 		}
+		images := s.imagesLocked()
+		m.mu.Unlock()
+		if !force {
+			if err := m.checkUnused(ctx, images...); err != nil {
+				return fmt.Errorf("destroy snapshot %s: %w", id, err)
+			}
+		}
+		m.mu.Lock()
+		if m.snapshots[id] != s || s.taking != nil {
+			m.mu.Unlock()
+			continue // destroyed or being taken meanwhile: look again
+		}
+		delete(m.snapshots, id)
+		m.saveOrWarnLocked()
+		m.mu.Unlock()
+		err = m.teardown(s)
+		m.log.Info("snapshot destroyed", "id", id, "err", err)
+		return err
 	}
-	delete(m.snapshots, id)
-	m.saveOrWarnLocked()
-	m.mu.Unlock()
-	err = m.teardown(s)
-	m.log.Info("snapshot destroyed", "id", id, "err", err)
-	return err
 }
 
 // teardown releases a snapshot that left the manager, waiting at most the
@@ -536,7 +575,7 @@ func (m *Manager) teardown(s *snapshot) error {
 	s.end()
 	done := make(chan error, 1)
 	go func() {
-		err := m.release(s)
+		err := m.release(s.members)
 		m.mu.Lock()
 		for _, mb := range s.members {
 			mb.dev.snap = nil
@@ -635,6 +674,17 @@ func (s *snapshot) info() SnapshotInfo {
 		}}
 	for _, mb := range s.members {
 		out.Members = append(out.Members, mb.info())
+	}
+	return out
+}
+
+// imagesLocked returns the images of s's members, none before the take.
+func (s *snapshot) imagesLocked() []BlockDevice {
+	var out []BlockDevice
+	for _, mb := range s.members {
+		if mb.image != nil {
+			out = append(out, mb.image)
+		}
 	}
 	return out
 }
