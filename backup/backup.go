@@ -11,29 +11,24 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/ublksnap/ublksnap/cbt"
 	"github.com/ublksnap/ublksnap/internal/atomicfile"
 )
 
 // pieceSize is how much is read, hashed and written at a time.
 const pieceSize = 1 << 20
 
-// Range is a byte range of the device to back up.
-type Range struct {
-	Offset int64
-	Length int64
-}
-
 // Options describe a backup to write.
 type Options struct {
-	Dir        string      // the backup directory; created, must not hold a backup
-	Device     string      // the device's name
-	DeviceSize int64       // bytes
-	BlockSize  int64       // change tracking block size
-	Generation string      // change tracking point of the snapshot copied
-	Changes    uint8       //
-	Previous   *Manifest   // the backup this one is incremental to; nil: full
-	Ranges     []Range     // what to copy, in order, on block boundaries
-	Progress   func(int64) // called with the bytes copied so far; may be nil
+	Dir        string       // the backup directory; created, must not hold a backup
+	Device     string       // the device's name
+	DeviceSize int64        // bytes
+	BlockSize  int64        // change tracking block size
+	Generation string       // change tracking point of the snapshot copied
+	Changes    uint8        //
+	Previous   *Manifest    // the backup this one is incremental to; nil: full
+	Ranges     []cbt.Extent // what to copy, in order, on block boundaries
+	Progress   func(int64)  // called with the bytes copied so far; may be nil
 }
 
 // Write copies opt.Ranges of src, the snapshot image, into a new backup
@@ -94,7 +89,7 @@ func Write(ctx context.Context, src io.ReaderAt, opt Options) (m *Manifest, err 
 				opt.Progress(done)
 			}
 		}
-		m.Extents = append(m.Extents, Extent{Offset: r.Offset, Length: r.Length, SHA256: hex.EncodeToString(h.Sum(nil))})
+		m.Extents = append(m.Extents, Extent{Extent: r, SHA256: hex.EncodeToString(h.Sum(nil))})
 	}
 	if err := m.check(); err != nil {
 		return nil, fmt.Errorf("backup: %w", err)
@@ -113,11 +108,11 @@ func Write(ctx context.Context, src io.ReaderAt, opt Options) (m *Manifest, err 
 }
 
 // splitRanges cuts ranges into pieces of at most maxExtent bytes.
-func splitRanges(rs []Range) []Range {
-	var out []Range
+func splitRanges(rs []cbt.Extent) []cbt.Extent {
+	var out []cbt.Extent
 	for _, r := range rs {
 		for off := r.Offset; off < r.Offset+r.Length; off += maxExtent {
-			out = append(out, Range{Offset: off, Length: min(maxExtent, r.Offset+r.Length-off)})
+			out = append(out, cbt.Extent{Offset: off, Length: min(maxExtent, r.Offset+r.Length-off)})
 		}
 	}
 	return out

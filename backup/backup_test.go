@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"syscall"
 	"testing"
+
+	"github.com/ublksnap/ublksnap/cbt"
 )
 
 const (
@@ -31,7 +33,7 @@ func newChainEnv(t *testing.T) *chainEnv {
 }
 
 // write changes n random blocks of the image and returns their ranges.
-func (c *chainEnv) write(r *rand.Rand, n int) []Range {
+func (c *chainEnv) write(r *rand.Rand, n int) []cbt.Extent {
 	blocks := map[int64]bool{}
 	for range n {
 		b := r.Int64N((testSize + testBlock - 1) / testBlock)
@@ -41,22 +43,22 @@ func (c *chainEnv) write(r *rand.Rand, n int) []Range {
 			c.image[i] = byte(r.Uint32())
 		}
 	}
-	var out []Range
+	var out []cbt.Extent
 	for b := int64(0); b*testBlock < testSize; b++ {
 		if blocks[b] {
-			out = append(out, Range{b * testBlock, min(testBlock, testSize-b*testBlock)})
+			out = append(out, cbt.Extent{Offset: b * testBlock, Length: min(testBlock, testSize-b*testBlock)})
 		}
 	}
 	return out
 }
 
 // backup writes the next backup of the image: full without ranges.
-func (c *chainEnv) backup(ranges []Range) *Manifest {
+func (c *chainEnv) backup(ranges []cbt.Extent) *Manifest {
 	c.t.Helper()
 	opt := Options{Dir: filepath.Join(c.dir, "b"+strconv.Itoa(c.n)), Device: "d", DeviceSize: testSize, BlockSize: testBlock,
 		Generation: "g", Changes: uint8(c.n + 1), Ranges: ranges}
 	if ranges == nil {
-		opt.Ranges = []Range{{0, testSize}}
+		opt.Ranges = []cbt.Extent{{Offset: 0, Length: testSize}}
 	} else {
 		opt.Previous = c.last
 	}
@@ -89,7 +91,7 @@ func TestChainRestoresEveryImage(t *testing.T) {
 	var images [][]byte
 	var manifests []*Manifest
 	for i := range 12 {
-		var ranges []Range
+		var ranges []cbt.Extent
 		if i > 0 {
 			ranges = c.write(r, 1+r.IntN(6))
 		}
@@ -189,7 +191,7 @@ func TestRestoreNeverOverwrites(t *testing.T) {
 		t.Fatal("restore wrote over an existing file")
 	}
 	if _, err := Write(context.Background(), bytes.NewReader(c.image), Options{Dir: m.dir(), Device: "d",
-		DeviceSize: testSize, BlockSize: testBlock, Ranges: []Range{{0, testSize}}}); !errors.Is(err, os.ErrExist) {
+		DeviceSize: testSize, BlockSize: testBlock, Ranges: []cbt.Extent{{Offset: 0, Length: testSize}}}); !errors.Is(err, os.ErrExist) {
 		t.Fatalf("a backup into a backup's directory: %v", err)
 	}
 	if _, err := c.restore(m); err != nil {

@@ -30,6 +30,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/ublksnap/ublksnap/cbt"
 )
 
 // File names inside a backup directory.
@@ -49,10 +51,9 @@ const maxExtent = 64 << 20
 var ErrChain = errors.New("broken backup chain")
 
 // Extent is a byte range of the device held by a backup, with the SHA-256
-// of its bytes.
+// of its bytes: {"offset","length","sha256"} in the manifest.
 type Extent struct {
-	Offset int64  `json:"offset"`
-	Length int64  `json:"length"`
+	cbt.Extent
 	SHA256 string `json:"sha256"`
 }
 

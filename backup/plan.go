@@ -10,9 +10,9 @@ import (
 // Plan is what one backup copies: the whole device, or the blocks changed
 // since a previous backup of the same device and generation.
 type Plan struct {
-	Ranges   []Range   // what to copy, in order
-	Previous *Manifest // the backup this one is incremental to; nil for a full one
-	Reason   string    // why the previous backup given could not be followed (the plan is then a full one)
+	Ranges   []cbt.Extent // what to copy, in order
+	Previous *Manifest    // the backup this one is incremental to; nil for a full one
+	Reason   string       // why the previous backup given could not be followed (the plan is then a full one)
 }
 
 // PlanFrom plans a backup of a device whose change tracking is readMap
@@ -21,7 +21,7 @@ type Plan struct {
 // the device, its tracking block and generation are the same and the
 // previous take is older, else a full one with the reason.
 func PlanFrom(prev *Manifest, readMap []byte, info cbt.Info) (Plan, error) {
-	full := Plan{Ranges: []Range{{Offset: 0, Length: info.Capacity}}}
+	full := Plan{Ranges: []cbt.Extent{{Offset: 0, Length: info.Capacity}}}
 	switch {
 	case prev == nil:
 		return full, nil
@@ -41,9 +41,5 @@ func PlanFrom(prev *Manifest, readMap []byte, info cbt.Info) (Plan, error) {
 	if all {
 		return Plan{}, errors.New("change tracking answered a full backup for the same generation")
 	}
-	p := Plan{Previous: prev, Ranges: make([]Range, 0, len(ext))}
-	for _, e := range ext {
-		p.Ranges = append(p.Ranges, Range(e))
-	}
-	return p, nil
+	return Plan{Previous: prev, Ranges: ext}, nil
 }

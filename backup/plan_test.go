@@ -25,7 +25,7 @@ func TestPlanFrom(t *testing.T) {
 		}
 		return m
 	}
-	whole := fmt.Sprint([]Range{{0, size}})
+	whole := fmt.Sprint([]cbt.Extent{{Offset: 0, Length: size}})
 	for _, c := range []struct {
 		name   string
 		prev   *Manifest
@@ -34,8 +34,8 @@ func TestPlanFrom(t *testing.T) {
 		incr   bool
 	}{
 		{"no previous backup", nil, whole, "", false},
-		{"since take 1", prev(nil), fmt.Sprint([]Range{{block, 2 * block}, {16 * block, 4096}}), "", true},
-		{"since take 2", prev(func(m *Manifest) { m.Changes = 2 }), fmt.Sprint([]Range{{block, block}, {16 * block, 4096}}), "", true},
+		{"since take 1", prev(nil), fmt.Sprint([]cbt.Extent{{Offset: block, Length: 2 * block}, {Offset: 16 * block, Length: 4096}}), "", true},
+		{"since take 2", prev(func(m *Manifest) { m.Changes = 2 }), fmt.Sprint([]cbt.Extent{{Offset: block, Length: block}, {Offset: 16 * block, Length: 4096}}), "", true},
 		{"other size", prev(func(m *Manifest) { m.DeviceSize = 1 << 20 }), whole, "bytes", false},
 		{"other block", prev(func(m *Manifest) { m.BlockSize = 2 * block }), whole, "tracking block", false},
 		{"other generation", prev(func(m *Manifest) { m.Generation = uuid.NewString() }), whole, "new generation", false},

@@ -36,7 +36,9 @@ func ParsePoint(s string) (Point, error) {
 	return Point{Generation: gen, Changes: uint8(num)}, nil
 }
 
-// Extent is a byte range of the device.
+// Extent is a run of bytes of a device: the byte-run type of all of
+// ublksnap (changes, dirty marks, backups), also on the daemon's wire, as
+// {"offset","length"}.
 type Extent struct {
 	Offset int64 `json:"offset"`
 	Length int64 `json:"length"`

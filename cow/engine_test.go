@@ -206,7 +206,7 @@ func TestChunkMapMemory(t *testing.T) {
 	p.DiffBufferMemoryLimit = 4 << 18
 	dev := storagetest.NewNullDevice("orig", storage.Geometry{Size: 1 << 40})
 	ds := storage.New(storage.Options{})
-	ds.AppendDevice(storagetest.NewNullDevice("diff", storage.Geometry{Size: 1 << 40}), []storage.Range{{Sector: 0, Count: 1 << 31}})
+	ds.AppendDevice(storagetest.NewNullDevice("diff", storage.Geometry{Size: 1 << 40}), []storage.Range{{Start: 0, Count: 1 << 31}})
 
 	var before, after runtime.MemStats
 	runtime.GC()
@@ -246,13 +246,13 @@ func TestAppendWhileWriting(t *testing.T) {
 	diff := storage.NewMemDevice("diff", storage.Geometry{Size: 2 * size})
 	next := int64(0)
 	appendSpace := func(sectors int64) {
-		if err := ds.AppendDevice(diff, []storage.Range{{Sector: next, Count: sectors}}); err != nil {
+		if err := ds.AppendDevice(diff, []storage.Range{{Start: next, Count: sectors}}); err != nil {
 			t.Error(err)
 		}
 		next += sectors
 	}
 	// The creation event asks for the first space.
-	ev, err := ds.Events().Wait(context.Background(), 1000)
+	ev, err := ds.Events().Wait(context.Background(), time.Second)
 	if err != nil || ev.Code != storage.EventLowFreeSpace || ev.RequestedSectors != p.DiffStorageMinimum {
 		t.Fatalf("creation event %+v, %v", ev, err)
 	}
@@ -264,7 +264,7 @@ func TestAppendWhileWriting(t *testing.T) {
 	var feeder sync.WaitGroup
 	feeder.Go(func() {
 		for {
-			ev, err := ds.Events().Wait(ctx, 1000)
+			ev, err := ds.Events().Wait(ctx, time.Second)
 			if err != nil {
 				return
 			}

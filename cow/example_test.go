@@ -26,7 +26,7 @@ func Example() {
 	ds := storage.New(storage.Options{MinimumSectors: params.DiffStorageMinimum, Logger: slog.New(slog.DiscardHandler)})
 	defer ds.Close()
 	diff := storage.NewMemDevice("diff", storage.Geometry{Size: 256 << 10})
-	if err := ds.AppendDevice(diff, []storage.Range{{Sector: 0, Count: 512}}); err != nil {
+	if err := ds.AppendDevice(diff, []storage.Range{{Start: 0, Count: 512}}); err != nil {
 		fmt.Println(err)
 		return
 	}

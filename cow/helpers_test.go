@@ -56,7 +56,7 @@ func memStorage(t testing.TB, sectors int64, p Params, wrap func(storage.Device)
 	if wrap != nil {
 		dev = wrap(dev)
 	}
-	if err := ds.AppendDevice(dev, []storage.Range{{Sector: 0, Count: sectors}}); err != nil {
+	if err := ds.AppendDevice(dev, []storage.Range{{Start: 0, Count: sectors}}); err != nil {
 		t.Fatalf("AppendDevice: %v", err)
 	}
 	// Drop the creation event so tests see only their own.

@@ -117,7 +117,7 @@ func TestOriginalAsyncPanic(t *testing.T) {
 	if corrupted, errno := e.da.Corrupted(); !corrupted || errno != syscall.EIO {
 		t.Errorf("after the panic: corrupted %v, errno %v", corrupted, errno)
 	}
-	if ev, err := ds.Events().Wait(context.Background(), 5000); err != nil || ev.Code != storage.EventCorrupted {
+	if ev, err := ds.Events().Wait(context.Background(), 5*time.Second); err != nil || ev.Code != storage.EventCorrupted {
 		t.Errorf("event %+v, %v; want corrupted", ev, err)
 	}
 }

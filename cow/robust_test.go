@@ -29,7 +29,7 @@ func TestStoreWorkerPanic(t *testing.T) {
 	if err := e.orig.Write(context.Background(), 0, data, false); err != nil {
 		t.Fatalf("write to the original: %v", err)
 	}
-	ev, err := ds.Events().Wait(context.Background(), 5000)
+	ev, err := ds.Events().Wait(context.Background(), 5*time.Second)
 	if err != nil || ev.Code != storage.EventCorrupted || ev.Errno != syscall.EIO {
 		t.Fatalf("event %+v, %v; want corrupted with EIO", ev, err)
 	}

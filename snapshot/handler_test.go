@@ -111,7 +111,7 @@ func snapshotOf(t *testing.T, dev storage.Device, wrap func(storage.Device) stor
 	if wrap != nil {
 		sdev = wrap(sdev)
 	}
-	if err := ds.AppendDevice(sdev, []storage.Range{{Sector: 0, Count: 8192}}); err != nil {
+	if err := ds.AppendDevice(sdev, []storage.Range{{Start: 0, Count: 8192}}); err != nil {
 		t.Fatal(err)
 	}
 	ds.Events().Wait(context.Background(), 0) // the creation's low_free_space
@@ -179,7 +179,7 @@ func TestHandlerPanicCorruptsOnlyTheSnapshot(t *testing.T) {
 	if corrupted, errno := da.Corrupted(); !corrupted || errno != syscall.EIO {
 		t.Errorf("after the panic: corrupted %v errno %v", corrupted, errno)
 	}
-	if ev, err := ds.Events().Wait(context.Background(), 1000); err != nil || ev.Code != storage.EventCorrupted {
+	if ev, err := ds.Events().Wait(context.Background(), time.Second); err != nil || ev.Code != storage.EventCorrupted {
 		t.Errorf("event %+v %v, want corrupted", ev, err)
 	}
 	// A FUA write panics on a worker, where it is synchronous.

@@ -409,6 +409,25 @@ func TestWaitEventEndsOnDestroy(t *testing.T) {
 	}
 }
 
+// A sector range a user gives with a negative start or count is refused as
+// invalid before the storage sees it; a good one is added.
+func TestAppendStorageRefusesNegativeRanges(t *testing.T) {
+	e := newEnv(t, Config{})
+	s, err := e.m.CreateSnapshot(bg, CreateOptions{Storage: e.dir, Limit: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	more := e.file("more", 1<<20, 0)
+	for _, r := range []storage.Range{{Start: -8, Count: 8}, {Start: 0, Count: -8}} {
+		if _, err := e.m.AppendStorage(bg, s.ID, more, []storage.Range{r}); !errors.Is(err, ErrInvalid) || Errno(err) != syscall.EINVAL {
+			t.Errorf("append-storage of %+v: %v, want ErrInvalid (EINVAL)", r, err)
+		}
+	}
+	if _, err := e.m.AppendStorage(bg, s.ID, more, []storage.Range{{Start: 0, Count: 8}}); err != nil {
+		t.Errorf("append-storage of a good range: %v", err)
+	}
+}
+
 // Defect 10: an existing non-empty file is not overwritten unless forced.
 func TestExistingStorageFileNeedsForce(t *testing.T) {
 	e := newEnv(t, Config{})

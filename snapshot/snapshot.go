@@ -233,22 +233,18 @@ func (m *Manager) AddDevice(_ context.Context, id, ref string) (SnapshotInfo, er
 	return s.info(), nil
 }
 
-// Range is a run of 512-byte sectors, as a user gives it.
-type Range struct{ Start, Count uint64 }
-
 // AppendStorage adds a file or block device, or sector ranges of it, to a
-// snapshot's difference storage.
-func (m *Manager) AppendStorage(ctx context.Context, id, path string, ranges []Range) (SnapshotInfo, error) {
+// snapshot's difference storage. A range with a negative start or count,
+// as a user may give it, is refused with ErrInvalid.
+func (m *Manager) AppendStorage(ctx context.Context, id, path string, ranges []storage.Range) (SnapshotInfo, error) {
 	p, ident, err := locate(ctx, "storage", path, false)
 	if err != nil {
 		return SnapshotInfo{}, fmt.Errorf("append: %w", err)
 	}
-	sr := make([]storage.Range, len(ranges))
-	for i, r := range ranges {
-		if r.Start > 1<<62 || r.Count > 1<<62 {
+	for _, r := range ranges {
+		if r.Start < 0 || r.Count < 0 {
 			return SnapshotInfo{}, fmt.Errorf("%w: range %d:%d is outside any device", ErrInvalid, r.Start, r.Count)
 		}
-		sr[i] = storage.Range{Sector: int64(r.Start), Count: int64(r.Count)}
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -259,7 +255,7 @@ func (m *Manager) AppendStorage(ctx context.Context, id, path string, ranges []R
 	if err := m.checkStorageLocked(p, ident); err != nil {
 		return SnapshotInfo{}, err
 	}
-	if err := s.storage.Append(p.open, sr); err != nil {
+	if err := s.storage.Append(p.open, ranges); err != nil {
 		return SnapshotInfo{}, fmt.Errorf("append storage %s: %w", p.name, err)
 	}
 	s.storagePaths[p.open] = p.name
@@ -496,7 +492,7 @@ func (m *Manager) WaitEvent(ctx context.Context, id string, timeout time.Duratio
 	if err != nil {
 		return storage.Event{}, err
 	}
-	e, err := s.storage.Events().Wait(ctx, int(timeout.Milliseconds()))
+	e, err := s.storage.Events().Wait(ctx, timeout)
 	if errors.Is(err, storage.ErrEventQueueClosed) {
 		return storage.Event{}, fmt.Errorf("%w: snapshot %s was destroyed", ErrNotFound, id)
 	}

@@ -32,10 +32,12 @@ var (
 	ErrClosed = errors.New("storage: difference storage closed")
 )
 
-// Range is a run of sectors on a device (blksnap_sectors).
+// Range is a run of 512-byte sectors on a device (blksnap_sectors): the
+// sector-run type of all of ublksnap, also on the daemon's wire, as
+// {"start","count"}.
 type Range struct {
-	Sector int64 // first sector
-	Count  int64 // number of sectors
+	Start int64 `json:"start"` // first sector
+	Count int64 `json:"count"` // number of sectors
 }
 
 // DiffRegion is where the data of one chunk lives in the difference storage
@@ -326,7 +328,7 @@ func wholeIfNone(dev Device, ranges []Range) []Range {
 	if len(ranges) > 0 {
 		return ranges
 	}
-	return []Range{{Sector: 0, Count: dev.Geometry().Sectors()}}
+	return []Range{{Start: 0, Count: dev.Geometry().Sectors()}}
 }
 
 // deviceOf returns the storage's open device that is the file or block
@@ -365,16 +367,16 @@ func (ds *DiffStorage) appendRanges(dev Device, ranges []Range) error {
 	var valid []int // indexes of the ranges inside the device and aligned
 	for i, r := range ranges {
 		switch {
-		case r.Sector < 0 || r.Count <= 0 || r.Sector > geo.Sectors() || r.Count > geo.Sectors()-r.Sector:
-			errs = append(errs, fmt.Errorf("range %d (%d+%d) outside %s (%d sectors): %w", i, r.Sector, r.Count, dev.Name(), geo.Sectors(), syscall.EINVAL))
+		case r.Start < 0 || r.Count <= 0 || r.Start > geo.Sectors() || r.Count > geo.Sectors()-r.Start:
+			errs = append(errs, fmt.Errorf("range %d (%d+%d) outside %s (%d sectors): %w", i, r.Start, r.Count, dev.Name(), geo.Sectors(), syscall.EINVAL))
 			continue
-		case r.Sector%align != 0 || r.Count%align != 0:
-			errs = append(errs, fmt.Errorf("range %d (%d+%d) not aligned to the %d-byte blocks of %s: %w", i, r.Sector, r.Count, geo.LogicalBlockSize, dev.Name(), syscall.EINVAL))
+		case r.Start%align != 0 || r.Count%align != 0:
+			errs = append(errs, fmt.Errorf("range %d (%d+%d) not aligned to the %d-byte blocks of %s: %w", i, r.Start, r.Count, geo.LogicalBlockSize, dev.Name(), syscall.EINVAL))
 			continue
 		}
 		for _, j := range valid {
-			if o := ranges[j]; overlap(r.Sector, r.Count, o.Sector, o.Count) {
-				errs = append(errs, fmt.Errorf("range %d (%d+%d) overlaps range %d (%d+%d): %w", i, r.Sector, r.Count, j, o.Sector, o.Count, syscall.EINVAL))
+			if o := ranges[j]; overlap(r.Start, r.Count, o.Start, o.Count) {
+				errs = append(errs, fmt.Errorf("range %d (%d+%d) overlaps range %d (%d+%d): %w", i, r.Start, r.Count, j, o.Start, o.Count, syscall.EINVAL))
 			}
 		}
 		valid = append(valid, i)
@@ -389,8 +391,8 @@ func (ds *DiffStorage) appendRanges(dev Device, ranges []Range) error {
 	}
 	for i, r := range ranges {
 		for _, b := range ds.blocksOfLocked(dev) {
-			if overlap(r.Sector, r.Count, b.sector, b.count) {
-				errs = append(errs, fmt.Errorf("range %d (%d+%d) of %s overlaps sectors %d+%d already in the difference storage: %w", i, r.Sector, r.Count, dev.Name(), b.sector, b.count, syscall.EINVAL))
+			if overlap(r.Start, r.Count, b.sector, b.count) {
+				errs = append(errs, fmt.Errorf("range %d (%d+%d) of %s overlaps sectors %d+%d already in the difference storage: %w", i, r.Start, r.Count, dev.Name(), b.sector, b.count, syscall.EINVAL))
 			}
 		}
 	}
@@ -401,10 +403,10 @@ func (ds *DiffStorage) appendRanges(dev Device, ranges []Range) error {
 		ds.devs = append(ds.devs, dev)
 	}
 	for _, r := range ranges {
-		ds.emptyBlocks = append(ds.emptyBlocks, &storageBlock{dev: dev, sector: r.Sector, count: r.Count})
+		ds.emptyBlocks = append(ds.emptyBlocks, &storageBlock{dev: dev, sector: r.Start, count: r.Count})
 		ds.capacity += r.Count
 		ds.blockSectors += r.Count
-		ds.log.Debug("range added", "dev", dev.Name(), "sector", r.Sector, "count", r.Count)
+		ds.log.Debug("range added", "dev", dev.Name(), "sector", r.Start, "count", r.Count)
 	}
 	ds.rearmLowSpaceLocked()
 	return nil

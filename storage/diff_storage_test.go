@@ -33,7 +33,7 @@ func TestLowFreeSpaceThresholds(t *testing.T) {
 		t.Fatalf("creation events %+v, want one low_free_space of %d", evs, minimum)
 	}
 	dev := NewMemDevice("diff", Geometry{Size: 1 << 20})
-	if err := ds.AppendDevice(dev, []Range{{Sector: 0, Count: 128}}); err != nil {
+	if err := ds.AppendDevice(dev, []Range{{Start: 0, Count: 128}}); err != nil {
 		t.Fatal(err)
 	}
 	// 128 free: each 8-sector region leaves 8 fewer; the 12th leaves 32.
@@ -47,7 +47,7 @@ func TestLowFreeSpaceThresholds(t *testing.T) {
 		}
 	}
 	// Appending above the mark re-arms it; the next crossing is reported.
-	if err := ds.AppendDevice(dev, []Range{{Sector: 1024, Count: 64}}); err != nil {
+	if err := ds.AppendDevice(dev, []Range{{Start: 1024, Count: 64}}); err != nil {
 		t.Fatal(err)
 	}
 	for i := 1; i <= 9; i++ { // 72 free: the 5th region leaves 32
@@ -66,7 +66,7 @@ func TestLowFreeSpaceThresholds(t *testing.T) {
 	if _, err := ds.Alloc(8, 512); !errors.Is(err, ErrNoSpace) || !errors.Is(err, syscall.ENOSPC) {
 		t.Fatalf("alloc on a full storage: %v", err)
 	}
-	ds.AppendDevice(dev, []Range{{Sector: 2048, Count: 64}})
+	ds.AppendDevice(dev, []Range{{Start: 2048, Count: 64}})
 	if _, err := ds.Alloc(8, 512); !errors.Is(err, ErrNoSpace) || !ds.Stats().Overflow {
 		t.Fatalf("alloc after overflow: %v", err)
 	}
@@ -77,8 +77,8 @@ func TestAllocFirstFit(t *testing.T) {
 	defer ds.Close()
 	a := NewMemDevice("a", Geometry{Size: 1 << 20})
 	b := NewMemDevice("b", Geometry{Size: 1 << 20})
-	ds.AppendDevice(a, []Range{{Sector: 100, Count: 20}})
-	ds.AppendDevice(b, []Range{{Sector: 8, Count: 16}})
+	ds.AppendDevice(a, []Range{{Start: 100, Count: 20}})
+	ds.AppendDevice(b, []Range{{Start: 8, Count: 16}})
 	var got []string
 	for range 4 {
 		r, err := ds.Alloc(8, 512)
@@ -95,7 +95,7 @@ func TestAllocFirstFit(t *testing.T) {
 	}
 	// Storage with larger logical blocks than the original is refused.
 	big := NewMemDevice("big", Geometry{Size: 1 << 20, LogicalBlockSize: 4096})
-	ds.AppendDevice(big, []Range{{Sector: 0, Count: 64}})
+	ds.AppendDevice(big, []Range{{Start: 0, Count: 64}})
 	if _, err := ds.Alloc(8, 512); !errors.Is(err, ErrBlockSize) || !errors.Is(err, syscall.ENOTBLK) {
 		t.Errorf("alloc on 4K storage for a 512 device: %v", err)
 	}
@@ -103,7 +103,7 @@ func TestAllocFirstFit(t *testing.T) {
 		t.Errorf("alloc on 4K storage for a 4K device: %v", err)
 	}
 	// Bad ranges are all reported.
-	err := ds.AppendDevice(big, []Range{{Sector: -1, Count: 8}, {Sector: 1, Count: 8}, {Sector: 0, Count: 1 << 20}})
+	err := ds.AppendDevice(big, []Range{{Start: -1, Count: 8}, {Start: 1, Count: 8}, {Start: 0, Count: 1 << 20}})
 	if !errors.Is(err, syscall.EINVAL) || strings.Count(err.Error(), "range ") != 3 {
 		t.Errorf("bad ranges: %v", err)
 	}
@@ -219,7 +219,7 @@ func TestGrowableFileLimit(t *testing.T) {
 func TestEventWaitTimeout(t *testing.T) {
 	q := NewEventQueue()
 	start := time.Now()
-	if _, err := q.Wait(context.Background(), 50); !errors.Is(err, ErrTimeout) {
+	if _, err := q.Wait(context.Background(), 50*time.Millisecond); !errors.Is(err, ErrTimeout) {
 		t.Fatalf("Wait on an empty queue: %v", err)
 	}
 	if d := time.Since(start); d < 50*time.Millisecond || d > 2*time.Second {
@@ -229,13 +229,13 @@ func TestEventWaitTimeout(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 		q.Post(Event{Code: EventCorrupted, Device: "x", Errno: syscall.EIO})
 	}()
-	e, err := q.Wait(context.Background(), 10000)
+	e, err := q.Wait(context.Background(), 10*time.Second)
 	if err != nil || e.Code != EventCorrupted || e.Time.IsZero() {
 		t.Fatalf("Wait: %+v, %v", e, err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if _, err := q.Wait(ctx, 10000); !errors.Is(err, context.Canceled) {
+	if _, err := q.Wait(ctx, 10*time.Second); !errors.Is(err, context.Canceled) {
 		t.Errorf("Wait with a cancelled context: %v", err)
 	}
 }

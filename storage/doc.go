@@ -43,7 +43,7 @@
 // closed. The layout on a backing device is therefore:
 //
 //	| block 0: region | region | ... | unused tail | block 1: region | ...
-//	  ^ Range.Sector    ^ +count                      ^ next Range.Sector
+//	  ^ Range.Start     ^ +count                      ^ next Range.Start
 //
 // A region holds the bytes of one chunk starting at its first sector; there
 // is no header and no index on disk: the chunk map of package cow is the only

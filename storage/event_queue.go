@@ -89,11 +89,11 @@ func (q *EventQueue) Post(e Event) {
 	q.mu.Unlock()
 }
 
-// Wait returns the oldest event, waiting up to timeoutMs milliseconds for
-// one to be posted (0 does not wait). It returns ErrTimeout when none came,
-// and ctx.Err() when ctx ends first.
-func (q *EventQueue) Wait(ctx context.Context, timeoutMs int) (Event, error) {
-	timer := time.NewTimer(time.Duration(timeoutMs) * time.Millisecond)
+// Wait returns the oldest event, waiting up to timeout for one to be
+// posted (0 does not wait). It returns ErrTimeout when none came, and
+// ctx.Err() when ctx ends first.
+func (q *EventQueue) Wait(ctx context.Context, timeout time.Duration) (Event, error) {
+	timer := time.NewTimer(timeout)
 	defer timer.Stop()
 	for {
 		q.mu.Lock()

@@ -19,7 +19,7 @@ func TestEventQueueClose(t *testing.T) {
 	woke := make(chan error, waiters)
 	for range waiters {
 		go func() {
-			_, err := q.Wait(context.Background(), 3600_000)
+			_, err := q.Wait(context.Background(), time.Hour)
 			woke <- err
 		}()
 	}
@@ -40,7 +40,7 @@ func TestEventQueueClose(t *testing.T) {
 		t.Errorf("%d events kept after Close", n)
 	}
 	start := time.Now()
-	if _, err := q.Wait(context.Background(), 3600_000); !errors.Is(err, ErrEventQueueClosed) {
+	if _, err := q.Wait(context.Background(), time.Hour); !errors.Is(err, ErrEventQueueClosed) {
 		t.Errorf("Wait after Close: %v, want ErrEventQueueClosed", err)
 	}
 	if d := time.Since(start); d > time.Second {

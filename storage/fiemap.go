@@ -50,7 +50,7 @@ func FileExtents(f *os.File) ([]Range, error) {
 				return nil, fmt.Errorf("extents of %s: %w", f.Name(), errors.New("an extent has no known location"))
 			}
 			first, end := physical>>SectorShift, (physical+length+SectorSize-1)>>SectorShift
-			out = append(out, Range{Sector: int64(first), Count: int64(end - first)})
+			out = append(out, Range{Start: int64(first), Count: int64(end - first)})
 			start = logical + length
 			if flags&fiemapExtentLast != 0 {
 				return out, nil

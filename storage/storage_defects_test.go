@@ -155,9 +155,9 @@ func TestRangesNoOverflowNoOverlap(t *testing.T) {
 	defer ds.Close()
 	dev := NewMemDevice("m", Geometry{Size: 1 << 20, LogicalBlockSize: SectorSize})
 	for _, bad := range [][]Range{
-		{{Sector: 1 << 62, Count: 1 << 62}},               // the sum wraps negative
-		{{Sector: 8, Count: 1<<63 - 1}},                   // likewise
-		{{Sector: 0, Count: 64}, {Sector: 32, Count: 64}}, // overlap inside one request
+		{{Start: 1 << 62, Count: 1 << 62}},              // the sum wraps negative
+		{{Start: 8, Count: 1<<63 - 1}},                  // likewise
+		{{Start: 0, Count: 64}, {Start: 32, Count: 64}}, // overlap inside one request
 	} {
 		if err := ds.AppendDevice(dev, bad); !errors.Is(err, syscall.EINVAL) {
 			t.Errorf("AppendDevice(%v) = %v, want EINVAL", bad, err)
@@ -166,14 +166,14 @@ func TestRangesNoOverflowNoOverlap(t *testing.T) {
 	if st := ds.Stats(); st.Capacity != 0 {
 		t.Fatalf("refused ranges were added: %+v", st)
 	}
-	if err := ds.AppendDevice(dev, []Range{{Sector: 0, Count: 256}}); err != nil {
+	if err := ds.AppendDevice(dev, []Range{{Start: 0, Count: 256}}); err != nil {
 		t.Fatal(err)
 	}
-	err := ds.AppendDevice(dev, []Range{{Sector: 128, Count: 256}})
+	err := ds.AppendDevice(dev, []Range{{Start: 128, Count: 256}})
 	if !errors.Is(err, syscall.EINVAL) || !strings.Contains(err.Error(), "already in the difference storage") {
 		t.Errorf("a range overlapping one already added: %v, want EINVAL", err)
 	}
-	if err := ds.AppendDevice(dev, []Range{{Sector: 256, Count: 256}}); err != nil {
+	if err := ds.AppendDevice(dev, []Range{{Start: 256, Count: 256}}); err != nil {
 		t.Errorf("an adjacent range: %v", err)
 	}
 	// Two chunks never share a region.
@@ -202,7 +202,7 @@ func TestAfterClose(t *testing.T) {
 	woke := make(chan error, 1)
 	takeEvents(ds.Events())
 	go func() {
-		_, err := ds.Events().Wait(context.Background(), 3600_000)
+		_, err := ds.Events().Wait(context.Background(), time.Hour)
 		woke <- err
 	}()
 	time.Sleep(20 * time.Millisecond)
@@ -215,7 +215,7 @@ func TestAfterClose(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("a waiter still sleeps after Close")
 	}
-	if err := ds.Append(path, []Range{{Sector: 0, Count: 8}}); !errors.Is(err, ErrClosed) {
+	if err := ds.Append(path, []Range{{Start: 0, Count: 8}}); !errors.Is(err, ErrClosed) {
 		t.Errorf("Append after Close: %v, want ErrClosed", err)
 	}
 	ds.Events().Post(Event{Code: EventCorrupted})
@@ -238,13 +238,13 @@ func TestAppendSameFileByTwoPaths(t *testing.T) {
 	}
 	ds := New(Options{MinimumSectors: 1024, Logger: quiet})
 	defer ds.Close()
-	if err := ds.Append(path, []Range{{Sector: 0, Count: 1024}}); err != nil {
+	if err := ds.Append(path, []Range{{Start: 0, Count: 1024}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := ds.Append(alias, []Range{{Sector: 512, Count: 1024}}); !errors.Is(err, syscall.EINVAL) || !strings.Contains(err.Error(), "overlaps") {
+	if err := ds.Append(alias, []Range{{Start: 512, Count: 1024}}); !errors.Is(err, syscall.EINVAL) || !strings.Contains(err.Error(), "overlaps") {
 		t.Errorf("overlapping range by another path: %v, want EINVAL naming the overlap", err)
 	}
-	if err := ds.Append(alias, []Range{{Sector: 1024, Count: 1024}}); err != nil {
+	if err := ds.Append(alias, []Range{{Start: 1024, Count: 1024}}); err != nil {
 		t.Errorf("the rest of the file by another path: %v", err)
 	}
 	if err := ds.Append(path, nil); !errors.Is(err, syscall.EINVAL) {
@@ -265,7 +265,7 @@ func TestConcurrentAppendOfOneFile(t *testing.T) {
 		ds := New(Options{MinimumSectors: 1024, Logger: quiet})
 		errs := make(chan error, 2)
 		for i := range int64(2) {
-			go func() { errs <- ds.Append(path, []Range{{Sector: i * 1024, Count: 1024}}) }()
+			go func() { errs <- ds.Append(path, []Range{{Start: i * 1024, Count: 1024}}) }()
 		}
 		for range 2 {
 			if err := <-errs; err != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
+	"github.com/ublksnap/ublksnap/storage"
 )
 
 // globalFlags are the root's persistent flags, shared by every client command.
@@ -71,17 +72,17 @@ func parseSize(flag, s string) (uint64, error) {
 }
 
 // parseRanges parses START:COUNT sector ranges.
-func parseRanges(specs []string) ([]api.Range, error) {
-	var out []api.Range
+func parseRanges(specs []string) ([]storage.Range, error) {
+	var out []storage.Range
 	for _, spec := range specs {
 		for _, part := range strings.Split(spec, ",") {
 			a, b, ok := strings.Cut(part, ":")
-			start, err1 := strconv.ParseUint(a, 10, 64)
-			count, err2 := strconv.ParseUint(b, 10, 64)
+			start, err1 := strconv.ParseUint(a, 10, 63)
+			count, err2 := strconv.ParseUint(b, 10, 63)
 			if !ok || err1 != nil || err2 != nil || count == 0 {
 				return nil, usagef("--ranges %q is not START:COUNT in 512-byte sectors with COUNT > 0", part)
 			}
-			out = append(out, api.Range{Start: start, Count: count})
+			out = append(out, storage.Range{Start: int64(start), Count: int64(count)})
 		}
 	}
 	return out, nil

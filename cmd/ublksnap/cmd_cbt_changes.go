@@ -17,7 +17,7 @@ type changesOutput struct {
 	Full       bool         `json:"full"` // the point is of another generation: everything
 	Generation string       `json:"generation"`
 	Changes    uint8        `json:"changes"`
-	Extents    []api.Extent `json:"extents"`
+	Extents    []cbt.Extent `json:"extents"`
 }
 
 func cbtChangesCmd(g *globalFlags) *cobra.Command {
@@ -63,18 +63,18 @@ one range covering the device.`,
 	return cmd
 }
 
-// changedExtents returns the extents of map m changed since p.
-func changedExtents(m api.CBTMap, p cbt.Point) ([]api.Extent, bool, error) {
+// changedExtents returns the extents of map m changed since p, never nil
+// (--json prints "extents": [] when nothing changed).
+func changedExtents(m api.CBTMap, p cbt.Point) ([]cbt.Extent, bool, error) {
 	info, err := cbtInfoOf(m)
 	if err != nil {
 		return nil, false, err
 	}
 	ext, full := cbt.Changed(m.Map, info, p)
-	out := make([]api.Extent, len(ext))
-	for i, e := range ext {
-		out[i] = api.Extent(e)
+	if ext == nil {
+		ext = []cbt.Extent{}
 	}
-	return out, full, nil
+	return ext, full, nil
 }
 
 // cbtInfoOf returns the description of the change-tracking map m.

@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 
+	"github.com/ublksnap/ublksnap/cbt"
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
 	"github.com/ublksnap/ublksnap/storage"
 )
@@ -30,7 +31,7 @@ a file on a filesystem mounted from DEV lives (FIEMAP).`,
 			if (len(ranges) == 0) == (file == "") {
 				return usagef("give either --ranges or --file")
 			}
-			var sectors []api.Range
+			var sectors []storage.Range
 			var err error
 			if file != "" {
 				sectors, err = fileSectors(cmd.Context(), g, device, file)
@@ -45,7 +46,7 @@ a file on a filesystem mounted from DEV lives (FIEMAP).`,
 				if r.Start > 1<<53 || r.Count > 1<<53 {
 					return usagef("range %d:%d is beyond any device", r.Start, r.Count)
 				}
-				req.Ranges = append(req.Ranges, api.Extent{Offset: int64(r.Start) << storage.SectorShift, Length: int64(r.Count) << storage.SectorShift})
+				req.Ranges = append(req.Ranges, cbt.Extent{Offset: r.Start << storage.SectorShift, Length: r.Count << storage.SectorShift})
 			}
 			if err := g.client().MarkDirty(cmd.Context(), req); err != nil {
 				return fmt.Errorf("cbt mark-dirty of %s: %w", device, err)
@@ -61,7 +62,7 @@ a file on a filesystem mounted from DEV lives (FIEMAP).`,
 
 // fileSectors returns the sectors of DEV that hold the data of file, which
 // must live on a filesystem mounted from the device.
-func fileSectors(ctx context.Context, g *globalFlags, device, file string) ([]api.Range, error) {
+func fileSectors(ctx context.Context, g *globalFlags, device, file string) ([]storage.Range, error) {
 	d, err := findDevice(ctx, g.client(), device)
 	if err != nil {
 		return nil, err
@@ -82,13 +83,5 @@ func fileSectors(ctx context.Context, g *globalFlags, device, file string) ([]ap
 	if fst.Dev != dev.Rdev {
 		return nil, fmt.Errorf("%s is not on a filesystem mounted from %s", file, node)
 	}
-	ext, err := storage.FileExtents(f)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]api.Range, len(ext))
-	for i, e := range ext {
-		out[i] = api.Range{Start: uint64(e.Sector), Count: uint64(e.Count)}
-	}
-	return out, nil
+	return storage.FileExtents(f)
 }

@@ -17,7 +17,7 @@ func snapshotWaitEventCmd(g *globalFlags) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			e, err := g.client().WaitEvent(cmd.Context(), id, d.Milliseconds())
+			e, err := g.client().WaitEvent(cmd.Context(), id, d)
 			if err != nil {
 				return fmt.Errorf("wait for an event of snapshot %s: %w", id, err)
 			}

@@ -121,7 +121,7 @@ func (s *stretcher) removeAll() error {
 
 // snapshotEvents is what a watch asks of the daemon; *api.Client has it.
 type snapshotEvents interface {
-	WaitEvent(ctx context.Context, id string, timeoutMS int64) (api.Event, error)
+	WaitEvent(ctx context.Context, id string, timeout time.Duration) (api.Event, error)
 	AppendStorage(ctx context.Context, id string, req api.AppendStorageRequest) (api.Snapshot, error)
 }
 
@@ -145,7 +145,7 @@ func (w *watch) run(ctx context.Context) (err error) {
 		}
 	}()
 	for {
-		e, err := w.daemon.WaitEvent(ctx, w.id, 1000)
+		e, err := w.daemon.WaitEvent(ctx, w.id, time.Second)
 		if end, err := w.ends(ctx, err, "watch snapshot"); end {
 			return err
 		}

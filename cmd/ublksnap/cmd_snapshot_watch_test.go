@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
 )
@@ -82,7 +83,7 @@ type fakeEvent struct {
 // errGone is the daemon's answer about a destroyed snapshot.
 var errGone = &api.Error{Status: http.StatusNotFound, Code: api.CodeNotFound, Message: "not found: snapshot was destroyed"}
 
-func (f *fakeDaemon) WaitEvent(ctx context.Context, _ string, _ int64) (api.Event, error) {
+func (f *fakeDaemon) WaitEvent(ctx context.Context, _ string, _ time.Duration) (api.Event, error) {
 	if len(f.events) == 0 {
 		return api.Event{}, errGone
 	}

@@ -20,10 +20,17 @@
 //	POST   /v1/shutdown?force=BOOL          stop for good: every device and image is
 //	                                        deleted (refused while one is open or mounted, unless force)
 //
-// Sizes are bytes and sector counts are 512-byte units, as named.
+// Sizes are bytes and sector counts are 512-byte units, as named. A run of
+// sectors is a storage.Range ({"start","count"}) and a run of bytes a
+// cbt.Extent ({"offset","length"}): the wire uses the engine's own types.
 package api
 
-import "time"
+import (
+	"time"
+
+	"github.com/ublksnap/ublksnap/cbt"
+	"github.com/ublksnap/ublksnap/storage"
+)
 
 // DefaultSocket is where the daemon listens unless told otherwise
 // (--socket or the UBLKSNAP_SOCKET environment variable).
@@ -70,17 +77,12 @@ type AddDeviceRequest struct {
 	Device string `json:"device"`
 }
 
-// Range is a run of 512-byte sectors.
-type Range struct {
-	Start uint64 `json:"start"`
-	Count uint64 `json:"count"`
-}
-
 // AppendStorageRequest adds sector ranges of a file or block device to a
-// snapshot's difference storage; no ranges means the whole of it.
+// snapshot's difference storage; no ranges means the whole of it. The
+// daemon refuses a negative start or count.
 type AppendStorageRequest struct {
-	Path   string  `json:"path"`
-	Ranges []Range `json:"ranges,omitempty"`
+	Path   string          `json:"path"`
+	Ranges []storage.Range `json:"ranges,omitempty"`
 }
 
 // Snapshot states.
@@ -207,17 +209,11 @@ type CBTMap struct {
 	Map []byte `json:"map"`
 }
 
-// Extent is a byte range of a device.
-type Extent struct {
-	Offset int64 `json:"offset"`
-	Length int64 `json:"length"`
-}
-
 // MarkDirtyRequest marks byte ranges of a device changed, in this backup
 // and the next.
 type MarkDirtyRequest struct {
-	Device string   `json:"device"`
-	Ranges []Extent `json:"ranges"`
+	Device string       `json:"device"`
+	Ranges []cbt.Extent `json:"ranges"`
 }
 
 // ExportRequest asks for an NBD export of the images of a taken snapshot

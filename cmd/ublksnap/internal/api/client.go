@@ -13,6 +13,7 @@ import (
 	"os"
 	"strconv"
 	"syscall"
+	"time"
 )
 
 // ErrNoDaemon is returned when nothing listens on the socket.
@@ -160,10 +161,11 @@ func (c *Client) Take(ctx context.Context, id string) (Snapshot, error) {
 	return s, err
 }
 
-// WaitEvent waits up to timeoutMS milliseconds for the snapshot's next event.
-func (c *Client) WaitEvent(ctx context.Context, id string, timeoutMS int64) (Event, error) {
+// WaitEvent waits up to timeout for the snapshot's next event; the wire
+// carries it in whole milliseconds (timeout_ms).
+func (c *Client) WaitEvent(ctx context.Context, id string, timeout time.Duration) (Event, error) {
 	var e Event
-	q := url.Values{"timeout_ms": {strconv.FormatInt(timeoutMS, 10)}}
+	q := url.Values{"timeout_ms": {strconv.FormatInt(timeout.Milliseconds(), 10)}}
 	err := c.do(ctx, http.MethodGet, "/v1/snapshots/"+url.PathEscape(id)+"/event", q, nil, &e)
 	return e, err
 }

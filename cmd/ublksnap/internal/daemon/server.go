@@ -51,7 +51,7 @@ type Service interface {
 	CreateSnapshot(ctx context.Context, opt snapshot.CreateOptions) (snapshot.SnapshotInfo, error)
 	Snapshot(ctx context.Context, id string) (snapshot.SnapshotInfo, error)
 	AddDevice(ctx context.Context, id, device string) (snapshot.SnapshotInfo, error)
-	AppendStorage(ctx context.Context, id, path string, ranges []snapshot.Range) (snapshot.SnapshotInfo, error)
+	AppendStorage(ctx context.Context, id, path string, ranges []storage.Range) (snapshot.SnapshotInfo, error)
 	Take(ctx context.Context, id string) (snapshot.SnapshotInfo, error)
 	WaitEvent(ctx context.Context, id string, timeout time.Duration) (storage.Event, error)
 	Destroy(ctx context.Context, id string, force bool) error
@@ -190,11 +190,7 @@ func NewHandler(svc Service, exports *export.Exports, version string, log *slog.
 		if err := decode(r, &req); err != nil {
 			return nil, err
 		}
-		ranges := make([]snapshot.Range, len(req.Ranges))
-		for i, rg := range req.Ranges {
-			ranges[i] = snapshot.Range{Start: rg.Start, Count: rg.Count}
-		}
-		return snapshotToWire(svc.AppendStorage(r.Context(), r.PathValue("id"), req.Path, ranges))
+		return snapshotToWire(svc.AppendStorage(r.Context(), r.PathValue("id"), req.Path, req.Ranges))
 	})
 	h("POST /v1/snapshots/{id}/take", func(r *http.Request) (any, error) {
 		return snapshotToWire(svc.Take(r.Context(), r.PathValue("id")))
@@ -229,11 +225,7 @@ func NewHandler(svc Service, exports *export.Exports, version string, log *slog.
 		if err := decode(r, &req); err != nil {
 			return nil, err
 		}
-		ranges := make([]cbt.Extent, len(req.Ranges))
-		for i, e := range req.Ranges {
-			ranges[i] = cbt.Extent{Offset: e.Offset, Length: e.Length}
-		}
-		return struct{}{}, svc.MarkDirty(req.Device, ranges)
+		return struct{}{}, svc.MarkDirty(req.Device, req.Ranges)
 	})
 	h("POST /v1/exports", func(r *http.Request) (any, error) {
 		var req api.ExportRequest

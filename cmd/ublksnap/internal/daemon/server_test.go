@@ -133,7 +133,7 @@ func TestRoundTripAndErrorMapping(t *testing.T) {
 			t.Errorf("CreateSnapshot(%s): %#v, want status %d errno %d", tc.storage, err, tc.status, tc.errno)
 		}
 	}
-	ev, err := c.WaitEvent(ctx, s.ID, 1500)
+	ev, err := c.WaitEvent(ctx, s.ID, 1500*time.Millisecond)
 	if err != nil || ev.Code != api.EventTimeout || svc.waited != 1500*time.Millisecond {
 		t.Errorf("WaitEvent = %+v, %v; service waited %v, want 1.5s", ev, err, svc.waited)
 	}
