@@ -1,8 +1,21 @@
-// Package daemon is the ublksnap daemon's transport: it serves the api
-// package's protocol on a unix socket over a Service (a snapshot.Manager),
-// maps domain types and errors to the wire, and re-executes the daemon in
-// its own mount namespace (process.go). The state and its rules live in
-// package snapshot.
+// Package daemon is the ublksnap daemon: its lifecycle and its transport.
+// The state and its rules live in package snapshot; package main only
+// parses the flags and wires them.
+//
+// Run is one daemon's life on its socket: it listens (Listen: one daemon
+// a socket), recovers what an earlier daemon on the same socket left
+// (snapshot.Manager.Recover: its filtered devices and saved snapshots),
+// starts again the exports it saved (ResumeExports), and serves. Its end
+// is either a restart (its context ends: the exports are saved beside the
+// socket and the devices left to the next daemon, snapshot.Manager.Leave)
+// or a stop for good (an accepted shutdown request: snapshot.Manager.Close).
+// What changes the process itself, and needs root, is its caller's, before
+// Run (process.go): the re-execution in a mount namespace of its own,
+// HardenProcess and DropUblkMounts.
+//
+// The transport serves the api package's protocol on the unix socket over
+// a Service (a snapshot.Manager) and the NBD exports (package export),
+// and maps domain types and errors to the wire.
 //
 // Errors keep their errno on the wire (api.Error.Errno) and choose the
 // status: EINVAL → 400, EPERM/EACCES → 403, ENOENT/ENODEV → 404,
