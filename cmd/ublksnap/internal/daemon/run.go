@@ -94,7 +94,9 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	srv := NewServer(ctx, mgr, exports, cfg.Version, log) // SIGTERM ends waits
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(l) }()
+	// The server closes the socket at its shutdown; the lock stays until
+	// Run returns, so no next daemon starts while this one leaves.
+	go func() { served <- srv.Serve(l.Listener) }()
 	log.Info("daemon listening", "socket", cfg.Socket, "pid", os.Getpid())
 	forGood := false
 	select {

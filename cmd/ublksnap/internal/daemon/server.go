@@ -347,9 +347,9 @@ func writeError(w http.ResponseWriter, r *http.Request, err error, log *slog.Log
 // socket is created with mode 0600 (under a umask of 177, so it never
 // exists with wider permissions); Listen must be called before the
 // daemon creates other files. A lock on SOCKET.lock, held until the
-// listener is closed, makes a second daemon on the same socket fail with
+// Listener is closed, makes a second daemon on the same socket fail with
 // ErrRunning; a stale socket file left by a daemon that died is replaced.
-func Listen(socket string) (net.Listener, error) {
+func Listen(socket string) (*Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(socket), 0o755); err != nil {
 		return nil, fmt.Errorf("socket directory: %w", err)
 	}
@@ -375,16 +375,20 @@ func Listen(socket string) (net.Listener, error) {
 		lock.Close()
 		return nil, fmt.Errorf("listen on %s: %w", socket, err)
 	}
-	return &lockedListener{Listener: l, lock: lock}, nil
+	return &Listener{Listener: l, lock: lock}, nil
 }
 
-// lockedListener releases the daemon's lock file when closed.
-type lockedListener struct {
+// Listener is the daemon's socket and the lock that makes it the only
+// daemon on it. Serving on the embedded net.Listener alone lets the
+// server close the socket at its shutdown while the lock stays held
+// until the daemon has left or stopped its devices.
+type Listener struct {
 	net.Listener
-	lock *os.File // holds the flock while the daemon listens
+	lock *os.File // holds the flock until Close
 }
 
-func (l *lockedListener) Close() error {
+// Close closes the socket and releases the lock.
+func (l *Listener) Close() error {
 	err := l.Listener.Close()
 	l.lock.Close()
 	return err
