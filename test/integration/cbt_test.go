@@ -269,9 +269,7 @@ func TestBackupFullWhenHistoryIsLost(t *testing.T) {
 	if !full.Full {
 		t.Fatalf("first backup: %+v", full)
 	}
-	var st struct{ Snapshots []struct{ ID string } }
-	d.cliJSON(&st, "status")
-	if len(st.Snapshots) != 0 {
+	if st := d.status(); len(st.Snapshots) != 0 {
 		t.Fatalf("the backup left its snapshot: %+v", st.Snapshots)
 	}
 

@@ -304,9 +304,7 @@ func TestDaemonAPIWithCurl(t *testing.T) {
 	d := startDaemon(t)
 	_, dev := d.attach(32 << 20)
 	out := run(t, "curl", "-sS", "--fail", "--unix-socket", d.socket, "http://ublksnap/v1/status")
-	var st struct {
-		Devices []struct{ Path string } `json:"devices"`
-	}
+	var st daemonStatus
 	if err := json.Unmarshal([]byte(out), &st); err != nil || len(st.Devices) != 1 || st.Devices[0].Path != dev {
 		t.Fatalf("curl /v1/status: %v\n%s", err, out)
 	}

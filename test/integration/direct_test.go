@@ -41,14 +41,7 @@ func TestDirectBacking(t *testing.T) {
 			dropCache(t, backing)
 			dev := d.cli("attach", "--backing", backing)
 			defer d.try("detach", "--device", dev)
-			var st struct {
-				Devices []struct {
-					Path     string `json:"path"`
-					IOMode   string `json:"io_mode"`
-					DirectIO bool   `json:"direct_io"`
-				} `json:"devices"`
-			}
-			d.cliJSON(&st, "status")
+			st := d.status()
 			if len(st.Devices) != 1 || st.Devices[0].DirectIO != tc.direct {
 				t.Fatalf("status %+v: want one device with direct_io %v", st.Devices, tc.direct)
 			}

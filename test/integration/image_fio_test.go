@@ -41,14 +41,7 @@ func TestImageFioVerify(t *testing.T) {
 			dev := strings.TrimSpace(out)
 			fio(t, append(pattern, "--filename="+dev, "--do_verify=0")...)
 			_, images := d.snapshot(t.TempDir(), "128MiB", dev)
-			var st struct {
-				Snapshots []struct {
-					Devices []struct {
-						ImageIOMode string `json:"image_io_mode"`
-					}
-				}
-			}
-			d.cliJSON(&st, "status")
+			st := d.status()
 			if len(st.Snapshots) != 1 || len(st.Snapshots[0].Devices) != 1 || st.Snapshots[0].Devices[0].ImageIOMode != mode {
 				t.Errorf("status %+v: want one image in %s mode (its device's)", st, mode)
 			}
@@ -167,11 +160,32 @@ func TestCOWFioVerifyConcurrent(t *testing.T) {
 	}
 }
 
+// daemonStatus is what `status --json` says, as far as the tests read it.
+type daemonStatus struct {
+	Devices []struct {
+		Path     string `json:"path"`
+		IOMode   string `json:"io_mode"`
+		DirectIO bool   `json:"direct_io"`
+	} `json:"devices"`
+	Snapshots []snapshotState `json:"snapshots"`
+}
+
+// status returns what `status --json` says.
+func (d *daemon) status() daemonStatus {
+	d.t.Helper()
+	var st daemonStatus
+	d.cliJSON(&st, "status")
+	return st
+}
+
 // snapshotState is what `status --json` says of one snapshot.
 type snapshotState struct {
 	ID      string
 	State   string
 	Devices []struct {
+		Device               string // the member's node
+		Image                string // its image's node, once taken
+		ImageIOMode          string `json:"image_io_mode"`
 		ChunkSize            uint64 `json:"chunk_size"`
 		ChunksCopied         uint64 `json:"chunks_copied"`
 		ChunksCopiedInKernel uint64 `json:"chunks_copied_in_kernel"`
@@ -186,8 +200,7 @@ type snapshotState struct {
 // snapshotStatus returns the status of snapshot id, which must have devices.
 func (d *daemon) snapshotStatus(t testing.TB, id string) snapshotState {
 	t.Helper()
-	var st struct{ Snapshots []snapshotState }
-	d.cliJSON(&st, "status")
+	st := d.status()
 	for _, s := range st.Snapshots {
 		if s.ID == id && len(s.Devices) > 0 {
 			return s

@@ -175,11 +175,7 @@ func TestDaemonCrashRecovery(t *testing.T) {
 		t.Fatalf("fio reported errors across the crash:\n%s", fioOut)
 	}
 
-	var st struct {
-		Devices   []struct{ Path string }
-		Snapshots []struct{ ID, State string }
-	}
-	d2.cliJSON(&st, "status")
+	st := d2.status()
 	if len(st.Devices) != 1 || st.Devices[0].Path != dev || len(st.Snapshots) != 1 || st.Snapshots[0].ID != id || st.Snapshots[0].State != "lost" {
 		t.Errorf("status after the restart: %+v; want %s and snapshot %s lost", st, dev, id)
 	}
@@ -265,17 +261,8 @@ func TestDaemonPlannedRestart(t *testing.T) {
 
 	d2 := startDaemonOn(t, d.socket)
 	checkTree(t, dir, sums)
-	var st struct {
-		Snapshots []struct {
-			ID, State string
-			Devices   []struct{ Device, Image string }
-		}
-	}
-	d2.cliJSON(&st, "status")
-	var sn struct {
-		ID, State string
-		Devices   []struct{ Device, Image string }
-	}
+	st := d2.status()
+	var sn snapshotState
 	for _, s := range st.Snapshots {
 		if s.ID == id2 {
 			sn = s
@@ -393,9 +380,7 @@ func TestDaemonCrashLoop(t *testing.T) {
 		default:
 		}
 		// Forget the snapshots the kills lost.
-		var st struct{ Snapshots []struct{ ID, State string } }
-		d.cliJSON(&st, "status")
-		for _, s := range st.Snapshots {
+		for _, s := range d.status().Snapshots {
 			d.cli("snapshot", "destroy", "--id", s.ID, "--force")
 		}
 		time.Sleep(time.Duration(200+rng.IntN(800)) * time.Millisecond)
@@ -523,13 +508,7 @@ func bytesWritten(t testing.TB, dev string) int64 {
 // imageOf returns the image of dev in snapshot id.
 func (d *daemon) imageOf(id, dev string) string {
 	d.t.Helper()
-	var st struct {
-		Snapshots []struct {
-			ID      string
-			Devices []struct{ Device, Image string }
-		}
-	}
-	d.cliJSON(&st, "status")
+	st := d.status()
 	for _, s := range st.Snapshots {
 		for _, m := range s.Devices {
 			if s.ID == id && m.Device == dev && m.Image != "" {
