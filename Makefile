@@ -30,6 +30,7 @@ test-unit:
 	$(GO) test -run '^$$' -fuzz FuzzLoad -fuzztime 10s ./cbt
 	$(GO) test -run '^$$' -fuzz FuzzManifest -fuzztime 10s ./backup
 	$(GO) test -run '^$$' -fuzz FuzzStateFile -fuzztime 10s ./snapshot
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 10s ./internal/devconf
 
 ## test-vm: the harness's own tests on the host, then the integration suite in one VM boot per kernel line
 test-vm: build

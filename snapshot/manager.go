@@ -69,6 +69,7 @@ type Manager struct {
 
 	freezing    []string          // nodes whose filesystems a take is freezing now; guarded by mu
 	unrecovered []RecoveryFailure // devices Recover could not serve again; guarded by mu
+	declared    []Declared        // what AttachDeclared did at the start; guarded by mu
 	leaving     []snapshotEntry   // snapshots Leave saved for the next daemon; guarded by mu
 
 	shutdownOnce sync.Once
@@ -177,6 +178,9 @@ type Status struct {
 	// Unrecovered are the devices of an earlier daemon that Recover could
 	// not serve again (and deleted, or left to the process serving them).
 	Unrecovered []RecoveryFailure
+	// Declared are the devices the host's configuration declares, and
+	// what became of each at the daemon's start (AttachDeclared).
+	Declared []Declared
 }
 
 // deviceLocked finds a filtered device by its node or name.
@@ -257,6 +261,7 @@ func (m *Manager) Status(context.Context) Status {
 		st.Snapshots = append(st.Snapshots, l.info())
 	}
 	st.Unrecovered = slices.Clone(m.unrecovered)
+	st.Declared = slices.Clone(m.declared)
 	sort.Slice(st.Snapshots, func(i, j int) bool { return st.Snapshots[i].ID < st.Snapshots[j].ID })
 	return st
 }

@@ -21,6 +21,9 @@ import (
 type globalFlags struct {
 	socket string // daemon socket; empty means $UBLKSNAP_SOCKET or api.DefaultSocket
 	json   bool   // print machine-readable JSON instead of text
+	// devicesFile declares the devices the daemon attaches at its start
+	// (internal/devconf); attach and detach --persist edit it.
+	devicesFile string
 }
 
 func (g *globalFlags) client() *api.Client {

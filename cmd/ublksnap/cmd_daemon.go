@@ -86,7 +86,7 @@ func daemonCmd(g *globalFlags) *cobra.Command {
 				return fmt.Errorf("find own executable: %w", err)
 			}
 			return daemon.Run(ctx, daemon.Config{Socket: api.SocketPath(g.socket), Params: params, IOMode: mode,
-				Logger: log, Version: version, FreezeHolder: []string{self, freezeHolderName}})
+				Logger: log, Version: version, FreezeHolder: []string{self, freezeHolderName}, DevicesFile: g.devicesFile})
 		},
 	}
 	for _, name := range cow.ParamNames() {

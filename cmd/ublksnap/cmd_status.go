@@ -67,7 +67,25 @@ func statusText(w io.Writer, s api.Status) error {
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", u.Device, u.Name, u.Backing, u.Error)
 		}
 	}
+	if failed := notAttached(s.Declared); len(failed) > 0 {
+		fmt.Fprintln(tw)
+		fmt.Fprintf(tw, "DECLARED, NOT ATTACHED\tNAME\tBACKING\tERROR\n")
+		for _, d := range failed {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", d.Source, orDash(d.Name), orDash(d.Backing), d.Error)
+		}
+	}
 	return tw.Flush()
+}
+
+// notAttached returns the declared devices that no filtered device serves.
+func notAttached(decls []api.Declared) []api.Declared {
+	var out []api.Declared
+	for _, d := range decls {
+		if d.Device == "" {
+			out = append(out, d)
+		}
+	}
+	return out
 }
 
 func orDash(s string) string {

@@ -7,6 +7,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ublksnap/ublksnap/cmd/ublksnap/internal/api"
+	"github.com/ublksnap/ublksnap/internal/devconf"
 )
 
 // addCommands adds the client subcommands and their shared flags to root.
@@ -14,6 +15,7 @@ func addCommands(root *cobra.Command) {
 	g := &globalFlags{}
 	root.PersistentFlags().StringVar(&g.socket, "socket", "", "daemon socket (default $"+api.SocketEnv+" or "+api.DefaultSocket+")")
 	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON for scripts")
+	root.PersistentFlags().StringVar(&g.devicesFile, "devices-file", devconf.DefaultPath, "the declared devices, attached at the daemon's start (see `ublksnap attach --persist`)")
 	snap := &cobra.Command{
 		Use:   "snapshot",
 		Short: "Create, take, watch and destroy snapshots",
@@ -22,7 +24,7 @@ func addCommands(root *cobra.Command) {
 	}
 	snap.AddCommand(snapshotCreateCmd(g), snapshotAddCmd(g), snapshotAppendStorageCmd(g), snapshotTakeCmd(g),
 		snapshotWaitEventCmd(g), snapshotWatchCmd(g), snapshotCollectCmd(g), snapshotInfoCmd(g), snapshotDestroyCmd(g))
-	root.AddCommand(attachCmd(g), detachCmd(g), snap, cbtCmd(g), backupCmd(g), restoreCmd(g), exportCmd(g), statusCmd(g), daemonCmd(g), shutdownCmd(g), newDevCmd(), freezeHolderCmd())
+	root.AddCommand(attachCmd(g), detachCmd(g), snap, cbtCmd(g), backupCmd(g), restoreCmd(g), exportCmd(g), statusCmd(g), waitReadyCmd(g), daemonCmd(g), shutdownCmd(g), newDevCmd(), freezeHolderCmd())
 }
 
 // idCmd builds a command that needs --id UUID and calls run with it.

@@ -30,6 +30,9 @@ func TestSystemdUnit(t *testing.T) {
 		"RuntimeDirectory":         "ublksnap",
 		"RuntimeDirectoryPreserve": "yes", // the state file must outlive the process
 		"OOMScoreAdjust":           "-1000",
+		"Type":                     "notify", // ready once the declared devices are attached
+		"NotifyAccess":             "all",    // the daemon is a child of the main process
+		"Before":                   "local-fs-pre.target shutdown.target",
 	} {
 		if keys[k] != want {
 			t.Errorf("%s=%q, want %q", k, keys[k], want)

@@ -21,8 +21,11 @@ type daemon struct {
 	t      testing.TB
 	bin    string // the ublksnap binary
 	socket string
-	cmd    *exec.Cmd
-	log    *bytes.Buffer
+	// devicesFile is the daemon's and the CLI's --devices-file, beside
+	// the socket (none unless a test writes it), never the host's.
+	devicesFile string
+	cmd         *exec.Cmd
+	log         *bytes.Buffer
 }
 
 // ublksnapBin returns the binary under test: $UBLKSNAP_BIN or bin/ublksnap.
@@ -51,8 +54,8 @@ func startDaemon(t testing.TB, flags ...string) *daemon {
 // startDaemonOn starts a daemon on socket (and the state file beside it).
 func startDaemonOn(t testing.TB, socket string, flags ...string) *daemon {
 	t.Helper()
-	d := &daemon{t: t, bin: ublksnapBin(t), socket: socket, log: &bytes.Buffer{}}
-	d.cmd = exec.Command(d.bin, append([]string{"daemon", "--socket", d.socket}, flags...)...)
+	d := &daemon{t: t, bin: ublksnapBin(t), socket: socket, devicesFile: filepath.Join(filepath.Dir(socket), "devices.conf"), log: &bytes.Buffer{}}
+	d.cmd = exec.Command(d.bin, append([]string{"daemon", "--socket", d.socket, "--devices-file", d.devicesFile}, flags...)...)
 	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -107,7 +110,7 @@ func (d *daemon) stop() {
 // try runs a CLI command and returns stdout, stderr and the error.
 func (d *daemon) try(args ...string) (string, string, error) {
 	var stdout, stderr bytes.Buffer
-	cmd := exec.Command(d.bin, append([]string{"--socket", d.socket}, args...)...)
+	cmd := exec.Command(d.bin, append([]string{"--socket", d.socket, "--devices-file", d.devicesFile}, args...)...)
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Start(); err != nil {
 		return "", "", err

@@ -159,6 +159,18 @@ type Status struct {
 	// Unrecovered lists the devices of an earlier daemon that this one
 	// could not serve again.
 	Unrecovered []Unrecovered `json:"unrecovered,omitempty"`
+	// Declared lists the devices of the daemon's devices file and what
+	// became of each at its start.
+	Declared []Declared `json:"declared,omitempty"`
+}
+
+// Declared is a device of the devices file (see internal/devconf).
+type Declared struct {
+	Source  string `json:"source"` // FILE:LINE
+	Name    string `json:"name,omitempty"`
+	Backing string `json:"backing,omitempty"`
+	Device  string `json:"device,omitempty"` // the filtered device serving it
+	Error   string `json:"error,omitempty"`  // why none does
 }
 
 // Unrecovered is a device of an earlier daemon that was not served again.

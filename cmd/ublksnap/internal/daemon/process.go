@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -137,4 +138,26 @@ func DropUblkMounts() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// notifySystemd sends state ("READY=1", "STOPPING=1") to the service
+// manager that started the daemon (sd_notify(3)), if one listens: the
+// datagram socket named by NOTIFY_SOCKET, a path or an abstract name
+// ("@..."). Without NOTIFY_SOCKET it does nothing. The unit needs
+// NotifyAccess=all: the daemon is a child of the unit's main process (the
+// namespace re-exec).
+func notifySystemd(state string) error {
+	name := os.Getenv("NOTIFY_SOCKET")
+	if name == "" {
+		return nil
+	}
+	conn, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: name, Net: "unixgram"})
+	if err != nil {
+		return fmt.Errorf("notify %s: %w", name, err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte(state)); err != nil {
+		return fmt.Errorf("notify %s: %w", name, err)
+	}
+	return nil
 }

@@ -3,6 +3,7 @@ package daemon
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -11,6 +12,7 @@ import (
 	"github.com/ublksnap/ublksnap/cow"
 	"github.com/ublksnap/ublksnap/export"
 	"github.com/ublksnap/ublksnap/host"
+	"github.com/ublksnap/ublksnap/internal/devconf"
 	"github.com/ublksnap/ublksnap/snapshot"
 	"github.com/ublksnap/ublksnap/ublk"
 )
@@ -38,6 +40,9 @@ type Config struct {
 	// Host runs to freeze filesystems (host.System.FreezeHolder);
 	// unused when Host is set.
 	FreezeHolder []string
+	// DevicesFile declares the filtered devices to attach at the start
+	// (internal/devconf); "" or a missing file declares none.
+	DevicesFile string
 	// Server presents the filtered devices and images; nil: ublk. Host
 	// tests pass a fake.
 	Server snapshot.BlockServer
@@ -92,12 +97,16 @@ func Run(ctx context.Context, cfg Config) error {
 	} else {
 		ResumeExports(mgr, exports, saved, log)
 	}
+	attachDeclared(ctx, mgr, cfg.DevicesFile, log)
 	srv := NewServer(ctx, mgr, exports, cfg.Version, log) // SIGTERM ends waits
 	served := make(chan error, 1)
 	// The server closes the socket at its shutdown; the lock stays until
 	// Run returns, so no next daemon starts while this one leaves.
 	go func() { served <- srv.Serve(l.Listener) }()
 	log.Info("daemon listening", "socket", cfg.Socket, "pid", os.Getpid())
+	if err := notifySystemd("READY=1"); err != nil {
+		log.Warn("systemd not told the daemon is ready", "err", err)
+	}
 	forGood := false
 	select {
 	case <-ctx.Done():
@@ -106,6 +115,7 @@ func Run(ctx context.Context, cfg Config) error {
 	case err := <-served:
 		return fmt.Errorf("serve %s: %w", cfg.Socket, err)
 	}
+	notifySystemd("STOPPING=1")
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
 	srv.Shutdown(sctx)
@@ -115,6 +125,38 @@ func Run(ctx context.Context, cfg Config) error {
 		return stopForGood(mgr, log)
 	}
 	return leave(mgr, saved, exportsPath, log)
+}
+
+// attachDeclared attaches the devices the devices file declares, before
+// the daemon answers its first request (and before systemd hears it is
+// ready, so that fstab's mounts of them follow). A line that does not
+// parse or a device that cannot be attached is logged and reported in
+// status; the others come up all the same.
+func attachDeclared(ctx context.Context, mgr *snapshot.Manager, path string, log *slog.Logger) {
+	if path == "" {
+		return
+	}
+	devs, errs := devconf.Load(path)
+	var decls []snapshot.Declared
+	for _, err := range errs {
+		source := path
+		var le *devconf.LineError
+		if errors.As(err, &le) {
+			source, err = fmt.Sprintf("%s:%d", le.Path, le.Line), le.Err
+		}
+		decls = append(decls, snapshot.Declared{Source: source, Err: err})
+	}
+	for _, d := range devs {
+		decls = append(decls, snapshot.Declared{Source: fmt.Sprintf("%s:%d", path, d.Line),
+			Options: snapshot.AttachOptions{Name: d.Name, Backing: d.Backing, Queues: d.Queues, Depth: d.Depth, IOMode: d.IOMode}})
+	}
+	for _, d := range mgr.AttachDeclared(ctx, decls) {
+		if d.Err != nil {
+			log.Error("declared device not attached", "source", d.Source, "name", d.Options.Name, "backing", d.Options.Backing, "err", d.Err)
+		} else {
+			log.Info("declared device attached", "source", d.Source, "name", d.Options.Name, "device", d.Device)
+		}
+	}
 }
 
 // leave ends a run for a restart (SIGTERM or SIGINT): the filtered

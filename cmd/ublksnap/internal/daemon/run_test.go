@@ -457,3 +457,66 @@ func TestRunFailsWhereItCannotListen(t *testing.T) {
 		t.Errorf("the first daemon after the second failed: %v", err)
 	}
 }
+
+// The devices file's devices are attached before the daemon answers; a
+// line with a mistake or a missing backing is reported in status with
+// its line and keeps none of the others down; after a restart the
+// recovered device is not attached a second time.
+func TestRunAttachesDeclaredDevices(t *testing.T) {
+	e := newRunEnv(t)
+	ctx := context.Background()
+	a, b := e.backing("a.img"), e.backing("b.img")
+	conf := filepath.Join(e.dir, "devices.conf")
+	text := "# declared\n" +
+		"a " + a + " queues=1\n" +
+		"typo " + b + " qeues=1\n" +
+		"gone " + filepath.Join(e.dir, "missing.img") + "\n" +
+		"b " + b + "\n" +
+		"a " + b + "\n"
+	if err := os.WriteFile(conf, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e.cfg.DevicesFile = conf
+	check := func(r *daemonRun) map[string]string {
+		t.Helper()
+		st, err := r.client.Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		served := map[string]string{}
+		for _, d := range st.Devices {
+			served[d.Name] = d.Backing
+		}
+		if len(served) != 2 || served["a"] != a || served["b"] != b {
+			t.Fatalf("devices %+v, want a over %s and b over %s", st.Devices, a, b)
+		}
+		failed := map[string]string{}
+		for _, d := range st.Declared {
+			if d.Device == "" {
+				failed[d.Source] = d.Error
+			}
+		}
+		want := map[int]string{3: "unknown key", 4: "no such file", 6: "already declared on line 2"}
+		if len(failed) != len(want) {
+			t.Fatalf("declared but not attached: %v, want lines 3, 4 and 6", failed)
+		}
+		for line, msg := range want {
+			if got := failed[fmt.Sprintf("%s:%d", conf, line)]; !strings.Contains(got, msg) {
+				t.Errorf("line %d: %q, want %q", line, got, msg)
+			}
+		}
+		return served
+	}
+	first := e.start()
+	check(first)
+	first.stop()
+	if err := first.wait(); err != nil {
+		t.Fatal(err)
+	}
+	e.exit()
+	second := e.start()
+	check(second)
+	if n := len(e.kernel.states()); n != 2 {
+		t.Fatalf("%d devices in the kernel after the restart, want the 2 declared ones, recovered", n)
+	}
+}

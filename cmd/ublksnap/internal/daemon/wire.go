@@ -41,6 +41,13 @@ func statusToWire(st snapshot.Status, version string) api.Status {
 		out.Unrecovered = append(out.Unrecovered, api.Unrecovered{Device: fmt.Sprintf("/dev/ublkb%d", f.UblkID),
 			Name: f.Name, Backing: f.Backing, Error: f.Err.Error()})
 	}
+	for _, d := range st.Declared {
+		w := api.Declared{Source: d.Source, Name: d.Options.Name, Backing: d.Options.Backing, Device: d.Device}
+		if d.Err != nil {
+			w.Error = d.Err.Error()
+		}
+		out.Declared = append(out.Declared, w)
+	}
 	return out
 }
 
