@@ -39,10 +39,10 @@ func (m *Manager) cbtParams() cbt.Params {
 // cbtPath is where the map of the backing id is saved, or "" when the
 // daemon keeps no state.
 func (m *Manager) cbtPath(id identity) string {
-	if m.statePath == "" {
+	if m.state.path == "" {
 		return ""
 	}
-	return filepath.Join(filepath.Dir(m.statePath), "cbt", fmt.Sprintf("%x-%x-%x.map", id.fsDev, id.rdev, id.ino))
+	return filepath.Join(filepath.Dir(m.state.path), "cbt", fmt.Sprintf("%x-%x-%x.map", id.fsDev, id.rdev, id.ino))
 }
 
 // backingStamp is what changes when a regular file is written: its size,

@@ -91,7 +91,7 @@ func (m *Manager) Attach(ctx context.Context, opt AttachOptions) (DeviceInfo, er
 		return DeviceInfo{}, fmt.Errorf("attach %s: %w", backing.name, err)
 	}
 	geo := file.Geometry()
-	cfg := m.deviceConfig(file, mode, m.statePath != "")
+	cfg := m.deviceConfig(file, mode, m.state.path != "")
 	if opt.Queues > 0 {
 		cfg.Queues = opt.Queues
 	}
@@ -115,6 +115,8 @@ func (m *Manager) Attach(ctx context.Context, opt AttachOptions) (DeviceInfo, er
 		return DeviceInfo{}, fmt.Errorf("attach %s: %w", backing.name, err)
 	}
 	m.devices[d.path()] = d
+	// Written under m.mu: a failure takes the device away again before
+	// any other request can see it.
 	if err := m.saveLocked(); err != nil {
 		delete(m.devices, d.path())
 		return DeviceInfo{}, errors.Join(fmt.Errorf("attach %s: %w", backing.name, err), d.close())
@@ -149,8 +151,7 @@ func (m *Manager) Detach(ctx context.Context, ref string, force bool) error {
 		return err
 	}
 	delete(m.devices, d.path())
-	saveErr := m.saveLocked()
-	m.mu.Unlock()
+	saveErr := m.unlockSaving()
 	m.log.Info("detaching", "device", d.path(), "force", force)
 	return errors.Join(m.closeDevice(d), saveErr)
 }

@@ -61,8 +61,12 @@
 // it without the lock, bounded by Config.DestroyTimeout, and takes the
 // lock again only to free the members. Who holds a device (mount tables,
 // /proc) is found without the lock, and the device or snapshot looked up
-// again after. WaitEvent waits without it. The state file is still written
-// under it (a small file; its fsync orders the records).
+// again after. WaitEvent waits without it. The state file is encoded under it
+// and written after it is unlocked (stateWriter: writes are serialized
+// and a superseded one is skipped), except by Attach, which undoes the
+// attach when the write fails. Attach and CreateSnapshot still open their
+// backing or storage and create the device or file under the lock, so
+// that no other request takes the same file meanwhile.
 //
 // Each device's gate admits its data-changing requests: a take pauses the
 // gates of all members (new writes wait, admitted ones drain), switches

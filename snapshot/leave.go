@@ -45,8 +45,7 @@ func (m *Manager) Leave() error {
 		m.lost[s.id] = &lostSnapshot{id: s.id, devices: s.memberPaths()}
 		drop = append(drop, s)
 	}
-	errs := []error{m.saveLocked()}
-	m.mu.Unlock()
+	errs := []error{m.unlockSaving()}
 	for _, s := range drop {
 		errs = append(errs, m.teardown(s))
 	}

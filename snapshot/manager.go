@@ -58,9 +58,10 @@ type Manager struct {
 	host           Host              // immutable
 	takeTimeout    time.Duration     // immutable
 	destroyTimeout time.Duration     // immutable
-	statePath      string            // the state file, or ""; immutable
 	owner          uint64            // tag of our ublk devices (ownerTag); immutable
 	ioMode         ublk.IOMode       // I/O mode of filtered devices by default; immutable
+
+	state stateWriter // writes the state file; see its fields for their locks
 
 	mu        sync.Mutex
 	devices   map[string]*device       // filtered devices by node path; guarded by mu
@@ -92,7 +93,7 @@ func New(cfg Config) (*Manager, error) {
 		host:           cfg.Host,
 		takeTimeout:    cfg.TakeTimeout,
 		destroyTimeout: cfg.DestroyTimeout,
-		statePath:      cfg.StatePath,
+		state:          stateWriter{path: cfg.StatePath},
 		owner:          ownerTag(cfg.StatePath),
 		ioMode:         cfg.IOMode,
 		devices:        make(map[string]*device),
@@ -346,8 +347,7 @@ func (m *Manager) Close() error {
 		errs = append(errs, m.closeDevice(d))
 	}
 	m.mu.Lock()
-	errs = append(errs, m.saveLocked())
-	m.mu.Unlock()
+	errs = append(errs, m.unlockSaving())
 	return errors.Join(errs...)
 }
 

@@ -62,10 +62,10 @@ type RecoveryFailure struct {
 //     kernel no longer has are reported.
 func (m *Manager) Recover(ctx context.Context) (RecoveryReport, error) {
 	r := &recovery{m: m, rep: RecoveryReport{Took: map[string]time.Duration{}}, members: map[int]*device{}}
-	if m.statePath == "" {
+	if m.state.path == "" {
 		return r.rep, nil
 	}
-	st, err := loadState(m.statePath)
+	st, err := loadState(m.state.path)
 	if err != nil {
 		return r.rep, err
 	}
@@ -87,9 +87,8 @@ func (m *Manager) Recover(ctx context.Context) (RecoveryReport, error) {
 		r.rep.Failed = append(r.rep.Failed, RecoveryFailure{e.UblkID, e.Name, e.Backing, err})
 	}
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	m.unrecovered = append(slices.Clone(r.rep.Failed), r.rep.Left...)
-	return r.rep, m.saveLocked()
+	return r.rep, m.unlockSaving()
 }
 
 // recovery is one run of Recover; it is owned by that call.

@@ -151,8 +151,7 @@ func TestRecoverThawsWhatATakeLeftFrozen(t *testing.T) {
 	e.host.Freeze(bg, dev)
 	e.m.mu.Lock()
 	e.m.freezing = []string{a}
-	e.m.saveLocked()
-	e.m.mu.Unlock()
+	e.m.unlockSaving()
 	e.crashAndRestart(statePath)
 	if _, err := e.m.Recover(bg); err != nil {
 		t.Fatal(err)

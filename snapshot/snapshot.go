@@ -81,8 +81,22 @@ func (m *Manager) CreateSnapshot(ctx context.Context, opt CreateOptions) (Snapsh
 		return SnapshotInfo{}, err
 	}
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	if err := m.checkStorageLocked(p, id); err != nil {
+	info, err := m.createSnapshotLocked(opt, p, id)
+	if err != nil {
+		m.mu.Unlock()
+		return SnapshotInfo{}, err
+	}
+	m.unlockSavingOrWarn()
+	m.log.Info("snapshot created", "id", info.ID, "storage", p.name, "limit", opt.Limit, "devices", len(info.Members))
+	return info, nil
+}
+
+// createSnapshotLocked creates the storage of a snapshot and records it.
+// Its storage is created with m.mu held, so that no other snapshot takes
+// the same file meanwhile.
+func (m *Manager) createSnapshotLocked(opt CreateOptions, p userPath, id identity) (SnapshotInfo, error) {
+	err := m.checkStorageLocked(p, id)
+	if err != nil {
 		return SnapshotInfo{}, err
 	}
 	s := newSnapshot(uuid.NewString(), map[string]string{p.open: p.name})
@@ -121,8 +135,6 @@ func (m *Manager) CreateSnapshot(ctx context.Context, opt CreateOptions) (Snapsh
 		mb.dev.snap = s
 	}
 	m.snapshots[s.id] = s
-	m.saveOrWarnLocked()
-	m.log.Info("snapshot created", "id", s.id, "storage", p.name, "limit", opt.Limit, "devices", len(s.members))
 	return s.info(), nil
 }
 
@@ -212,7 +224,16 @@ func (m *Manager) Snapshot(_ context.Context, id string) (SnapshotInfo, error) {
 // AddDevice adds a filtered device to a snapshot not yet taken.
 func (m *Manager) AddDevice(_ context.Context, id, ref string) (SnapshotInfo, error) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	info, err := m.addDeviceLocked(id, ref)
+	if err != nil {
+		m.mu.Unlock()
+		return SnapshotInfo{}, err
+	}
+	m.unlockSavingOrWarn()
+	return info, nil
+}
+
+func (m *Manager) addDeviceLocked(id, ref string) (SnapshotInfo, error) {
 	s, err := m.snapshotLocked(id)
 	if err != nil {
 		return SnapshotInfo{}, err
@@ -229,7 +250,6 @@ func (m *Manager) AddDevice(_ context.Context, id, ref string) (SnapshotInfo, er
 	}
 	s.members = append(s.members, &member{dev: d})
 	d.snap = s
-	m.saveOrWarnLocked()
 	return s.info(), nil
 }
 
@@ -298,8 +318,7 @@ func (m *Manager) Take(ctx context.Context, id string) (SnapshotInfo, error) {
 	// Recorded first: if the daemon dies before the thaw, the next one
 	// thaws these devices' filesystems (Recover).
 	m.freezing = append(m.freezing, nodes...)
-	m.saveOrWarnLocked()
-	m.mu.Unlock()
+	m.unlockSavingOrWarn()
 
 	err = m.take(ctx, s, members)
 	if err != nil {
@@ -309,17 +328,20 @@ func (m *Manager) Take(ctx context.Context, id string) (SnapshotInfo, error) {
 	}
 
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	m.freezing = slices.DeleteFunc(m.freezing, func(n string) bool { return slices.Contains(nodes, n) })
-	m.saveOrWarnLocked()
 	close(s.taking)
 	s.taking = nil
+	var info SnapshotInfo
+	if err == nil {
+		s.members, s.taken = members, true
+		info = s.info()
+	}
+	m.unlockSavingOrWarn()
 	if err != nil {
 		return SnapshotInfo{}, fmt.Errorf("take snapshot %s: %w", id, err)
 	}
-	s.members, s.taken = members, true
 	m.log.Info("snapshot taken", "id", id, "devices", len(members))
-	return s.info(), nil
+	return info, nil
 }
 
 // take gives each of members (copies of s's, owned by the take) its
@@ -525,8 +547,7 @@ func (m *Manager) Destroy(ctx context.Context, id string, force bool) error {
 		m.mu.Lock()
 		if _, ok := m.lost[id]; ok {
 			delete(m.lost, id)
-			m.saveOrWarnLocked()
-			m.mu.Unlock()
+			m.unlockSavingOrWarn()
 			m.log.Info("lost snapshot forgotten", "id", id)
 			return nil
 		}
@@ -557,8 +578,7 @@ func (m *Manager) Destroy(ctx context.Context, id string, force bool) error {
 			continue // destroyed or being taken meanwhile: look again
 		}
 		delete(m.snapshots, id)
-		m.saveOrWarnLocked()
-		m.mu.Unlock()
+		m.unlockSavingOrWarn()
 		err = m.teardown(s)
 		m.log.Info("snapshot destroyed", "id", id, "err", err)
 		return err

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/ublksnap/ublksnap/cow"
@@ -92,12 +93,36 @@ type deviceEntry struct {
 	Ino     uint64 `json:"ino"`
 }
 
-// saveLocked writes the state file for the devices now served: to a
-// temporary file, synced, then renamed over the old one, so a crash leaves
-// the old or the new record, never a torn one. The caller holds m.mu.
-func (m *Manager) saveLocked() error {
-	if m.statePath == "" {
-		return nil
+// stateWriter writes the state file without Manager.mu: a state is
+// encoded under Manager.mu and numbered, and written once the caller has
+// unlocked. Writes are serialized, and one that a later encoding
+// supersedes is skipped: the later one records its change too, since it
+// was encoded after it under Manager.mu. Each write goes to a temporary
+// file, synced, then renamed over the old one, so a crash leaves the old
+// or the new record, never a torn one.
+type stateWriter struct {
+	path    string     // the state file, or ""; immutable
+	encoded uint64     // number of the last state encoded; guarded by Manager.mu
+	mu      sync.Mutex // serializes writes; never held with Manager.mu
+	written uint64     // number of the last state written; guarded by mu
+}
+
+// pendingState is a state encoded under Manager.mu, to be written after.
+type pendingState struct {
+	w    *stateWriter
+	path string // w.path when encoded
+	seq  uint64 // its number in w.encoded's sequence
+	data []byte // nil: nothing to write (no state file)
+	err  error  // the encoding failed
+}
+
+// encodeStateLocked encodes the state of the devices now served and the
+// snapshots now recorded. The caller holds m.mu and writes the result
+// after unlocking it.
+func (m *Manager) encodeStateLocked() pendingState {
+	w := &m.state
+	if w.path == "" {
+		return pendingState{}
 	}
 	st := stateFile{Version: stateVersion, Devices: []deviceEntry{}, Freezing: m.freezing, Params: &m.params}
 	for _, d := range m.devices {
@@ -115,20 +140,47 @@ func (m *Manager) saveLocked() error {
 		st.Snapshots = append(st.Snapshots, snapshotEntry{ID: l.id, Devices: l.devices, Lost: true})
 	}
 	st.Snapshots = append(st.Snapshots, m.leaving...)
+	w.encoded++
 	data, err := json.MarshalIndent(st, "", "  ")
-	if err != nil {
-		return fmt.Errorf("save state: %w", err)
+	return pendingState{w: w, path: w.path, seq: w.encoded, data: data, err: err}
+}
+
+// write writes p unless a later state was written already.
+func (p pendingState) write() error {
+	if p.err != nil {
+		return fmt.Errorf("save state: %w", p.err)
 	}
-	if err := atomicfile.WriteFile(m.statePath, data, 0o600); err != nil {
-		return fmt.Errorf("save state %s: %w", m.statePath, err)
+	if p.data == nil {
+		return nil
 	}
+	p.w.mu.Lock()
+	defer p.w.mu.Unlock()
+	if p.w.written >= p.seq {
+		return nil
+	}
+	if err := atomicfile.WriteFile(p.path, p.data, 0o600); err != nil {
+		return fmt.Errorf("save state %s: %w", p.path, err)
+	}
+	p.w.written = p.seq
 	return nil
 }
 
-// saveOrWarnLocked saves the state where a failure costs only the report
-// of a lost snapshot after a crash.
-func (m *Manager) saveOrWarnLocked() {
-	if err := m.saveLocked(); err != nil {
+// saveLocked writes the state with m.mu held, for the one caller that
+// must undo its change when the write fails (Attach).
+func (m *Manager) saveLocked() error { return m.encodeStateLocked().write() }
+
+// unlockSaving unlocks m.mu and then writes the state encoded just
+// before, so that no request waits for the file's sync.
+func (m *Manager) unlockSaving() error {
+	p := m.encodeStateLocked()
+	m.mu.Unlock()
+	return p.write()
+}
+
+// unlockSavingOrWarn is unlockSaving where a failure costs only the
+// report of a lost snapshot after a crash.
+func (m *Manager) unlockSavingOrWarn() {
+	if err := m.unlockSaving(); err != nil {
 		m.log.Warn("snapshots are not recorded: a crash would not report them lost", "err", err)
 	}
 }

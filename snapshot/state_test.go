@@ -5,6 +5,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
+	"slices"
 	"testing"
 )
 
@@ -14,7 +16,7 @@ import (
 func (e *env) crashAndRestart(statePath string) {
 	e.t.Helper()
 	e.srv.crash()
-	e.m.statePath = "" // a dead process writes nothing
+	e.m.state.path = "" // a dead process writes nothing
 	if err := e.m.Close(); err != nil {
 		e.t.Fatal(err)
 	}
@@ -90,4 +92,48 @@ func dirNames(t *testing.T, dir string) []string {
 		names = append(names, e.Name())
 	}
 	return names
+}
+
+// The state file is written without Manager.mu: while a write hangs (in
+// its fsync, say), the manager answers; and of two states written out of
+// order, the file keeps the later one.
+func TestStateIsWrittenWithoutTheManagerLock(t *testing.T) {
+	statePath := filepath.Join(t.TempDir(), "d.state.json")
+	e := newEnv(t, Config{StatePath: statePath})
+	a := e.attach("a.img", 1)
+	e.m.state.mu.Lock() // the next write hangs
+	created := make(chan error, 1)
+	go func() {
+		_, err := e.m.CreateSnapshot(bg, CreateOptions{Devices: []string{a}, Storage: e.dir, Limit: 8 << 20})
+		created <- err
+	}()
+	// Status takes Manager.mu: it would wait forever if the write held it.
+	for len(e.m.Status(bg).Snapshots) == 0 {
+		runtime.Gosched()
+	}
+	if st := readState(t, statePath); len(st.Snapshots) != 0 {
+		t.Fatalf("state file before its write: %+v", st.Snapshots)
+	}
+	e.m.state.mu.Unlock()
+	if err := <-created; err != nil {
+		t.Fatal(err)
+	}
+	if st := readState(t, statePath); len(st.Snapshots) != 1 {
+		t.Fatalf("state file after the create: %+v, want its snapshot", st.Snapshots)
+	}
+
+	e.m.mu.Lock()
+	older := e.m.encodeStateLocked()
+	e.m.freezing = []string{a}
+	newer := e.m.encodeStateLocked()
+	e.m.freezing = nil
+	e.m.mu.Unlock()
+	for _, p := range []pendingState{newer, older} {
+		if err := p.write(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st := readState(t, statePath); !slices.Equal(st.Freezing, []string{a}) {
+		t.Fatalf("freezing after writes out of order: %v, want the later state's %v", st.Freezing, []string{a})
+	}
 }
