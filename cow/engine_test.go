@@ -274,17 +274,24 @@ func TestAppendWhileWriting(t *testing.T) {
 			}
 		}
 	})
+	const writers, writeSize = 4, 64 << 10
+	// A feeder in real life answers within the half-minimum of headroom:
+	// the writers model that by waiting for room for all of their next
+	// writes, not by pacing themselves with a clock the feeder may miss.
+	waitForRoom := func() {
+		for st := ds.Stats(); st.Capacity-st.Filled < writers*writeSize>>storage.SectorShift; st = ds.Stats() {
+			runtime.Gosched()
+		}
+	}
 	var wg sync.WaitGroup
-	for w := range 4 {
+	for w := range writers {
 		wg.Go(func() {
-			data := make([]byte, 64<<10)
-			for off := int64(w) << 16; off < size; off += 4 << 16 {
+			data := make([]byte, writeSize)
+			for off := int64(w) * writeSize; off < size; off += writers * writeSize {
+				waitForRoom()
 				if err := e.orig.Write(context.Background(), off, data, false); err != nil {
 					t.Error(err)
 				}
-				// Pace the writers a little, as a feeder in real life
-				// answers within the half-minimum of headroom.
-				time.Sleep(5 * time.Millisecond)
 			}
 		})
 	}

@@ -95,7 +95,7 @@ type panicOriginal struct{ storage.Device }
 
 func (panicOriginal) WriteAt([]byte, int64) (int, error) { panic("original device bug") }
 
-// Defect 9: a panic on the goroutine of an asynchronous write fails only
+// A panic on the goroutine of an asynchronous write fails only
 // that request with EIO and corrupts the snapshot; the process goes on.
 func TestOriginalAsyncPanic(t *testing.T) {
 	p := testParams()

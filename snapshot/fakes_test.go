@@ -27,6 +27,7 @@ type fakeServer struct {
 	devNum  func(n int) uint64                    // device number of device n; nil: 1000+n
 	onServe func(cfg ublk.Config, h ublk.Handler) // called by Serve, if set
 	closeCh chan struct{}                         // if set, Close waits until it is closed
+	closing chan struct{}                         // if set with closeCh, Close sends on it before it waits
 	served  []*fakeBlock                          // guarded by mu
 	kernel  map[int]*ublk.Info                    // the devices that exist, by number; guarded by mu
 	removed []int                                 // numbers passed to Remove; guarded by mu
@@ -132,6 +133,9 @@ func (b *fakeBlock) DevNum() uint64 { return b.dev }
 func (b *fakeBlock) IOMode() ublk.IOMode { return ublk.IOModeCopy }
 func (b *fakeBlock) Close() error {
 	if b.srv.closeCh != nil {
+		if b.srv.closing != nil {
+			b.srv.closing <- struct{}{}
+		}
 		<-b.srv.closeCh
 	}
 	b.mu.Lock()

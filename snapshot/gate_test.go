@@ -5,17 +5,20 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 )
 
-func TestGatePauseDrainsAndBlocks(t *testing.T) {
+func TestGatePauseDrainsAndBlocks(t *testing.T) { synctest.Test(t, testGatePauseDrainsAndBlocks) }
+
+func testGatePauseDrainsAndBlocks(t *testing.T) {
 	g := newGate()
 	if first, second := g.TryEnter(), g.TryEnter(); !first || !second {
 		t.Fatal("an open gate refused TryEnter")
 	}
 	paused := make(chan error)
 	go func() { paused <- g.Pause(context.Background()) }()
-	time.Sleep(20 * time.Millisecond)
+	synctest.Wait() // Pause waits, or has returned
 	select {
 	case <-paused:
 		t.Fatal("Pause returned with two requests in flight")
@@ -35,10 +38,11 @@ func TestGatePauseDrainsAndBlocks(t *testing.T) {
 		g.Enter(context.Background())
 		close(entered)
 	}()
+	synctest.Wait() // Enter waits, or has returned
 	select {
 	case <-entered:
 		t.Fatal("Enter got through a paused gate")
-	case <-time.After(20 * time.Millisecond):
+	default:
 	}
 	g.Resume()
 	<-entered

@@ -27,7 +27,7 @@ func (d *spaceDevice) WriteZeroes(off, n int64) error {
 	return d.MemDevice.WriteZeroes(off, n)
 }
 
-// Defect 6 for discard and write-zeroes: on the queue thread they answer
+// Discard and write-zeroes on the queue thread answer
 // would-block without touching the device, and a worker serves them.
 func TestOriginalHandlerSpaceOpsOnWorkers(t *testing.T) {
 	dev := &spaceDevice{MemDevice: storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})}

@@ -64,7 +64,7 @@ func wouldBlock(err error) bool {
 
 var quietLog = slog.New(slog.NewTextHandler(io.Discard, nil))
 
-// Defect 6: nothing that may block runs on the queue thread; FUA makes
+// Nothing that may block runs on the queue thread; FUA makes
 // only its own write durable.
 func TestOriginalHandlerNeverBlocksTheQueue(t *testing.T) {
 	dev := &countingDevice{Device: storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})}
@@ -131,7 +131,7 @@ func snapshotOf(t *testing.T, dev storage.Device, wrap func(storage.Device) stor
 	return orig, da, ds
 }
 
-// Defect 6 for images: an image read that needs the difference storage
+// An image read that needs the difference storage
 // or the original from disk waits on a worker, not on the queue thread.
 func TestImageHandlerNeverBlocksTheQueue(t *testing.T) {
 	dev := &countingDevice{Device: storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})}
@@ -160,7 +160,7 @@ func TestImageHandlerNeverBlocksTheQueue(t *testing.T) {
 	}
 }
 
-// Defect 9: a panic while serving a request fails that request with EIO
+// A panic while serving a request fails that request with EIO
 // and corrupts its snapshot; the device goes on.
 func TestHandlerPanicCorruptsOnlyTheSnapshot(t *testing.T) {
 	dev := &countingDevice{Device: storage.NewMemDevice("orig", storage.Geometry{Size: 1 << 20})}

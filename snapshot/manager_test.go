@@ -9,6 +9,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"go.uber.org/goleak"
@@ -174,7 +175,7 @@ func TestMembershipRules(t *testing.T) {
 	}
 }
 
-// Defect 2: storage or a backing on a filesystem of a served device, or
+// Storage or a backing on a filesystem of a served device, or
 // the device itself, would write through its own COW path.
 func TestStorageOffServedDevices(t *testing.T) {
 	e := newEnv(t, Config{})
@@ -217,7 +218,7 @@ func fmtErr(err error) string {
 	return err.Error()
 }
 
-// Defect 2, second half: the storage must not be a member's backing, by
+// The storage must not be a member's backing, by
 // identity, not by path string.
 func TestStorageIsNotABacking(t *testing.T) {
 	e := newEnv(t, Config{})
@@ -235,7 +236,7 @@ func TestStorageIsNotABacking(t *testing.T) {
 	}
 }
 
-// Defect 5: an image exists only once its member is in COW, so that it
+// An image exists only once its member is in COW, so that it
 // shows the snapshot instant from the first byte anyone can read.
 func TestImageServedAfterSwitch(t *testing.T) {
 	e := newEnv(t, Config{})
@@ -296,7 +297,7 @@ func (failingServer) Serve(context.Context, ublk.Config, ublk.Handler) (BlockDev
 	return nil, syscall.ENOMEM
 }
 
-// Defect 1: detach refuses while the device is mounted or open.
+// Detach refuses while the device is mounted or open.
 func TestDetachRefusesWhileHeld(t *testing.T) {
 	e := newEnv(t, Config{})
 	a := e.attach("a.img", 1)
@@ -331,7 +332,7 @@ func TestDestroyRefusesWhileImageHeld(t *testing.T) {
 	}
 }
 
-// Defect 7: a teardown that hangs neither blocks other requests nor keeps
+// A teardown that hangs neither blocks other requests nor keeps
 // Destroy from returning.
 func TestDestroyDoesNotHangTheManager(t *testing.T) {
 	e := newEnv(t, Config{DestroyTimeout: 300 * time.Millisecond})
@@ -341,12 +342,12 @@ func TestDestroyDoesNotHangTheManager(t *testing.T) {
 		t.Fatal(err)
 	}
 	hang := make(chan struct{})
-	e.srv.closeCh = hang // the image's Close hangs
+	e.srv.closeCh, e.srv.closing = hang, make(chan struct{}, 1) // the image's Close hangs
 	destroyed := make(chan error, 1)
 	go func() { destroyed <- e.m.Destroy(bg, s.ID, true) }()
 	status := make(chan Status, 1)
 	go func() {
-		time.Sleep(50 * time.Millisecond)
+		<-e.srv.closing // the teardown hangs
 		status <- e.m.Status(bg)
 	}()
 	select {
@@ -378,8 +379,10 @@ func TestDestroyDoesNotHangTheManager(t *testing.T) {
 	}
 }
 
-// Defect 10: a waiter on a destroyed snapshot is told at once.
-func TestWaitEventEndsOnDestroy(t *testing.T) {
+// A waiter on a destroyed snapshot is told at once.
+func TestWaitEventEndsOnDestroy(t *testing.T) { synctest.Test(t, testWaitEventEndsOnDestroy) }
+
+func testWaitEventEndsOnDestroy(t *testing.T) {
 	e := newEnv(t, Config{})
 	s, _ := e.m.CreateSnapshot(bg, CreateOptions{Storage: e.dir, Limit: 8 << 20})
 	for { // drain what creation posted
@@ -392,7 +395,7 @@ func TestWaitEventEndsOnDestroy(t *testing.T) {
 		_, err := e.m.WaitEvent(bg, s.ID, time.Hour)
 		got <- err
 	}()
-	time.Sleep(50 * time.Millisecond)
+	synctest.Wait() // the waiter sleeps
 	if err := e.m.Destroy(bg, s.ID, false); err != nil {
 		t.Fatal(err)
 	}
@@ -428,7 +431,7 @@ func TestAppendStorageRefusesNegativeRanges(t *testing.T) {
 	}
 }
 
-// Defect 10: an existing non-empty file is not overwritten unless forced.
+// An existing non-empty file is not overwritten unless forced.
 func TestExistingStorageFileNeedsForce(t *testing.T) {
 	e := newEnv(t, Config{})
 	precious := e.file("precious", 1<<20, 0x42)
@@ -448,7 +451,7 @@ func TestExistingStorageFileNeedsForce(t *testing.T) {
 	}
 }
 
-// Defect 11: paths resolve in the caller's view of the filesystem.
+// Paths resolve in the caller's view of the filesystem.
 func TestPathsResolveUnderCallerRoot(t *testing.T) {
 	e := newEnv(t, Config{})
 	root := t.TempDir()

@@ -4,12 +4,15 @@ import (
 	"context"
 	"errors"
 	"testing"
+	"testing/synctest"
 	"time"
 )
 
 // Close wakes every waiter with ErrEventQueueClosed, fails later waits at
 // once and drops what is posted afterwards.
-func TestEventQueueClose(t *testing.T) {
+func TestEventQueueClose(t *testing.T) { synctest.Test(t, testEventQueueClose) }
+
+func testEventQueueClose(t *testing.T) {
 	q := NewEventQueue()
 	q.Post(Event{Code: EventLowFreeSpace})
 	if e, err := q.Wait(context.Background(), 0); err != nil || e.Code != EventLowFreeSpace {
@@ -23,7 +26,7 @@ func TestEventQueueClose(t *testing.T) {
 			woke <- err
 		}()
 	}
-	time.Sleep(20 * time.Millisecond) // let them sleep
+	synctest.Wait() // every waiter sleeps
 	q.Close()
 	for range waiters {
 		select {

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"testing/synctest"
 	"time"
 )
 
@@ -193,7 +194,9 @@ func TestRangesNoOverflowNoOverlap(t *testing.T) {
 	}
 }
 
-func TestAfterClose(t *testing.T) {
+func TestAfterClose(t *testing.T) { synctest.Test(t, testAfterClose) }
+
+func testAfterClose(t *testing.T) {
 	ds := New(Options{MinimumSectors: 1024, Logger: quiet})
 	path := filepath.Join(t.TempDir(), "extra")
 	if err := os.WriteFile(path, make([]byte, 1<<20), 0o600); err != nil {
@@ -205,7 +208,7 @@ func TestAfterClose(t *testing.T) {
 		_, err := ds.Events().Wait(context.Background(), time.Hour)
 		woke <- err
 	}()
-	time.Sleep(20 * time.Millisecond)
+	synctest.Wait() // the waiter sleeps
 	ds.Close()
 	select {
 	case err := <-woke:

@@ -20,7 +20,7 @@ import (
 // The tests of this file check the defects fixed when the snapshot core
 // became its own package (issue #8), each through the CLI and the daemon.
 
-// Defect 1: detach refuses while the device is mounted or open, and says
+// Detach refuses while the device is mounted or open, and says
 // who holds it.
 func TestDetachRefusesMountedDevice(t *testing.T) {
 	d := startDaemon(t, smallStorage...)
@@ -69,7 +69,7 @@ func devNumbers(t testing.TB, dev string) (uint32, uint32) {
 	return unix.Major(st.Rdev), unix.Minor(st.Rdev)
 }
 
-// Defect 2: the difference storage (or a backing) on a filtered device,
+// The difference storage (or a backing) on a filtered device,
 // through a filesystem on it or another node of it, is refused.
 func TestStorageNeverOnAFilteredDevice(t *testing.T) {
 	d := startDaemon(t, smallStorage...)
@@ -110,7 +110,7 @@ func TestStorageNeverOnAFilteredDevice(t *testing.T) {
 	d.cli("snapshot", "destroy", "--id", id)
 }
 
-// Defect 8: every thread of the daemon is an I/O flusher, not only the
+// Every thread of the daemon is an I/O flusher, not only the
 // queue threads.
 func TestDaemonThreadsAreIOFlushers(t *testing.T) {
 	d := startDaemon(t, smallStorage...)
@@ -152,7 +152,7 @@ func TestDaemonThreadsAreIOFlushers(t *testing.T) {
 	d.cli("snapshot", "destroy", "--id", id)
 }
 
-// Defect 11: a filesystem mounted after the daemon started is where the
+// A filesystem mounted after the daemon started is where the
 // user's paths on it lead, not the directory underneath.
 func TestPathsOnFilesystemMountedLater(t *testing.T) {
 	d := startDaemon(t, smallStorage...)
@@ -190,7 +190,7 @@ func TestPathsOnFilesystemMountedLater(t *testing.T) {
 	}
 }
 
-// Defect 10: the socket is 0600 from its creation; a waiter on a destroyed
+// The socket is 0600 from its creation; a waiter on a destroyed
 // snapshot is told at once; an existing file with data is not overwritten
 // unless forced; append-storage after destroy is a clean error.
 func TestDestroyedSnapshotAndStorageSafety(t *testing.T) {
@@ -235,7 +235,7 @@ func TestDestroyedSnapshotAndStorageSafety(t *testing.T) {
 	d.cli("status") // the daemon still serves
 }
 
-// Defect 10: watch --grow-dir run for two snapshots, one after the other,
+// ublksnap watch --grow-dir run for two snapshots, one after the other,
 // in one directory: the second never collides with the first's names (and
 // overflows), and each watch removes its files when its snapshot ends.
 func TestWatchGrowDirTwice(t *testing.T) {
@@ -283,7 +283,7 @@ func TestWatchGrowDirTwice(t *testing.T) {
 	}
 }
 
-// Defects 3, 4 and 12 through the CLI: a block device as storage is used
+// Through the CLI: a block device as storage is used
 // up to min(capacity, limit) and asks for more before it is full; a storage
 // file larger than the limit is used as it is; overlapping or overflowing
 // sector ranges are refused.
